@@ -1,0 +1,658 @@
+"""Keras classifier -> verified ONNX bundle: convert, fuse, quantize, check parity, publish.
+
+The bundle (`RUN_DIR/onnx/`) is built in a temporary sibling directory and renamed into place
+only after every fp32 model matched the Keras logits, so a directory named `onnx` always holds
+models that were checked. Model inputs are int32 (`INPUT_DTYPE`), the dtype the training
+pipeline feeds, with dynamic batch and sequence axes; the output is `logits`.
+
+Why the graph is rewritten before onnxruntime's transformer optimizer runs: tf2onnx writes
+Keras Dense layers as Reshape-MatMul-Reshape ("Tensordot"), LayerNorm as GlobalAveragePool
+moments, the exact GELU through `Erfc` and the attention reshapes with shapes computed at run
+time. None of these match the optimizer's fusion patterns (it fused nothing). `canonicalize`
+rewrites each subgraph into the mathematically equal form a PyTorch export has, which the
+optimizer's `bert` fusions recognise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from tfsft import artifacts
+from tfsft.config import RunConfig
+from tfsft.data import Examples, LengthBatchedData
+from tfsft.errors import ArtifactError
+from tfsft.evaluation import predict_logits
+from tfsft.modeling import feature_names, tf
+from tfsft.tokenize import EncodedTexts, TextEncoder
+
+INPUT_DTYPE = "int32"
+"""Dtype of every model input: what `tfsft.tokenize.pad_batch` produces for training too."""
+OUTPUT_NAME = "logits"
+FP32_TOLERANCE = 1e-4
+"""Largest |ONNX logit - Keras logit| accepted for an fp32 model."""
+PARITY_BATCH_SIZES = (1, 8)
+MAX_SINGLE_EXAMPLES = 32
+"""Batch-size-1 parity runs on this many examples spread over the length range (it is slow)."""
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """How one ONNX model compares with the Keras model on the evaluation examples."""
+
+    max_abs_diff: float
+    label_agreement: float
+    accuracy: float
+    examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_logit_diff": self.max_abs_diff,
+            "label_agreement": self.label_agreement,
+            "accuracy": self.accuracy,
+            "examples": self.examples,
+        }
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+_ERFC_REGISTERED = False
+
+
+def _register_erfc_handler() -> None:
+    """Teach tf2onnx `Erfc(x) = 1 - Erf(x)`: TF's exact GELU emits Erfc, which it cannot convert."""
+    global _ERFC_REGISTERED
+    if _ERFC_REGISTERED:
+        return
+    from tf2onnx.handler import tf_op
+
+    @tf_op("Erfc")
+    class Erfc:  # noqa: F841 - registered by the decorator
+        @classmethod
+        def version_1(cls, ctx, node, **kwargs):
+            dtype = ctx.get_dtype(node.input[0])
+            from onnx import helper
+
+            one = ctx.make_const(f"{node.name}__one", np.array(1, dtype=helper.tensor_dtype_to_np_dtype(dtype)))
+            erf = ctx.make_node("Erf", [node.input[0]], name=f"{node.name}__erf")
+            outputs = node.output
+            ctx.remove_node(node.name)
+            ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=outputs, name=node.name)
+
+    _ERFC_REGISTERED = True
+
+
+def convert_to_onnx(model, path: Path, opset: int) -> list[str]:
+    """Convert the Keras classifier with tf2onnx; returns the input names, in order."""
+    import tf2onnx
+
+    _register_erfc_handler()
+    names = list(feature_names(model))
+    signature = [tf.TensorSpec([None, None], getattr(tf, INPUT_DTYPE), name=name) for name in names]
+
+    @tf.function(input_signature=signature)
+    def forward(*inputs):
+        return {OUTPUT_NAME: model(dict(zip(names, inputs)), training=False).logits}
+
+    try:
+        tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset, output_path=str(path))
+    except Exception as error:
+        raise ArtifactError(f"ONNX conversion failed ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    return names
+
+
+# ---------------------------------------------------------------------------- graph rewriting
+
+
+class _Graph:
+    """Producer/consumer lookups over an ONNX graph, and a queue of node replacements."""
+
+    def __init__(self, model) -> None:
+        from onnx import numpy_helper
+
+        self.model = model
+        self.graph = model.graph
+        self.constants = {init.name: numpy_helper.to_array(init) for init in self.graph.initializer}
+        self.producer = {out: node for node in self.graph.node for out in node.output}
+        self.consumers: dict[str, list] = {}
+        for node in self.graph.node:
+            for name in dict.fromkeys(node.input):
+                self.consumers.setdefault(name, []).append(node)
+        self.removed: set[int] = set()
+        self.added: list = []
+        self._count = 0
+
+    def parent(self, node, index: int, op_type: str):
+        if index >= len(node.input):
+            return None
+        parent = self.producer.get(node.input[index])
+        return parent if parent is not None and parent.op_type == op_type else None
+
+    def children(self, name: str, op_type: str) -> list:
+        return [n for n in self.consumers.get(name, []) if n.op_type == op_type]
+
+    def only_child(self, name: str, op_type: str):
+        nodes = self.consumers.get(name, [])
+        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op_type else None
+
+    def scalar(self, name: str) -> Optional[float]:
+        value = self.constants.get(name)
+        if value is None or value.size != 1:
+            return None
+        return float(value.reshape(()))
+
+    def other_input(self, node, name: str) -> Optional[str]:
+        others = [i for i in node.input if i != name]
+        return others[0] if len(others) == 1 else None
+
+    def const(self, values: Any, dtype: Any, hint: str) -> str:
+        from onnx import numpy_helper
+
+        self._count += 1
+        name = f"tfsft_canonical/{hint}_{self._count}"
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def node(self, op_type: str, inputs: Sequence[str], output: Optional[str] = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        self._count += 1
+        name = f"tfsft_canonical/{op_type}_{self._count}"
+        out = output or f"{name}:0"
+        self.added.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
+        return out
+
+    def remove(self, *nodes) -> None:
+        self.removed.update(id(n) for n in nodes)
+
+    def commit(self) -> None:
+        """Apply the queued changes, drop dead nodes and initializers, and sort topologically."""
+        nodes = [n for n in self.graph.node if id(n) not in self.removed] + self.added
+        nodes = _live_nodes(nodes, [o.name for o in self.graph.output])
+        del self.graph.node[:]
+        self.graph.node.extend(_topological(nodes, {i.name for i in self.graph.input}))
+        used = {name for n in self.graph.node for name in n.input}
+        keep = [init for init in self.graph.initializer if init.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+
+def _live_nodes(nodes: list, outputs: list[str]) -> list:
+    producer = {out: n for n in nodes for out in n.output}
+    needed, stack, live = set(outputs), list(outputs), set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        for name in node.input:
+            if name and name not in needed:
+                needed.add(name)
+                stack.append(name)
+    return [n for n in nodes if id(n) in live]
+
+
+def _topological(nodes: list, graph_inputs: set[str]) -> list:
+    producer = {out: n for n in nodes for out in n.output}
+    done: set[int] = set()
+    ordered: list = []
+
+    def visit(node) -> None:
+        stack = [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if id(current) in done:
+                continue
+            if expanded:
+                done.add(id(current))
+                ordered.append(current)
+                continue
+            stack.append((current, True))
+            for name in current.input:
+                parent = producer.get(name)
+                if parent is not None and id(parent) not in done:
+                    stack.append((parent, False))
+
+    for node in nodes:
+        visit(node)
+    return ordered
+
+
+def _collapse_tensordot(g: _Graph) -> int:
+    """Reshape(x, [-1, K]) -> MatMul(W) -> Reshape(back)  ==>  MatMul(x, W) (ONNX MatMul broadcasts)."""
+    count = 0
+    for matmul in list(g.graph.node):
+        if matmul.op_type != "MatMul" or g.constants.get(matmul.input[1]) is None:
+            continue
+        flatten = g.parent(matmul, 0, "Reshape")
+        restore = g.only_child(matmul.output[0], "Reshape")
+        if flatten is None or restore is None:
+            continue
+        shape = g.constants.get(flatten.input[1])
+        if shape is None or shape.size != 2 or int(shape[0]) != -1:
+            continue
+        g.node("MatMul", [flatten.input[0], matmul.input[1]], output=restore.output[0])
+        g.remove(matmul, restore)
+        count += 1
+    return count
+
+
+def _canonical_layernorm(g: _Graph, opset: int) -> int:
+    """TF moments/batchnorm LayerNorm ==> ReduceMean-Sub-Pow-ReduceMean-Add-Sqrt-Div-Mul-Add."""
+    count = 0
+    for mean in list(g.graph.node):
+        if mean.op_type != "GlobalAveragePool":
+            continue
+        match = _match_tf_layernorm(g, mean)
+        if match is None:
+            continue
+        x, eps, gamma, beta, out, nodes = match
+        mean_out = _reduce_mean(g, x, opset)
+        diff = g.node("Sub", [x, mean_out])
+        variance = _reduce_mean(g, g.node("Pow", [diff, g.const(2.0, np.float32, "two")]), opset)
+        std = g.node("Sqrt", [g.node("Add", [variance, g.const(eps, np.float32, "eps")])])
+        scaled = g.node("Mul", [g.node("Div", [diff, std]), gamma])
+        g.node("Add", [scaled, beta], output=out)
+        g.remove(*nodes)
+        count += 1
+    return count
+
+
+def _reduce_mean(g: _Graph, x: str, opset: int) -> str:
+    if opset >= 18:
+        return g.node("ReduceMean", [x, g.const([-1], np.int64, "axes")], keepdims=1)
+    return g.node("ReduceMean", [x], axes=[-1], keepdims=1)
+
+
+def _match_tf_layernorm(g: _Graph, mean):
+    x = mean.input[0]
+    sub = next((n for n in g.children(mean.output[0], "Sub") if list(n.input) == [x, mean.output[0]]), None)
+    square = sub and g.only_child(sub.output[0], "Mul")
+    if square is None or list(square.input) != [sub.output[0], sub.output[0]]:
+        return None
+    variance = g.only_child(square.output[0], "GlobalAveragePool")
+    add_eps = variance and g.only_child(variance.output[0], "Add")
+    eps = add_eps and g.scalar(g.other_input(add_eps, variance.output[0]) or "")
+    sqrt = add_eps and g.only_child(add_eps.output[0], "Sqrt")
+    reciprocal = sqrt and g.only_child(sqrt.output[0], "Reciprocal")
+    scale = reciprocal and g.only_child(reciprocal.output[0], "Mul")
+    if eps is None or scale is None:
+        return None
+    gamma = g.other_input(scale, reciprocal.output[0])
+    scaled_x = next((n for n in g.children(scale.output[0], "Mul") if x in n.input), None)
+    scaled_mean = next((n for n in g.children(scale.output[0], "Mul") if mean.output[0] in n.input), None)
+    shift = scaled_mean and g.only_child(scaled_mean.output[0], "Sub")
+    out = scaled_x and g.only_child(scaled_x.output[0], "Add")
+    if gamma not in g.constants or shift is None or out is None or shift.output[0] not in out.input:
+        return None
+    beta = shift.input[0]
+    if beta not in g.constants:
+        return None
+    nodes = (mean, sub, square, variance, add_eps, sqrt, reciprocal, scale, scaled_x, scaled_mean, shift, out)
+    return x, eps, gamma, beta, out.output[0], nodes
+
+
+def _canonical_gelu(g: _Graph) -> int:
+    """0.5x * (1 - Erf(-x/sqrt2))  ==>  x * (1 + Erf(x / sqrt2)) * 0.5, the PyTorch GELU form."""
+    count = 0
+    for erf in list(g.graph.node):
+        if erf.op_type != "Erf":
+            continue
+        scale = g.parent(erf, 0, "Mul")
+        negate = scale and (g.parent(scale, 0, "Neg") or g.parent(scale, 1, "Neg"))
+        factor = negate and g.scalar(g.other_input(scale, negate.output[0]) or "")
+        if factor is None or abs(factor - 1 / np.sqrt(2)) > 1e-4:
+            continue
+        x = negate.input[0]
+        complement = g.only_child(erf.output[0], "Sub")
+        if complement is None or g.scalar(complement.input[0]) != 1.0:
+            continue
+        out = g.only_child(complement.output[0], "Mul")
+        half = out and g.producer.get(g.other_input(out, complement.output[0]) or "")
+        if half is None or half.op_type != "Mul" or x not in half.input:
+            continue
+        if g.scalar(g.other_input(half, x) or "") != 0.5 or len(g.consumers[half.output[0]]) != 1:
+            continue
+        erf_out = g.node("Erf", [g.node("Div", [x, g.const(np.sqrt(2.0), np.float32, "sqrt2")])])
+        product = g.node("Mul", [x, g.node("Add", [erf_out, g.const(1.0, np.float32, "one")])])
+        g.node("Mul", [product, g.const(0.5, np.float32, "half")], output=out.output[0])
+        g.remove(scale, negate, erf, complement, out, half)
+        count += 1
+    return count
+
+
+def _canonical_attention(g: _Graph, num_heads: int, hidden_size: int) -> int:
+    """Constant head reshapes, Div scaling and the PyTorch mask form, around every Softmax."""
+    masks: dict[str, str] = {}
+    count = 0
+    for softmax in list(g.graph.node):
+        if softmax.op_type != "Softmax":
+            continue
+        add = g.parent(softmax, 0, "Add")
+        scale = add and next((g.producer[i] for i in add.input if i in g.producer and g.producer[i].op_type == "Mul"
+                              and g.parent(g.producer[i], 0, "MatMul")), None)
+        scores = scale and g.parent(scale, 0, "MatMul")
+        factor = scale and g.scalar(g.other_input(scale, scale.input[0]) or "")
+        mask = add and scale and _match_tf_mask(g, g.other_input(add, scale.output[0]) or "")
+        heads = scores and _head_reshapes(g, scores, softmax)
+        if factor is None or not factor > 0 or mask is None or heads is None:
+            continue
+        mask_input, filter_value = mask
+        if mask_input not in masks:
+            masks[mask_input] = _pytorch_mask(g, mask_input, filter_value)
+        scaled = g.node("Div", [scores.output[0], g.const(1.0 / factor, np.float32, "scale")])
+        g.node("Add", [scaled, masks[mask_input]], output=add.output[0])
+        g.remove(scale, add)
+        head_shape = g.const([0, 0, num_heads, hidden_size // num_heads], np.int64, "head_shape")
+        merged_shape = g.const([0, 0, hidden_size], np.int64, "merged_shape")
+        for reshape in heads[:3]:
+            reshape.input[1] = head_shape
+        heads[3].input[1] = merged_shape
+        count += 1
+    return count
+
+
+def _match_tf_mask(g: _Graph, name: str) -> Optional[tuple[str, float]]:
+    """(attention mask input, filter value) of `eps + (1 - cast(reshape(mask))) * filter`."""
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Add":
+        constant = next((i for i in node.input if g.scalar(i) is not None), None)
+        if constant is None or abs(g.scalar(constant)) > 1e-6:  # adding a constant to all scores: no-op
+            return None
+        node = g.producer.get(g.other_input(node, constant) or "")
+    if node is None or node.op_type != "Mul":
+        return None
+    sub = g.parent(node, 0, "Sub")
+    filter_value = g.scalar(node.input[1])
+    cast = sub and g.parent(sub, 1, "Cast")
+    reshape = cast and g.parent(cast, 0, "Reshape")
+    if filter_value is None or filter_value >= 0 or reshape is None or g.scalar(sub.input[0]) != 1.0:
+        return None
+    graph_inputs = {i.name for i in g.graph.input}
+    if reshape.input[0] not in graph_inputs:
+        return None
+    return reshape.input[0], filter_value
+
+
+def _pytorch_mask(g: _Graph, mask_input: str, filter_value: float) -> str:
+    from onnx import TensorProto
+
+    expanded = g.node("Unsqueeze", [g.node("Unsqueeze", [mask_input, g.const([1], np.int64, "axis")]),
+                                    g.const([2], np.int64, "axis")])
+    inverted = g.node("Sub", [g.const(1.0, np.float32, "one"), g.node("Cast", [expanded], to=TensorProto.FLOAT)])
+    return g.node("Mul", [inverted, g.const(filter_value, np.float32, "filter")])
+
+
+def _head_reshapes(g: _Graph, scores, softmax):
+    """The Q, K, V head-splitting Reshapes and the head-merging Reshape of one attention block."""
+    q = g.parent(scores, 0, "Transpose")
+    k = g.parent(scores, 1, "Transpose")
+    context = g.only_child(softmax.output[0], "MatMul")
+    v = context and g.parent(context, 1, "Transpose")
+    merge_t = context and g.only_child(context.output[0], "Transpose")
+    merge = merge_t and g.only_child(merge_t.output[0], "Reshape")
+    if q is None or k is None or v is None or merge is None:
+        return None
+    splits = [g.parent(t, 0, "Reshape") for t in (q, k, v)]
+    if any(s is None or g.parent(s, 0, "Add") is None for s in splits):
+        return None
+    return (*splits, merge)
+
+
+def canonicalize(model, num_heads: int, hidden_size: int, opset: int) -> dict[str, int]:
+    """Rewrite tf2onnx subgraphs into the forms onnxruntime's BERT fusions match; returns counts."""
+    counts = {}
+    for name, rewrite in (
+        ("tensordot", _collapse_tensordot),
+        ("layernorm", lambda g: _canonical_layernorm(g, opset)),
+        ("gelu", _canonical_gelu),
+        ("attention", lambda g: _canonical_attention(g, num_heads, hidden_size)),
+    ):
+        graph = _Graph(model)
+        counts[name] = rewrite(graph)
+        graph.commit()
+    del model.graph.value_info[:]  # shapes recorded by tf2onnx no longer describe the rewritten tensors
+    return counts
+
+
+def optimize(source: Path, target: Path, num_heads: int, hidden_size: int, opset: int) -> dict[str, Any]:
+    """Canonicalize, then run onnxruntime's transformer optimizer; returns the fusion counts."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = onnx.load(str(source))
+    rewrites = canonicalize(model, num_heads, hidden_size, opset)
+    canonical = target.with_name(f".canonical.{target.name}")
+    onnx.save(model, str(canonical))
+    try:
+        optimized = optimize_model(
+            str(canonical), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+        )
+    finally:
+        canonical.unlink(missing_ok=True)
+    optimized.save_model_to_file(str(target))
+    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    return {"rewrites": rewrites, "fused_operators": fused}
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of weights (activations are quantized at run time)."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source), str(target), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": TensorProto.FLOAT}
+    )
+
+
+# ------------------------------------------------------------------------------------- parity
+
+
+def onnx_logits(path: Path, data: LengthBatchedData) -> np.ndarray:
+    """Logits of an ONNX model over `data`, in the examples' original order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    chunks = [session.run([OUTPUT_NAME], features)[0] for features in data]
+    logits = np.concatenate(chunks)
+    out = np.empty_like(logits)
+    out[data.order()] = logits
+    return out
+
+
+def spread_by_length(lengths: np.ndarray, count: int) -> np.ndarray:
+    """Indices of `count` examples evenly spread from the shortest to the longest."""
+    order = np.argsort(lengths, kind="stable")
+    if len(order) <= count:
+        return order
+    return order[np.linspace(0, len(order) - 1, count).round().astype(int)]
+
+
+@dataclass(frozen=True)
+class _ParitySet:
+    """Batched evaluation data at each parity batch size, with Keras's logits for it."""
+
+    data: dict[int, LengthBatchedData]
+    keras: dict[int, np.ndarray]
+    labels: dict[int, np.ndarray]
+
+
+def _parity_set(model, encoded: EncodedTexts, labels: np.ndarray, pad_id: int, names: Sequence[str]) -> _ParitySet:
+    data, keras, subsets = {}, {}, {}
+    for batch_size in PARITY_BATCH_SIZES:
+        indices = spread_by_length(encoded.lengths, MAX_SINGLE_EXAMPLES) if batch_size == 1 else np.arange(len(encoded))
+        subset = encoded.subset(indices)
+        data[batch_size] = LengthBatchedData(subset, None, batch_size, shuffle=False, pad_id=pad_id, feature_names=names)
+        keras[batch_size] = predict_logits(model, data[batch_size])
+        subsets[batch_size] = labels[indices]
+    return _ParitySet(data, keras, subsets)
+
+
+def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
+    """Compare one ONNX model with Keras at every parity batch size."""
+    results = {}
+    for batch_size, data in parity.data.items():
+        logits = onnx_logits(path, data)
+        reference = parity.keras[batch_size]
+        results[batch_size] = ParityResult(
+            max_abs_diff=float(np.abs(logits - reference).max()),
+            label_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+            accuracy=float((logits.argmax(-1) == parity.labels[batch_size]).mean()),
+            examples=len(logits),
+        )
+    return results
+
+
+def _require_fp32_parity(name: str, results: dict[int, ParityResult], tolerance: float) -> None:
+    for batch_size, result in results.items():
+        if result.max_abs_diff > tolerance or result.label_agreement < 1.0:
+            raise ArtifactError(
+                f"{name}: ONNX/Keras parity failed at batch size {batch_size}: max |logit diff| "
+                f"{result.max_abs_diff:.3g} (limit {tolerance:g}), label agreement {result.label_agreement:.4f} "
+                f"(expected 1.0); no ONNX bundle was written"
+            )
+
+
+# ------------------------------------------------------------------------------------- bundle
+
+
+def _bundle_metadata(model, config: RunConfig, names: Sequence[str], pad_id: int, files: dict[str, str]) -> dict:
+    num_labels = int(model.config.num_labels)
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": config.model.task,
+        "model_name": config.model.model_name_or_path,
+        "model_type": getattr(model.config, "model_type", None),
+        "labels": [str(model.config.id2label[i]) for i in range(num_labels)],
+        "id2label": {str(i): str(model.config.id2label[i]) for i in range(num_labels)},
+        "max_seq_length": config.data.max_seq_length,
+        "inputs": list(names),
+        "input_dtype": INPUT_DTYPE,
+        "output": OUTPUT_NAME,
+        "pad_id": pad_id,
+        "files": files,
+    }
+
+
+def _timed(step: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = step()
+    return result, round(time.perf_counter() - start, 3)
+
+
+def export_bundle(
+    model,
+    run_dir: str | os.PathLike,
+    validation_data: tuple[Examples, np.ndarray],
+    *,
+    tolerance: float = FP32_TOLERANCE,
+) -> dict[str, Any]:
+    """Export `model` to `run_dir/onnx/` and return the export report.
+
+    Args:
+        model: the fine-tuned HF TF classifier (a Keras model).
+        run_dir: a (partial or finished) run directory holding `config.json` and `model/`.
+        validation_data: evaluation examples and their int32 label ids, for the parity checks.
+        tolerance: largest accepted |ONNX - Keras| logit difference for the fp32 models.
+
+    Returns:
+        The export report, also written to `run_dir/onnx/export_report.json`.
+
+    Raises:
+        ArtifactError: conversion failed or an fp32 model disagrees with Keras; then no bundle
+            (and no `model.onnx`) is left behind.
+    """
+    run_dir = Path(run_dir)
+    config = artifacts.read_config(run_dir)
+    examples, labels = validation_data
+    tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
+    encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
+    encoded = encoder.encode(examples.texts, examples.pairs)
+    work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
+    try:
+        report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance)
+        shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
+        shutil.copy(run_dir / artifacts.CONFIG_FILE, work / artifacts.CONFIG_FILE)
+        artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
+        _publish(work, run_dir / artifacts.ONNX_DIR)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _build_bundle(
+    model, config: RunConfig, work: Path, encoder: TextEncoder, encoded: EncodedTexts, labels: np.ndarray, tolerance: float
+) -> dict[str, Any]:
+    plain, fused, int8 = (work / artifacts.BUNDLE_MODEL, work / artifacts.BUNDLE_MODEL_FUSED, work / artifacts.BUNDLE_MODEL_INT8)
+    names, convert_s = _timed(lambda: convert_to_onnx(model, plain, config.export.opset))
+    heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
+    fusion, optimize_s = _timed(lambda: optimize(plain, fused, heads, hidden, config.export.opset))
+    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names)
+    keras_accuracy = float((parity_set.keras[8].argmax(-1) == parity_set.labels[8]).mean())
+    parity: dict[str, Any] = {}
+    for path in (plain, fused):
+        results = check_parity(path, parity_set)
+        _require_fp32_parity(path.name, results, tolerance)
+        parity[path.name] = {f"batch_{b}": r.to_dict() for b, r in results.items()}
+    files = {"model": plain.name, "fused": fused.name}
+    report: dict[str, Any] = {
+        "opset": config.export.opset,
+        "input_dtype": INPUT_DTYPE,
+        "tolerance": tolerance,
+        "fusion": fusion,
+        "keras_accuracy": keras_accuracy,
+        "parity": parity,
+        "seconds": {"convert": convert_s, "optimize": optimize_s},
+    }
+    if config.export.quantize_int8:
+        _, report["seconds"]["quantize"] = _timed(lambda: quantize_int8(fused, int8))
+        results = check_parity(int8, parity_set)
+        parity[int8.name] = {f"batch_{b}": r.to_dict() for b, r in results.items()}
+        report["int8"] = {
+            "label_agreement": results[8].label_agreement,
+            "accuracy": results[8].accuracy,
+            "accuracy_drop": keras_accuracy - results[8].accuracy,
+            "size_ratio": round(plain.stat().st_size / int8.stat().st_size, 2),
+        }
+        files["int8"] = int8.name
+    report["sizes_bytes"] = {name: (work / name).stat().st_size for name in files.values()}
+    artifacts.write_json(work / artifacts.BUNDLE_FILE, _bundle_metadata(model, config, names, encoder.pad_id, files))
+    return report
+
+
+def _publish(work: Path, target: Path) -> None:
+    """Rename the finished bundle into place, replacing an older one only now."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(work, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, target)
+    os.chmod(target, 0o755)
+
+
+def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Export a finished run, checking parity on its own validation examples.
+
+    The validation examples are re-read exactly as training read them (same files, sample
+    caps and seed), so the report of a later export matches the one written by `finetune`.
+    """
+    from tfsft.data import LabelMap, load_splits
+    from tfsft.modeling import load_finetuned
+
+    run = artifacts.require_run_dir(run_dir)
+    config = artifacts.read_config(run)
+    model = load_finetuned(artifacts.run_model_dir(run))
+    label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
+    validation = load_splits(config.data, config.train.seed).validation
+    return export_bundle(model, run, validation_data=(validation, label_map.encode(validation)))
