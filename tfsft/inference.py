@@ -1,0 +1,313 @@
+"""Predict with an ONNX bundle using onnxruntime, tokenizers and numpy only: no TensorFlow here.
+
+A server or batch job imports this module without paying for (or depending on) TensorFlow or
+transformers. Texts are tokenized by `tfsft.tokenize`, the same code training used, sorted by
+length and padded per batch, so short texts never pay for the longest one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
+
+import numpy as np
+
+from tfsft import artifacts
+from tfsft.errors import ArtifactError, DataError
+from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch
+
+TextInput = Union[str, Sequence[str]]
+"""A single text, or a (text, text pair) sequence of two strings."""
+
+_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted label of one input and the probability of every label."""
+
+    label: str
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "probabilities": self.probabilities}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What `bundle.json` promises about the files beside it."""
+
+    directory: Path
+    labels: tuple[str, ...]
+    max_seq_length: int
+    inputs: tuple[str, ...]
+    files: dict[str, str]
+    metadata: dict[str, Any]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Bundle":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ArtifactError(f"ONNX bundle directory not found: {directory}")
+        path = directory / artifacts.BUNDLE_FILE
+        meta = artifacts.read_json(path, "bundle metadata")
+        try:
+            labels = tuple(str(label) for label in meta["labels"])
+            bundle = cls(directory, labels, int(meta["max_seq_length"]), tuple(meta["inputs"]), dict(meta["files"]), meta)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"{path}: missing or invalid field {error}") from None
+        if len(labels) < 2:
+            raise ArtifactError(f"{path}: the label map needs at least two labels. Received: labels={list(labels)}")
+        return bundle
+
+    def model_path(self, int8: bool = False, fused: bool = True) -> Path:
+        """The ONNX file to serve: int8 if asked, else the fused fp32 model when present."""
+        if int8:
+            key = "int8"
+        elif fused and "fused" in self.files:
+            key = "fused"
+        else:
+            key = "model"
+        if key not in self.files:
+            raise ArtifactError(f"{self.directory / artifacts.BUNDLE_FILE}: the bundle has no {key} model")
+        return self.directory / self.files[key]
+
+    def report(self) -> Optional[dict[str, Any]]:
+        path = self.directory / artifacts.BUNDLE_REPORT
+        return artifacts.read_json(path, "export report") if path.is_file() else None
+
+
+class Predictor:
+    """Classify texts or text pairs with an exported bundle. Safe to share between threads.
+
+    `onnxruntime.InferenceSession.run` may be called concurrently, and the tokenizer is
+    configured once here and only read afterwards, so no lock is needed.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        int8: bool = False,
+        fused: bool = True,
+        batch_size: int = 32,
+        num_threads: Optional[int] = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive. Received: batch_size={batch_size}")
+        self.bundle = Bundle.load(bundle_dir)
+        self.labels = self.bundle.labels
+        self.batch_size = batch_size
+        self.model_path = self.bundle.model_path(int8=int8, fused=fused)
+        self.encoder = TextEncoder.from_file(self.bundle.directory / artifacts.BUNDLE_TOKENIZER, self.bundle.max_seq_length)
+        self.session = _open_session(self.model_path, num_threads)
+        self.input_dtypes = _input_dtypes(self.session, self.bundle.inputs, self.model_path)
+        self._check_output_size()
+
+    def _check_output_size(self) -> None:
+        """Run one tiny batch: catches a label map that does not fit the model, and warms up."""
+        logits = self._run(pad_batch(self.encoder.encode(["ok"]), [0], self.encoder.pad_id))
+        if logits.ndim != 2 or logits.shape[1] != len(self.labels):
+            raise ArtifactError(
+                f"{self.model_path}: the model outputs {logits.shape[-1]} logits but "
+                f"{self.bundle.directory / artifacts.BUNDLE_FILE} names {len(self.labels)} labels"
+            )
+
+    def _run(self, padded: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: padded[name].astype(self.input_dtypes[name], copy=False) for name in self.bundle.inputs}
+        try:
+            return self.session.run(None, feed)[0]
+        except Exception as error:
+            raise ArtifactError(f"{self.model_path}: inference failed ({str(error).splitlines()[0]})") from None
+
+    def encode(self, inputs: Sequence[TextInput]) -> EncodedTexts:
+        texts, pairs = split_inputs(inputs)
+        return self.encoder.encode(texts, pairs)
+
+    def logits(self, inputs: Sequence[TextInput]) -> np.ndarray:
+        """Logits of every input, in input order (computed in length-sorted batches)."""
+        if len(inputs) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        encoded = self.encode(inputs)
+        order = np.argsort(encoded.lengths, kind="stable")
+        out = np.empty((len(encoded), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            out[indices] = self._run(pad_batch(encoded, indices, self.encoder.pad_id))
+        return out
+
+    def predict(self, inputs: Sequence[TextInput]) -> list[Prediction]:
+        """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order."""
+        probabilities = softmax(self.logits(inputs))
+        return [self._prediction(row) for row in probabilities]
+
+    def predict_one(self, text: TextInput) -> Prediction:
+        return self.predict([text])[0]
+
+    def _prediction(self, row: np.ndarray) -> Prediction:
+        return Prediction(
+            label=self.labels[int(row.argmax())],
+            probabilities={label: float(p) for label, p in zip(self.labels, row)},
+        )
+
+
+def _open_session(path: Path, num_threads: Optional[int]):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ArtifactError(f"ONNX model file not found: {path}")
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = int(num_threads)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ArtifactError(f"Corrupt or unreadable ONNX model {path}: {message}") from None
+
+
+def _input_dtypes(session, expected: Sequence[str], path: Path) -> dict[str, Any]:
+    found = {i.name: i.type for i in session.get_inputs()}
+    if set(found) != set(expected):
+        raise ArtifactError(f"{path}: model inputs {sorted(found)} differ from the bundle's {sorted(expected)}")
+    unknown = {name: t for name, t in found.items() if t not in _NUMPY_DTYPES}
+    if unknown:
+        raise ArtifactError(f"{path}: unsupported input types {unknown}; expected int32 or int64")
+    return {name: _NUMPY_DTYPES[t] for name, t in found.items()}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def split_inputs(inputs: Sequence[TextInput]) -> tuple[list[str], Optional[list[str]]]:
+    """Texts and pairs (or None) from a list of texts or of (text, pair) sequences, not mixed."""
+    texts: list[str] = []
+    pairs: list[str] = []
+    for position, item in enumerate(inputs):
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item):
+            texts.append(item[0])
+            pairs.append(item[1])
+        else:
+            raise ValueError(f"input {position}: expected a string or a pair of strings. Received: {item!r:.80}")
+    if pairs and len(pairs) != len(texts):
+        raise ValueError("inputs mix single texts and text pairs; send one kind per call")
+    return texts, (pairs or None)
+
+
+# ------------------------------------------------------------------------------ streamed input
+
+TEXT_FIELDS = ("text", "sentence", "sentence1", "question1")
+PAIR_FIELDS = ("text_pair", "sentence2", "question2")
+
+
+def read_inputs(stream: TextIO, fmt: str, source: str) -> Iterator[tuple[int, TextInput]]:
+    """Yield (line number, text or (text, pair)) from a CSV, TSV or JSONL stream, lazily.
+
+    Labels are not needed (a label column is ignored). The text is the first present of
+    TEXT_FIELDS, the pair the first present of PAIR_FIELDS; a CSV/TSV file needs a header.
+
+    Raises:
+        DataError: a malformed line, naming `source` and the line number.
+    """
+    if fmt == "jsonl":
+        yield from _read_jsonl(stream, source)
+    elif fmt in {"csv", "tsv"}:
+        yield from _read_delimited(stream, fmt, source)
+    else:
+        raise DataError(f"{source}: unknown input format {fmt!r}; expected csv, tsv or jsonl")
+
+
+def _record_input(record: dict[str, Any], source: str, number: int) -> TextInput:
+    text_field = next((f for f in TEXT_FIELDS if f in record), None)
+    if text_field is None:
+        raise DataError(f"{source}: line {number}: no text field; expected one of {list(TEXT_FIELDS)}")
+    text = record[text_field]
+    pair_field = next((f for f in PAIR_FIELDS if f in record), None)
+    values = [text] if pair_field is None else [text, record[pair_field]]
+    for name, value in zip((text_field, pair_field), values):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{source}: line {number}: field {name!r} must be a non-empty string. Received: {value!r:.60}")
+    return text if pair_field is None else (text, values[1])
+
+
+def _read_jsonl(stream: TextIO, source: str) -> Iterator[tuple[int, TextInput]]:
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise DataError(f"{source}: line {number}: malformed JSON ({str(error).split(':')[0]})") from None
+        if isinstance(record, str):
+            record = {"text": record}
+        if not isinstance(record, dict):
+            raise DataError(f"{source}: line {number}: expected a JSON object or string, got {type(record).__name__}")
+        yield number, _record_input(record, source, number)
+
+
+def _read_delimited(stream: TextIO, fmt: str, source: str) -> Iterator[tuple[int, TextInput]]:
+    if fmt == "tsv":
+        reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+    else:
+        reader = csv.reader(stream, strict=True)
+    header: Optional[list[str]] = None
+    try:
+        for values in reader:
+            number = reader.line_num
+            if not values or (len(values) == 1 and not values[0].strip()):
+                continue
+            if header is None:
+                header = [v.strip() for v in values]
+                continue
+            if len(values) != len(header):
+                raise DataError(f"{source}: line {number}: expected {len(header)} fields like the header, found {len(values)}")
+            yield number, _record_input(dict(zip(header, values)), source, number)
+    except csv.Error as error:
+        raise DataError(f"{source}: line {reader.line_num}: malformed {fmt.upper()} ({error})") from None
+
+
+def input_format(path: str, default: str = "jsonl") -> str:
+    """csv, tsv or jsonl from a file name's suffix (stdin, `-`, uses `default`)."""
+    if path == "-":
+        return default
+    suffix = Path(path).suffix.lower()
+    formats = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".tab": "tsv", ".csv": "csv"}
+    if suffix not in formats:
+        raise DataError(f"{path}: unknown file type {suffix!r}; expected .csv, .tsv or .jsonl (or pass --input_format)")
+    return formats[suffix]
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last may be shorter): streaming in bounded memory."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def format_csv_row(prediction: Prediction, labels: Sequence[str]) -> str:
+    """One CSV line: the label, then the probability of each label (columns `p_<label>`)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(
+        [prediction.label, *(f"{prediction.probabilities[label]:.6g}" for label in labels)]
+    )
+    return buffer.getvalue()
+
+
+def csv_header(labels: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(["label", *(f"p_{label}" for label in labels)])
+    return buffer.getvalue()
