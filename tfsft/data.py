@@ -19,7 +19,7 @@ import numpy as np
 
 from tfsft.config import DataConfig
 from tfsft.errors import DataError
-from tfsft.tokenize import EncodedTexts, pad_batch
+from tfsft.tokenize import PAD_MULTIPLE, EncodedTexts, pad_batch
 
 TEXT_COLUMN_DEFAULTS = ("sentence", "text")
 PAIR_COLUMN_DEFAULTS = (("sentence1", "sentence2"), ("question1", "question2"), ("text", "text_pair"))
@@ -484,13 +484,12 @@ class LengthBatchedData:
                 yield features, self.labels[indices]
 
     def padding_fraction(self) -> float:
-        """Share of computed token positions that are padding, for one epoch of batches."""
+        """Share of computed token positions that are padding, over one epoch of batches."""
         total = real = 0
         for indices in self.batches():
-            width = int(pad_batch(self.encoded, indices[:1], self.pad_id)["input_ids"].shape[1])
-            width = max(width, -(-int(self.encoded.lengths[indices].max()) // 8) * 8)
-            total += width * len(indices)
-            real += int(self.encoded.lengths[indices].sum())
+            lengths = self.encoded.lengths[indices]
+            total += -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE * len(indices)
+            real += int(lengths.sum())
         return 1.0 - real / total
 
     def to_tf_dataset(self):
@@ -500,6 +499,7 @@ class LengthBatchedData:
         features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
         signature: Any = features if self.labels is None else (features, tf.TensorSpec([None], tf.int32))
         dataset = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=signature)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         options.deterministic = True

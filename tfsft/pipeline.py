@@ -18,7 +18,7 @@ import numpy as np
 from tfsft import artifacts
 from tfsft.config import RunConfig
 from tfsft.data import Examples, LabelMap, LengthBatchedData, load_splits, read_examples
-from tfsft.errors import ConfigError, RunInterrupted
+from tfsft.errors import ArtifactError, ConfigError, RunInterrupted, TfsftError
 from tfsft.evaluation import classification_metrics, predict_logits, write_evaluation
 from tfsft.modeling import (
     build_classifier,
@@ -46,12 +46,8 @@ def _log(message: str) -> None:
     print(f"[tfsft] {message}", file=sys.stderr, flush=True)
 
 
-def prepare_run_dir(config: RunConfig) -> tuple[RunConfig, Path, Path]:
-    """Resolve the output dir, refuse to clobber a finished run, and set up the partial dir.
-
-    A partial dir left by a killed run with the same config is kept, so training resumes from
-    its backup; one with another config is discarded.
-    """
+def resolve_output_dir(config: RunConfig) -> tuple[RunConfig, Path]:
+    """Fix the output dir in the config, and refuse to clobber an existing run or other files."""
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
     config = config.replace(output_dir=str(output_dir))
     if output_dir.exists():
@@ -63,6 +59,14 @@ def prepare_run_dir(config: RunConfig) -> tuple[RunConfig, Path, Path]:
                 f"--output_dir {output_dir} already holds {what}; pass --overwrite_output_dir to replace it. "
                 f"Received: output_dir={str(output_dir)!r}"
             )
+    return config, output_dir
+
+
+def open_partial_dir(config: RunConfig, output_dir: Path) -> Path:
+    """Create the work-in-progress dir, or keep one a killed run left with the same config.
+
+    A kept one holds Keras' BackupAndRestore state, so training resumes from its last epoch.
+    """
     partial = artifacts.partial_dir_for(output_dir)
     if partial.exists():
         try:
@@ -71,40 +75,80 @@ def prepare_run_dir(config: RunConfig) -> tuple[RunConfig, Path, Path]:
             same = False
         if same and (partial / artifacts.BACKUP_DIR).exists():
             _log(f"resuming the interrupted run in {partial}")
-        else:
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+            return partial
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     artifacts.save_config(config, partial)
-    return config, output_dir, partial
+    return partial
 
 
 def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1) -> FinetuneResult:
     """Fine-tune, evaluate and save one run; returns its metrics and directory.
+
+    Inputs are read and validated before anything is written. If the run fails, its partial
+    directory is removed, unless it was interrupted (Ctrl-C) after an epoch was backed up.
 
     Args:
         config: the run's settings; saved as config.json in the run directory.
         callbacks: extra Keras callbacks, run beside the built-in ones.
         verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
     """
-    config, output_dir, partial = prepare_run_dir(config)
-    _log(f"writing the run to {output_dir} (in progress: {partial})")
+    config, output_dir = resolve_output_dir(config)
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
-
     splits = load_splits(config.data, config.train.seed)
     label_map = LabelMap.from_labels(splits.train.labels, splits.train.source)
-    y_train = label_map.encode(splits.train)
-    y_validation = label_map.encode(splits.validation)
-    y_test = label_map.encode(splits.test) if splits.test is not None else None
+    labels = {
+        "train": label_map.encode(splits.train),
+        "validation": label_map.encode(splits.validation),
+        "test": label_map.encode(splits.test) if splits.test is not None else None,
+    }
     _log(
         f"data: {len(splits.train)} train / {len(splits.validation)} validation"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
         + f" examples, labels {list(label_map.names)}"
     )
-
     checkpoint = resolve_checkpoint(config.model.model_name_or_path)
     tokenizer = load_tokenizer(checkpoint)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
+
+    partial = open_partial_dir(config, output_dir)
+    _log(f"writing the run to {output_dir} (in progress: {partial})")
+    try:
+        metrics, model = _train_and_save(
+            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose
+        )
+    except KeyboardInterrupt:
+        if (partial / artifacts.BACKUP_DIR).exists():
+            raise RunInterrupted(
+                f"interrupted; the partial run is kept in {partial}: run the same command with "
+                f"--output_dir {output_dir} to resume from the last completed epoch"
+            ) from None
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RunInterrupted("interrupted before the first epoch completed; nothing was kept") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    export_error = None
+    if config.export.export:
+        from tfsft.export import export_bundle
+
+        try:
+            export_bundle(model, partial, validation_data=(splits.validation, labels["validation"]))
+        except TfsftError as error:
+            export_error = error
+    artifacts.publish_run(partial, output_dir)
+    if export_error is not None:
+        raise ArtifactError(
+            f"the run was saved to {output_dir} but its ONNX export failed: {export_error}; "
+            f"retry with: python scripts/export.py {output_dir}"
+        )
+    _log(f"done: {output_dir}")
+    return FinetuneResult(metrics=metrics, run_dir=output_dir)
+
+
+def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose):
+    """Build, fit, evaluate and save into `partial`; returns (metrics, model)."""
 
     def encode(examples: Examples):
         encoded = encoder.encode(examples.texts, examples.pairs)
@@ -121,55 +165,44 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     )
     names = feature_names(model)
     train_data = LengthBatchedData(
-        encode(splits.train), y_train, config.train.per_device_train_batch_size * replicas,
+        encode(splits.train), labels["train"], config.train.per_device_train_batch_size * replicas,
         shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
     )
-    eval_batch = config.train.per_device_eval_batch_size * replicas
 
-    def eval_data(examples: Examples, labels: np.ndarray) -> LengthBatchedData:
-        return LengthBatchedData(encode(examples), labels, eval_batch, shuffle=False, pad_id=encoder.pad_id, feature_names=names)
+    def eval_data(examples: Examples, y: np.ndarray) -> LengthBatchedData:
+        return LengthBatchedData(
+            encode(examples), y, config.train.per_device_eval_batch_size * replicas,
+            shuffle=False, pad_id=encoder.pad_id, feature_names=names,
+        )
 
-    validation_data = eval_data(splits.validation, y_validation)
+    validation_data = eval_data(splits.validation, labels["validation"])
     with strategy.scope():
         compile_classifier(model, config.train, len(train_data) * config.train.num_train_epochs)
-    try:
-        history, seconds = fit(model, train_data, validation_data, config.train, partial, callbacks, verbose)
-    except KeyboardInterrupt:
-        raise RunInterrupted(
-            f"interrupted; the partial run is kept in {partial}: run the same command with "
-            f"--output_dir {output_dir} to resume from the last completed epoch"
-        ) from None
+    history, seconds = fit(model, train_data, validation_data, config.train, partial, callbacks, verbose)
 
     save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
-    metrics, report = classification_metrics(y_validation, predict_logits(model, validation_data), label_map, "eval")
+    metrics, report = classification_metrics(labels["validation"], predict_logits(model, validation_data), label_map, "eval")
     write_evaluation(partial, metrics, report, "eval")
     if splits.test is not None:
-        test_metrics, test_report = classification_metrics(
-            y_test, predict_logits(model, eval_data(splits.test, y_test)), label_map, "test"
-        )
+        test_logits = predict_logits(model, eval_data(splits.test, labels["test"]))
+        test_metrics, test_report = classification_metrics(labels["test"], test_logits, label_map, "test")
         write_evaluation(partial, test_metrics, test_report, "test")
         metrics.update(test_metrics)
-    epochs_run = len(history.history.get("loss", [])) or config.train.num_train_epochs
+    losses = history.history.get("loss", [])
     metrics.update(
         train_runtime_s=round(seconds, 3),
-        train_examples_per_s=round(len(splits.train) * epochs_run / max(seconds, 1e-9), 3),
+        train_examples_per_s=round(len(splits.train) * max(len(losses), 1) / max(seconds, 1e-9), 3),
         train_samples=len(splits.train),
-        train_loss_first_epoch=float(history.history["loss"][0]) if history.history.get("loss") else None,
-        train_loss_last_epoch=float(history.history["loss"][-1]) if history.history.get("loss") else None,
-        epochs=epochs_run,
+        train_loss_first_epoch=float(losses[0]) if losses else None,
+        train_loss_last_epoch=float(losses[-1]) if losses else None,
+        epochs=len(losses),
         replicas=replicas,
         padding_fraction=round(train_data.padding_fraction(), 4),
         newly_initialized=list(load_report.newly_initialized),
     )
-    if config.export.export:
-        from tfsft.export import export_bundle
-
-        export_bundle(model, partial, validation_data=(splits.validation, y_validation))
     artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
     shutil.rmtree(partial / artifacts.BACKUP_DIR, ignore_errors=True)
-    artifacts.publish_run(partial, output_dir)
-    _log(f"done: {output_dir}")
-    return FinetuneResult(metrics=metrics, run_dir=output_dir)
+    return metrics, model
 
 
 def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> dict[str, Any]:

@@ -58,11 +58,17 @@ def make_optimizer(config: TrainConfig, total_steps: int):
 
 
 def make_strategy(name: str):
-    """`auto`: MirroredStrategy on more than one GPU, else the default strategy."""
+    """`auto`: MirroredStrategy on more than one GPU, else the default strategy.
+
+    `mirrored` replicates over all GPUs, or over all logical CPU devices when there is no GPU
+    (how the tests exercise it on a CPU-only machine).
+    """
+    gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
-        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+        name = "mirrored" if len(gpus) > 1 else "default"
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
     if name == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
@@ -117,10 +123,10 @@ class StepLogger(tf.keras.callbacks.Callback):
         if step % self.every:
             return
         learning_rate = self.model.optimizer.learning_rate
-        if callable(learning_rate):
+        if isinstance(learning_rate, tf.keras.optimizers.schedules.LearningRateSchedule):
             learning_rate = learning_rate(step)
         with self.writer.as_default(step=step):
-            tf.summary.scalar("learning_rate", float(learning_rate))
+            tf.summary.scalar("learning_rate", float(tf.keras.backend.get_value(learning_rate)))
             for key, value in (logs or {}).items():
                 tf.summary.scalar(f"train_{key}", float(value))
 
@@ -129,34 +135,45 @@ class StepLogger(tf.keras.callbacks.Callback):
 
 
 class Timer(tf.keras.callbacks.Callback):
-    """Wall time spent in `fit` (excluding set-up), for examples/s."""
+    """Wall time spent training in `fit`, without per-epoch validation, for examples/s."""
 
     def on_train_begin(self, logs=None) -> None:
         self.start = time.perf_counter()
+        self.validation_seconds = 0.0
         self.seconds = 0.0
 
+    def on_test_begin(self, logs=None) -> None:
+        self.validation_start = time.perf_counter()
+
+    def on_test_end(self, logs=None) -> None:
+        self.validation_seconds += time.perf_counter() - self.validation_start
+
     def on_train_end(self, logs=None) -> None:
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = time.perf_counter() - self.start - self.validation_seconds
 
 
 def build_callbacks(
-    config: TrainConfig, run_dir: Path, train_data: LengthBatchedData, best_weights: Path, backup_dir: Path
+    config: TrainConfig, run_dir: Path, train_data: LengthBatchedData, best_weights: Path, validate: bool
 ) -> list:
+    """The built-in callbacks; best-epoch tracking only when there are epochs to choose from."""
     monitor = f"val_{config.metric_for_best_model}"
     mode = "max" if config.metric_for_best_model == "accuracy" else "min"
     log_dir = run_dir / "logs"
     callbacks = [
         EpochShuffle(train_data),
         tf.keras.callbacks.TerminateOnNaN(),
-        tf.keras.callbacks.BackupAndRestore(str(backup_dir)),
-        tf.keras.callbacks.ModelCheckpoint(
-            str(best_weights), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True
-        ),
+        tf.keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         tf.keras.callbacks.TensorBoard(log_dir=str(log_dir), update_freq="epoch", profile_batch=0),
         StepLogger(log_dir, config.logging_steps),
         tf.keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
     ]
-    if config.early_stopping_patience:
+    if validate:
+        callbacks.append(
+            tf.keras.callbacks.ModelCheckpoint(
+                str(best_weights), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True
+            )
+        )
+    if validate and config.early_stopping_patience:
         callbacks.append(
             tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.early_stopping_patience)
         )
@@ -172,14 +189,19 @@ def fit(
     extra_callbacks: Optional[Sequence] = None,
     verbose: int = 1,
 ) -> tuple[Any, float]:
-    """Train, then restore the best epoch's weights. Returns (history, seconds spent in fit)."""
+    """Train, then restore the best epoch's weights. Returns (history, seconds spent in fit).
+
+    A one-epoch run skips validation inside `fit`: there is no epoch to choose, and the
+    caller evaluates the final model anyway.
+    """
     best_weights = run_dir / "best_weights.h5"
+    validate = config.num_train_epochs > 1
     timer = Timer()
-    callbacks = build_callbacks(config, run_dir, train_data, best_weights, run_dir / "backup")
+    callbacks = build_callbacks(config, run_dir, train_data, best_weights, validate)
     callbacks += [timer, *(extra_callbacks or [])]
     history = model.fit(
         train_data.to_tf_dataset(),
-        validation_data=validation_data.to_tf_dataset(),
+        validation_data=validation_data.to_tf_dataset() if validate else None,
         epochs=config.num_train_epochs,
         callbacks=callbacks,
         verbose=verbose,

@@ -1,0 +1,153 @@
+"""End-to-end runs of the fine-tuning job on the tiny BERT and slices of SST-2 / MRPC."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, run_script, write_csv
+from tfsft import RunConfig, finetune
+from tfsft.modeling import tf
+
+
+def tiny_config(tiny_checkpoint, sst2_slices, output_dir, **overrides):
+    values = dict(
+        model_name_or_path=str(tiny_checkpoint),
+        train_file=str(sst2_slices["train"]),
+        validation_file=str(sst2_slices["dev"]),
+        num_train_epochs=3,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        per_device_train_batch_size=16,
+        output_dir=str(output_dir),
+        export=False,
+    )
+    values.update(overrides)
+    return RunConfig.from_flat(values)
+
+
+def test_finetune_script_trains_saves_and_reevaluates(tiny_checkpoint, sst2_slices, tmp_path):
+    out = tmp_path / "run"
+    result = run_script(
+        "finetune.py",
+        "--model_name_or_path", str(tiny_checkpoint),
+        "--train_file", str(sst2_slices["train"]),
+        "--validation_file", str(sst2_slices["dev"]),
+        "--num_train_epochs", "3", "--learning_rate", "2e-3", "--warmup_ratio", "0",
+        "--per_device_train_batch_size", "16", "--output_dir", str(out), "--no_export",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("eval_accuracy", "eval_f1_macro", "eval_mcc", "eval_f1", "eval_loss", "train_runtime_s", "train_examples_per_s"):
+        assert key in metrics
+    assert metrics["train_loss_last_epoch"] < metrics["train_loss_first_epoch"]
+    assert metrics["newly_initialized"] == ["classifier"]
+    for name in ("config.json", "eval_report.json", "confusion_matrix.png", "history.csv", "model/tf_model.h5", "model/tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert not (tmp_path / ".run.partial").exists()
+    saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert saved.output_dir == str(out) and saved.train.learning_rate == 2e-3
+
+    history = (out / "history.csv").read_text().splitlines()
+    val_accuracy = [float(dict(zip(history[0].split(","), row.split(",")))["val_accuracy"]) for row in history[1:]]
+    assert metrics["eval_accuracy"] == pytest.approx(max(val_accuracy), abs=1e-6)
+
+    from transformers import TFAutoModelForSequenceClassification
+
+    reloaded = TFAutoModelForSequenceClassification.from_pretrained(str(out / "model"))
+    assert reloaded.config.id2label == {0: "0", 1: "1"}
+
+    again = run_script("evaluate.py", str(out), "--file", str(sst2_slices["dev"]))
+    assert again.returncode == 0, again.stderr[-3000:]
+    reevaluated = json.loads((out / "dev_metrics.json").read_text())
+    assert reevaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+    assert reevaluated["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+
+
+def test_python_api_calls_user_callbacks_and_is_reproducible(tiny_checkpoint, sst2_slices, tmp_path):
+    class Counter(tf.keras.callbacks.Callback):
+        epochs = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            Counter.epochs += 1
+
+    first = finetune(tiny_config(tiny_checkpoint, sst2_slices, tmp_path / "a", num_train_epochs=2), callbacks=[Counter()], verbose=0)
+    assert Counter.epochs == 2
+    second = finetune(tiny_config(tiny_checkpoint, sst2_slices, tmp_path / "b", num_train_epochs=2), verbose=0)
+    for key in ("eval_loss", "eval_accuracy", "train_loss_first_epoch", "train_loss_last_epoch"):
+        assert first.metrics[key] == second.metrics[key], key
+
+
+def test_sentence_pairs_and_held_out_split(tiny_checkpoint, mrpc_slices, tmp_path):
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(mrpc_slices["train"]), test_file=str(mrpc_slices["test"]),
+        text_column="#1 String", text_pair_column="#2 String", label_column="Quality",
+        num_train_epochs=1, output_dir=str(tmp_path / "pairs"), export=False, validation_split_percentage=20,
+    ))
+    result = finetune(config, verbose=0)
+    assert result.metrics["eval_samples"] == 40 and result.metrics["train_samples"] == 160
+    assert result.metrics["test_samples"] == 100 and "test_f1" in result.metrics
+    assert (result.run_dir / "test_report.json").is_file()
+
+
+def test_mirrored_strategy_over_two_logical_cpus(tiny_checkpoint, sst2_slices, tmp_path):
+    code = textwrap.dedent(f"""
+        import os, json
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+        from tfsft.modeling import tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tfsft import RunConfig, finetune
+        config = RunConfig.from_flat(dict(
+            model_name_or_path={str(tiny_checkpoint)!r}, train_file={str(sst2_slices['train'])!r},
+            validation_file={str(sst2_slices['dev'])!r}, num_train_epochs=1, per_device_train_batch_size=8,
+            strategy="mirrored", output_dir={str(tmp_path / 'mirrored')!r}, export=False))
+        print(json.dumps(finetune(config, verbose=0).metrics))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["replicas"] == 2 and metrics["eval_samples"] == 200
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_file", "missing_column", "empty_text", "unseen_label", "non_utf8", "ragged_row"],
+)
+def test_bad_input_exits_with_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_path, case):
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], [["good movie", "pos"], ["bad movie", "neg"]] * 10)
+    dev = tmp_path / "dev.csv"
+    contents = {
+        "missing_column": b"text,target\ngood,pos\n",
+        "empty_text": b"text,label\ngood,pos\n  ,neg\n",
+        "unseen_label": b"text,label\ngood,pos\nmeh,neutral\n",
+        "non_utf8": b"text,label\ngood,pos\nna\xefve,neg\n",
+        "ragged_row": b"text,label\ngood,pos\nbad,neg,extra\n",
+    }
+    if case in contents:
+        dev.write_bytes(contents[case])
+    out = tmp_path / "out"
+    result = run_script(
+        "finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(train),
+        "--validation_file", str(dev), "--output_dir", str(out), "--no_export", timeout=120,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "dev.csv" in errors[0], result.stderr[-2000:]
+    if case != "missing_file":
+        assert "row" in errors[0] or "column" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_checkpoint, sst2_slices, tmp_path):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "config.json").write_text("{}")
+    result = run_script("finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(sst2_slices["train"]), "--output_dir", str(out), timeout=120)
+    assert result.returncode == 2 and "--overwrite_output_dir" in result.stderr
+    assert (out / "metrics.json").read_text() == "{}"
