@@ -450,6 +450,7 @@ class LengthBatchedData:
         seed: int = 0,
         pad_id: int = 0,
         feature_names: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids"),
+        pad_multiple: int = PAD_MULTIPLE,
     ):
         if len(encoded) == 0:
             raise DataError("no examples to batch")
@@ -460,6 +461,7 @@ class LengthBatchedData:
         self.seed = seed
         self.pad_id = pad_id
         self.feature_names = tuple(feature_names)
+        self.pad_multiple = pad_multiple
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -476,7 +478,7 @@ class LengthBatchedData:
 
     def __iter__(self) -> Iterator[Any]:
         for indices in self.batches():
-            padded = pad_batch(self.encoded, indices, self.pad_id)
+            padded = pad_batch(self.encoded, indices, self.pad_id, self.pad_multiple)
             features = {name: padded[name] for name in self.feature_names}
             if self.labels is None:
                 yield features
@@ -488,7 +490,7 @@ class LengthBatchedData:
         total = real = 0
         for indices in self.batches():
             lengths = self.encoded.lengths[indices]
-            total += -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE * len(indices)
+            total += -(-int(lengths.max()) // self.pad_multiple) * self.pad_multiple * len(indices)
             real += int(lengths.sum())
         return 1.0 - real / total
 
