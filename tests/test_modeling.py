@@ -50,3 +50,42 @@ def test_corrupt_weights_file_is_an_artifact_error(tiny_checkpoint, tmp_path):
     (broken / "tf_model.h5").write_bytes(b"\x89HDF\r\n garbage")
     with pytest.raises(ArtifactError, match="tf_model.h5"):
         build_classifier(broken, LabelMap(("a", "b")))
+
+
+ARCHITECTURES = {
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, pad_token_id=0),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "electra": dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "albert": dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_bert_family_architectures_train_through_the_same_path(model_type, tiny_checkpoint, sst2_slices, tmp_path):
+    import shutil
+
+    from transformers import AutoConfig, TFAutoModel
+
+    from conftest import TOKENIZER_FILES
+    from tfsft import RunConfig, finetune
+
+    checkpoint = tmp_path / model_type
+    config = AutoConfig.for_model(model_type, vocab_size=30522, max_position_embeddings=512, **ARCHITECTURES[model_type])
+    encoder = TFAutoModel.from_config(config)
+    encoder(encoder.dummy_inputs)
+    encoder.save_pretrained(str(checkpoint))
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_checkpoint / name, checkpoint / name)
+    result = finetune(
+        RunConfig.from_flat(dict(
+            model_name_or_path=str(checkpoint), train_file=str(sst2_slices["train"]),
+            validation_file=str(sst2_slices["dev"]), max_train_samples=64, max_eval_samples=32,
+            output_dir=str(tmp_path / "run"), export=False,
+        )),
+        verbose=0,
+    )
+    assert result.metrics["eval_samples"] == 32
+    new = result.metrics["newly_initialized"]
+    assert any("classifier" in name for name in new)
+    assert not [name for name in new if any(part in name for part in ("embeddings", "encoder", "transformer", "layer_"))]
