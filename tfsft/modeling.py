@@ -8,6 +8,7 @@ Hub names are downloaded to a local snapshot first, then take the same path.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -121,8 +122,26 @@ def text_encoder(tokenizer, max_length: int) -> TextEncoder:
     return TextEncoder(backend, max_length)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' loading chatter; tfsft reports what was loaded in one line instead."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def build_classifier(checkpoint: Path, label_map: LabelMap, name: str = "") -> tuple[Any, LoadReport]:
     """A sequence classifier with a fresh head for `label_map`, encoder weights from `checkpoint`."""
+    with quiet_transformers():
+        return _build_classifier(checkpoint, label_map, name)
+
+
+def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str) -> tuple[Any, LoadReport]:
     from transformers import AutoConfig, TFAutoModelForSequenceClassification
 
     try:
@@ -190,6 +209,7 @@ def load_finetuned(directory: Path):
     if not (directory / "tf_model.h5").is_file():
         raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
     try:
-        return TFAutoModelForSequenceClassification.from_pretrained(str(directory))
+        with quiet_transformers():
+            return TFAutoModelForSequenceClassification.from_pretrained(str(directory))
     except Exception as error:
         raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None
