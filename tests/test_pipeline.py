@@ -46,7 +46,12 @@ def test_finetune_script_trains_saves_and_reevaluates(tiny_checkpoint, sst2_slic
     assert metrics["newly_initialized"] == ["classifier"]
     for name in ("config.json", "eval_report.json", "confusion_matrix.png", "history.csv", "model/tf_model.h5", "model/tokenizer.json"):
         assert (out / name).is_file(), name
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = EventAccumulator(str(out / "logs" / "steps")).Reload()
+    assert {"learning_rate", "train_loss"} <= set(steps.Tags()["tensors"])
+    assert len(steps.Tensors("learning_rate")) >= 3
+    assert list((out / "logs" / "train").glob("events.out.tfevents.*"))
     assert not (tmp_path / ".run.partial").exists()
     saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
     assert saved.output_dir == str(out) and saved.train.learning_rate == 2e-3
