@@ -115,7 +115,7 @@ def convert_to_onnx(model, path: Path, opset: int) -> list[str]:
 class _Graph:
     """Producer/consumer lookups over an ONNX graph, and a queue of node replacements."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, prefix: str) -> None:
         from onnx import numpy_helper
 
         self.model = model
@@ -129,6 +129,7 @@ class _Graph:
         self.removed: set[int] = set()
         self.added: list = []
         self._count = 0
+        self._prefix = f"tfsft_{prefix}"
 
     def parent(self, node, index: int, op_type: str):
         if index >= len(node.input):
@@ -157,7 +158,7 @@ class _Graph:
         from onnx import numpy_helper
 
         self._count += 1
-        name = f"tfsft_canonical/{hint}_{self._count}"
+        name = f"{self._prefix}/{hint}_{self._count}"
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
         return name
 
@@ -165,7 +166,7 @@ class _Graph:
         from onnx import helper
 
         self._count += 1
-        name = f"tfsft_canonical/{op_type}_{self._count}"
+        name = f"{self._prefix}/{op_type}_{self._count}"
         out = output or f"{name}:0"
         self.added.append(helper.make_node(op_type, list(inputs), [out], name=name, **attrs))
         return out
@@ -201,33 +202,36 @@ def _live_nodes(nodes: list, outputs: list[str]) -> list:
 
 
 def _topological(nodes: list, graph_inputs: set[str]) -> list:
+    """Nodes in dependency order (ONNX requires it); a cycle is a rewrite bug and fails loudly."""
     producer = {out: n for n in nodes for out in n.output}
-    done: set[int] = set()
+    state: dict[int, int] = {}  # 1: being visited, 2: done
     ordered: list = []
-
-    def visit(node) -> None:
-        stack = [(node, False)]
+    for root in nodes:
+        stack = [(root, iter(root.input))]
+        if state.get(id(root)):
+            continue
+        state[id(root)] = 1
         while stack:
-            current, expanded = stack.pop()
-            if id(current) in done:
-                continue
-            if expanded:
-                done.add(id(current))
-                ordered.append(current)
-                continue
-            stack.append((current, True))
-            for name in current.input:
-                parent = producer.get(name)
-                if parent is not None and id(parent) not in done:
-                    stack.append((parent, False))
-
-    for node in nodes:
-        visit(node)
+            node, inputs = stack[-1]
+            parent = next((producer[i] for i in inputs if i in producer and state.get(id(producer[i])) != 2), None)
+            if parent is None:
+                state[id(node)] = 2
+                ordered.append(node)
+                stack.pop()
+            elif state.get(id(parent)) == 1:
+                raise ArtifactError(f"graph rewrite produced a cycle through node {parent.name}")
+            else:
+                state[id(parent)] = 1
+                stack.append((parent, iter(parent.input)))
     return ordered
 
 
 def _collapse_tensordot(g: _Graph) -> int:
-    """Reshape(x, [-1, K]) -> MatMul(W) -> Reshape(back)  ==>  MatMul(x, W) (ONNX MatMul broadcasts)."""
+    """Reshape(x, [-1, K]) -> MatMul(W) -> Reshape(back)  ==>  MatMul(x, W) (ONNX MatMul broadcasts).
+
+    When tf2onnx merged the restoring Reshape into a following one (an attention head split,
+    with an explicit target shape), only the flattening is removed.
+    """
     count = 0
     for matmul in list(g.graph.node):
         if matmul.op_type != "MatMul" or g.constants.get(matmul.input[1]) is None:
@@ -239,10 +243,21 @@ def _collapse_tensordot(g: _Graph) -> int:
         shape = g.constants.get(flatten.input[1])
         if shape is None or shape.size != 2 or int(shape[0]) != -1:
             continue
-        g.node("MatMul", [flatten.input[0], matmul.input[1]], output=restore.output[0])
-        g.remove(matmul, restore)
+        if _restores_leading_dims(g, restore):
+            g.node("MatMul", [flatten.input[0], matmul.input[1]], output=restore.output[0])
+            g.remove(matmul, restore)
+        else:  # tf2onnx merged the restoring Reshape into the next one (a head split): keep that
+            matmul.input[0] = flatten.input[0]
         count += 1
     return count
+
+
+def _restores_leading_dims(g: _Graph, restore) -> bool:
+    """Whether a Reshape's shape is Concat(leading dims of the input, [N]): Tensordot's, not a head split."""
+    shape = g.producer.get(restore.input[1])
+    if shape is not None and shape.op_type == "Cast":
+        shape = g.producer.get(shape.input[0])
+    return shape is not None and shape.op_type == "Concat" and len(shape.input) == 2 and shape.input[1] in g.constants
 
 
 def _canonical_layernorm(g: _Graph, opset: int) -> int:
@@ -354,8 +369,10 @@ def _canonical_attention(g: _Graph, num_heads: int, hidden_size: int) -> int:
         head_shape = g.const([0, 0, num_heads, hidden_size // num_heads], np.int64, "head_shape")
         merged_shape = g.const([0, 0, hidden_size], np.int64, "merged_shape")
         for reshape in heads[:3]:
+            _ensure_bias(g, reshape, hidden_size)
             reshape.input[1] = head_shape
         heads[3].input[1] = merged_shape
+        _ensure_output_bias(g, heads[3], hidden_size)
         count += 1
     return count
 
@@ -402,9 +419,28 @@ def _head_reshapes(g: _Graph, scores, softmax):
     if q is None or k is None or v is None or merge is None:
         return None
     splits = [g.parent(t, 0, "Reshape") for t in (q, k, v)]
-    if any(s is None or g.parent(s, 0, "Add") is None for s in splits):
+    if any(s is None or (g.parent(s, 0, "Add") or g.parent(s, 0, "MatMul")) is None for s in splits):
         return None
     return (*splits, merge)
+
+
+def _ensure_bias(g: _Graph, split, hidden_size: int) -> None:
+    """Give a bias-free projection (tf2onnx folds away zero biases) the Add the fusion expects."""
+    if g.parent(split, 0, "MatMul") is not None:
+        split.input[0] = g.node("Add", [split.input[0], g.const(np.zeros(hidden_size), np.float32, "zero_bias")])
+
+
+def _ensure_output_bias(g: _Graph, merge, hidden_size: int) -> None:
+    """Same for the attention output projection after the head-merging Reshape."""
+    projection = g.only_child(merge.output[0], "MatMul")
+    if projection is None or projection.input[1] not in g.constants:
+        return
+    bias = g.only_child(projection.output[0], "Add")
+    if bias is not None and any(i in g.constants for i in bias.input):
+        return
+    original = projection.output[0]
+    projection.output[0] = f"{original}__without_bias"
+    g.node("Add", [projection.output[0], g.const(np.zeros(hidden_size), np.float32, "zero_bias")], output=original)
 
 
 def canonicalize(model, num_heads: int, hidden_size: int, opset: int) -> dict[str, int]:
@@ -416,7 +452,7 @@ def canonicalize(model, num_heads: int, hidden_size: int, opset: int) -> dict[st
         ("gelu", _canonical_gelu),
         ("attention", lambda g: _canonical_attention(g, num_heads, hidden_size)),
     ):
-        graph = _Graph(model)
+        graph = _Graph(model, name)
         counts[name] = rewrite(graph)
         graph.commit()
     del model.graph.value_info[:]  # shapes recorded by tf2onnx no longer describe the rewritten tensors

@@ -1,0 +1,149 @@
+"""Export of the tiny BERT: parity of every ONNX file, fusion, int8, and no bundle on failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfsft import artifacts
+from tfsft.config import RunConfig
+from tfsft.errors import ArtifactError
+
+LABELS = ("0", "1")
+
+
+def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True):
+    """A run directory with config.json and model/ (a tiny classifier), as `finetune` leaves it
+    before exporting; returns (model, run_dir, validation examples, label ids)."""
+    from tfsft.data import LabelMap, read_examples
+    from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained
+
+    run_dir = directory / "run"
+    run_dir.mkdir(parents=True)
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(checkpoint), train_file=str(dev), validation_file=str(dev),
+        max_seq_length=64, output_dir=str(run_dir), quantize_int8=quantize,
+    ))
+    artifacts.save_config(config, run_dir)
+    label_map = LabelMap(LABELS)
+    model, _ = build_classifier(checkpoint, label_map)
+    # A random head gives near-tied logits; widen the margins so label comparisons are meaningful.
+    model.classifier.kernel.assign(model.classifier.kernel * 30.0)
+    save_pretrained(model, load_tokenizer(checkpoint), run_dir / artifacts.MODEL_DIR)
+    examples = read_examples(str(dev), config.data)
+    return model, run_dir, examples, label_map.encode(examples)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_checkpoint, sst2_slices):
+    from tfsft.export import export_bundle
+
+    model, run_dir, examples, labels = make_run(tmp_path_factory.mktemp("export"), tiny_checkpoint, sst2_slices["dev"])
+    report = export_bundle(model, run_dir, validation_data=(examples, labels))
+    return model, run_dir, examples, labels, report
+
+
+def test_bundle_is_self_contained(exported):
+    _, run_dir, _, _, report = exported
+    bundle = run_dir / artifacts.ONNX_DIR
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED, artifacts.BUNDLE_MODEL_INT8,
+                 artifacts.BUNDLE_TOKENIZER, artifacts.BUNDLE_FILE, artifacts.BUNDLE_REPORT, artifacts.CONFIG_FILE):
+        assert (bundle / name).is_file(), name
+    meta = json.loads((bundle / artifacts.BUNDLE_FILE).read_text())
+    assert meta["labels"] == list(LABELS)
+    assert meta["id2label"] == {"0": "0", "1": "1"}
+    assert meta["max_seq_length"] == 64
+    assert meta["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert meta["input_dtype"] == "int32"
+    assert json.loads((bundle / artifacts.BUNDLE_REPORT).read_text()) == json.loads(json.dumps(report))
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_onnx_graph_interface(exported):
+    import onnx
+
+    _, run_dir, _, _, _ = exported
+    model = onnx.load(str(run_dir / artifacts.ONNX_DIR / artifacts.BUNDLE_MODEL))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [o.name for o in model.graph.output] == ["logits"]
+    for graph_input in model.graph.input:
+        assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT32
+        dims = graph_input.type.tensor_type.shape.dim
+        assert len(dims) == 2 and not dims[0].HasField("dim_value") and not dims[1].HasField("dim_value")
+    assert not [n for n in model.graph.node if n.op_type == "Erfc"]
+
+
+def test_fp32_parity_at_batch_1_and_8(exported):
+    _, _, _, _, report = exported
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        for batch in ("batch_1", "batch_8"):
+            result = report["parity"][name][batch]
+            assert result["max_abs_logit_diff"] <= 1e-4, (name, batch, result)
+            assert result["label_agreement"] == 1.0
+    assert report["parity"][artifacts.BUNDLE_MODEL]["batch_8"]["examples"] == 200
+
+
+def test_onnx_logits_match_keras_independently(exported):
+    """Recompute parity here, with onnxruntime directly, on texts of very different lengths."""
+    import onnxruntime as ort
+
+    from tfsft.data import LengthBatchedData
+    from tfsft.evaluation import predict_logits
+    from tfsft.tokenize import TextEncoder
+
+    model, run_dir, examples, _, _ = exported
+    bundle = run_dir / artifacts.ONNX_DIR
+    encoder = TextEncoder.from_file(bundle / artifacts.BUNDLE_TOKENIZER, 64)
+    texts = ["ok", "a long, winding and " * 20 + "end", examples.texts[3], examples.texts[7]]
+    data = LengthBatchedData(encoder.encode(texts), None, 8, shuffle=False, pad_id=encoder.pad_id)
+    keras = predict_logits(model, data)
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        session = ort.InferenceSession(str(bundle / name), providers=["CPUExecutionProvider"])
+        for i, text in enumerate(texts):
+            single = LengthBatchedData(encoder.encode([text]), None, 1, shuffle=False, pad_id=encoder.pad_id)
+            logits = session.run(["logits"], next(iter(single)))[0]
+            np.testing.assert_allclose(logits[0], keras[i], atol=1e-4)
+
+
+def test_fusion_counts(exported):
+    fused = exported[4]["fusion"]["fused_operators"]
+    assert fused.get("Attention") == 2
+    assert fused.get("SkipLayerNormalization", 0) + fused.get("LayerNormalization", 0) >= 4
+    assert fused.get("BiasGelu", 0) + fused.get("Gelu", 0) == 2
+
+
+def test_int8_is_smaller_and_agrees(exported):
+    _, run_dir, _, _, report = exported
+    bundle = run_dir / artifacts.ONNX_DIR
+    int8 = report["int8"]
+    assert (bundle / artifacts.BUNDLE_MODEL).stat().st_size > 3 * (bundle / artifacts.BUNDLE_MODEL_INT8).stat().st_size
+    assert int8["label_agreement"] >= 0.9
+    assert abs(int8["accuracy_drop"] - (report["keras_accuracy"] - int8["accuracy"])) < 1e-9
+
+
+def test_parity_failure_leaves_no_model(tmp_path, tiny_checkpoint, sst2_slices, monkeypatch):
+    """A conversion that changes the function must fail loudly and publish nothing."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tfsft import export
+
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], quantize=False)
+    convert = export.convert_to_onnx
+
+    def broken_convert(model, path, opset):
+        names = convert(model, path, opset)
+        graph = onnx.load(str(path))
+        weights = next(i for i in graph.graph.initializer if "classifier" in i.name)
+        weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * np.float32(1.01), weights.name))
+        onnx.save(graph, str(path))
+        return names
+
+    monkeypatch.setattr(export, "convert_to_onnx", broken_convert)
+    with pytest.raises(ArtifactError, match="parity failed"):
+        export.export_bundle(model, run_dir, validation_data=(examples.subset(range(20)), labels[:20]))
+    assert not (run_dir / artifacts.ONNX_DIR).exists()
+    assert not list(run_dir.rglob("*.onnx"))
