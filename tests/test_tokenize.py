@@ -30,10 +30,11 @@ def test_long_texts_are_truncated_and_flagged(encoder):
         encoder.warn_truncated(encoded, "x.csv")
 
 
-def test_pad_batch_pads_to_multiple_of_eight(encoder):
+def test_pad_batch_pads_to_the_longest_or_a_multiple(encoder):
     encoded = encoder.encode(["a", "a b c d e f g h i j"])
+    assert pad_batch(encoded, [0, 1], encoder.pad_id, multiple=8)["input_ids"].shape == (2, 16)
     batch = pad_batch(encoded, [0, 1], encoder.pad_id)
-    assert batch["input_ids"].shape == (2, 16)
+    assert batch["input_ids"].shape == (2, int(encoded.lengths.max()))
     assert batch["attention_mask"].sum(axis=1).tolist() == encoded.lengths.tolist()
     assert (batch["input_ids"][0, encoded.lengths[0]:] == encoder.pad_id).all()
     assert batch["input_ids"].dtype == np.int32

@@ -16,8 +16,8 @@ import numpy as np
 
 from tfsft.errors import ArtifactError
 
-PAD_MULTIPLE = 8
-"""Batches are padded to a multiple of this, which bounds the number of distinct shapes."""
+PAD_MULTIPLE = 1
+"""Default padding granularity: exact per-batch padding (XLA runs pass 8 to bound its recompiles)."""
 
 
 @dataclass(frozen=True)
