@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+RUN_LABELS = ("0", "1")
 
 
 def run_script(name: str, *args: str, timeout: int = 600, cwd: Path | None = None):
@@ -90,3 +91,44 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True):
+    """A run directory with config.json and model/ (a tiny classifier), as `finetune` leaves it
+    before exporting; returns (model, run_dir, validation examples, label ids).
+
+    Export, inference and serving tests build their bundles from it, without paying for training.
+    """
+    from tfsft import artifacts
+    from tfsft.config import RunConfig
+    from tfsft.data import LabelMap, read_examples
+    from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained
+
+    run_dir = directory / "run"
+    run_dir.mkdir(parents=True)
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(checkpoint), train_file=str(dev), validation_file=str(dev),
+        max_seq_length=64, output_dir=str(run_dir), quantize_int8=quantize,
+    ))
+    artifacts.save_config(config, run_dir)
+    label_map = LabelMap(RUN_LABELS)
+    model, _ = build_classifier(checkpoint, label_map)
+    # A random head gives near-tied logits; widen the margins so label comparisons are meaningful.
+    model.classifier.kernel.assign(model.classifier.kernel * 30.0)
+    save_pretrained(model, load_tokenizer(checkpoint), run_dir / artifacts.MODEL_DIR)
+    examples = read_examples(str(dev), config.data)
+    return model, run_dir, examples, label_map.encode(examples)
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, tiny_checkpoint, sst2_slices) -> Path:
+    """A finished `finetune` run of the tiny BERT on the SST-2 slices, exported (`export=True`)."""
+    from tfsft import RunConfig, finetune
+
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]),
+        validation_file=str(sst2_slices["dev"]), num_train_epochs=2, learning_rate=2e-3, warmup_ratio=0.0,
+        per_device_train_batch_size=16, max_seq_length=64, output_dir=str(output_dir), export=True,
+    ))
+    return finetune(config, verbose=0).run_dir

@@ -1,4 +1,5 @@
-"""Export of the tiny BERT: parity of every ONNX file, fusion, int8, and no bundle on failure."""
+"""Export of the tiny BERT: parity of every ONNX file, fusion, int8, no bundle on failure, the
+export at the end of `finetune` and `scripts/export.py`."""
 
 from __future__ import annotations
 
@@ -8,33 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import RUN_LABELS, make_run, run_script
 from tfsft import artifacts
-from tfsft.config import RunConfig
 from tfsft.errors import ArtifactError
 
-LABELS = ("0", "1")
-
-
-def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True):
-    """A run directory with config.json and model/ (a tiny classifier), as `finetune` leaves it
-    before exporting; returns (model, run_dir, validation examples, label ids)."""
-    from tfsft.data import LabelMap, read_examples
-    from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained
-
-    run_dir = directory / "run"
-    run_dir.mkdir(parents=True)
-    config = RunConfig.from_flat(dict(
-        model_name_or_path=str(checkpoint), train_file=str(dev), validation_file=str(dev),
-        max_seq_length=64, output_dir=str(run_dir), quantize_int8=quantize,
-    ))
-    artifacts.save_config(config, run_dir)
-    label_map = LabelMap(LABELS)
-    model, _ = build_classifier(checkpoint, label_map)
-    # A random head gives near-tied logits; widen the margins so label comparisons are meaningful.
-    model.classifier.kernel.assign(model.classifier.kernel * 30.0)
-    save_pretrained(model, load_tokenizer(checkpoint), run_dir / artifacts.MODEL_DIR)
-    examples = read_examples(str(dev), config.data)
-    return model, run_dir, examples, label_map.encode(examples)
+LABELS = RUN_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +126,66 @@ def test_parity_failure_leaves_no_model(tmp_path, tiny_checkpoint, sst2_slices, 
         export.export_bundle(model, run_dir, validation_data=(examples.subset(range(20)), labels[:20]))
     assert not (run_dir / artifacts.ONNX_DIR).exists()
     assert not list(run_dir.rglob("*.onnx"))
+
+
+BUNDLE_FILES = (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED, artifacts.BUNDLE_MODEL_INT8,
+                artifacts.BUNDLE_TOKENIZER, artifacts.BUNDLE_FILE, artifacts.BUNDLE_REPORT, artifacts.CONFIG_FILE)
+
+
+def test_finetune_with_export_writes_a_bundle_that_predicts_like_the_run(finished_tiny_run, sst2_slices):
+    """`finetune(export=True)` end to end: the bundle is complete and the Predictor reproduces the
+    run's own evaluation (its confusion matrix and accuracy) and the saved Keras model's logits."""
+    from tfsft.data import LengthBatchedData, read_examples
+    from tfsft.evaluation import predict_logits
+    from tfsft.inference import Predictor
+    from tfsft.modeling import feature_names, load_finetuned
+
+    run_dir = finished_tiny_run
+    bundle = run_dir / artifacts.ONNX_DIR
+    for name in BUNDLE_FILES:
+        assert (bundle / name).is_file(), name
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    report = json.loads((bundle / artifacts.BUNDLE_REPORT).read_text())
+    assert report["parity"][artifacts.BUNDLE_MODEL_FUSED]["batch_8"]["max_abs_logit_diff"] <= 1e-4
+
+    config = artifacts.read_config(run_dir)
+    examples = read_examples(str(sst2_slices["dev"]), config.data)
+    predictor = Predictor(bundle)
+    logits = predictor.logits(examples.texts)
+    eval_report = json.loads((run_dir / artifacts.REPORT_FILE).read_text())
+    labels = [eval_report["labels"].index(label) for label in examples.labels]
+    matrix = np.zeros((2, 2), dtype=int)
+    np.add.at(matrix, (labels, logits.argmax(-1)), 1)
+    assert matrix.tolist() == eval_report["confusion_matrix"]
+    metrics = json.loads((run_dir / artifacts.METRICS_FILE).read_text())
+    assert (logits.argmax(-1) == labels).mean() == pytest.approx(metrics["eval_accuracy"])
+
+    model = load_finetuned(artifacts.run_model_dir(run_dir))
+    data = LengthBatchedData(predictor.encode(examples.texts), None, 32, shuffle=False,
+                             pad_id=predictor.encoder.pad_id, feature_names=feature_names(model))
+    np.testing.assert_allclose(logits, predict_logits(model, data), atol=1e-4)
+
+
+def test_export_script_rebuilds_the_bundle_of_a_finished_run(finished_tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_tiny_run, run_dir)
+    shutil.rmtree(run_dir / artifacts.ONNX_DIR)
+    result = run_script("export.py", str(run_dir), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in BUNDLE_FILES:
+        assert (run_dir / artifacts.ONNX_DIR / name).is_file(), name
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((run_dir / artifacts.ONNX_DIR / artifacts.BUNDLE_REPORT).read_text())
+    assert printed["fusion"]["fused_operators"]["Attention"] == 2
+
+
+def test_export_script_rejects_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    result = run_script("export.py", str(tmp_path), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0], result.stderr
+    assert "not a finished tfsft run" in lines[0]
+    assert not (tmp_path / artifacts.ONNX_DIR).exists()

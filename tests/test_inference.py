@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, make_run, run_script
 from tfsft import artifacts
 from tfsft.errors import ArtifactError
 
@@ -19,7 +19,6 @@ from tfsft.errors import ArtifactError
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_checkpoint, sst2_slices):
     """(Keras model, bundle dir, dev examples) from an export of the tiny classifier."""
-    from test_export import make_run
 
     from tfsft.export import export_bundle
 

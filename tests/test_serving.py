@@ -21,7 +21,6 @@ def free_port() -> int:
 def server(tmp_path_factory, tiny_checkpoint, sst2_slices):
     """(base URL, Predictor) of a uvicorn server in a thread, stopped after the module."""
     import uvicorn
-    from test_export import make_run
 
     from tfsft.export import export_bundle
     from tfsft.inference import Predictor
