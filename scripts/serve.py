@@ -1,4 +1,8 @@
-"""Serve an ONNX bundle over HTTP: POST /predict, GET /health, GET /metadata."""
+"""Serve an ONNX bundle over HTTP: POST /predict, GET /health, GET /metadata.
+
+Concurrent requests are micro-batched into one model call (`--max_batch_texts`, `--max_wait_ms`);
+`--no_batching` runs one model call per request.
+"""
 
 import argparse
 
@@ -6,10 +10,10 @@ from tfsft.cli import run_cli
 
 
 def main() -> None:
-    from tfsft.serving import Limits, serve
+    from tfsft.serving import Batching, Limits, serve
 
-    defaults = Limits()
-    parser = argparse.ArgumentParser(description=__doc__)
+    defaults, batching = Limits(), Batching()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -17,9 +21,17 @@ def main() -> None:
     parser.add_argument("--max_texts", type=int, default=defaults.max_texts, help="Most inputs per request.")
     parser.add_argument("--max_chars", type=int, default=defaults.max_chars, help="Most characters per text.")
     parser.add_argument("--num_threads", type=int, default=None, help="onnxruntime intra-op threads.")
+    parser.add_argument("--max_batch_texts", type=int, default=batching.max_texts,
+                        help="Most inputs in one micro-batch of concurrent requests.")
+    parser.add_argument("--max_wait_ms", type=float, default=batching.max_wait_ms,
+                        help="How long a micro-batch waits for more requests after its first.")
+    parser.add_argument("--no_batching", action="store_true", help="One model call per request.")
+    parser.add_argument("--access_log", action="store_true", help="Log every request.")
     args = parser.parse_args()
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
-    serve(args.bundle, args.host, args.port, int8=args.int8, limits=limits, num_threads=args.num_threads)
+    micro = None if args.no_batching else Batching(max_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms)
+    serve(args.bundle, args.host, args.port, int8=args.int8, limits=limits, num_threads=args.num_threads,
+          batching=micro, access_log=args.access_log)
 
 
 if __name__ == "__main__":

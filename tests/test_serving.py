@@ -1,13 +1,22 @@
-"""The HTTP server, started for real on a free loopback port and called over HTTP."""
+"""The HTTP server, started for real on a free loopback port and called over HTTP: in a thread,
+and as `scripts/serve.py` in its own process under a load of mixed requests; micro-batching."""
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import json
+import random
 import socket
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import ROOT, make_run
 from tfsft import artifacts
 
 
@@ -18,17 +27,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint, sst2_slices):
-    """(base URL, Predictor) of a uvicorn server in a thread, stopped after the module."""
-    import uvicorn
-
+def bundle_dir(tmp_path_factory, tiny_checkpoint, sst2_slices):
     from tfsft.export import export_bundle
-    from tfsft.inference import Predictor
-    from tfsft.serving import Limits, create_app
 
     model, run_dir, examples, labels = make_run(tmp_path_factory.mktemp("serving"), tiny_checkpoint, sst2_slices["dev"])
     export_bundle(model, run_dir, validation_data=(examples.subset(range(24)), labels[:24]))
-    predictor = Predictor(run_dir / artifacts.ONNX_DIR)
+    return run_dir / artifacts.ONNX_DIR
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    """(base URL, Predictor) of a uvicorn server in a thread, stopped after the module."""
+    import uvicorn
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Limits, create_app
+
+    predictor = Predictor(bundle_dir)
     app = create_app(predictor, Limits(max_texts=4, max_chars=200))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -108,3 +123,190 @@ def test_wrong_method_and_path(server):
     base, _ = server
     assert httpx.get(f"{base}/predict", timeout=10).status_code == 405
     assert httpx.get(f"{base}/nope", timeout=10).status_code == 404
+
+
+# ------------------------------------------------------------------------------ micro-batching
+
+
+class FakePredictor:
+    """Records each call; labels each input by its own text, so misrouted results show."""
+
+    def __init__(self, fail_on: str = ""):
+        self.calls: list[list] = []
+        self.fail_on = fail_on
+
+    def predict(self, inputs):
+        from tfsft.inference import Prediction
+
+        self.calls.append(list(inputs))
+        if any(self.fail_on and self.fail_on in str(item) for item in inputs):
+            raise ValueError("cannot predict this one")
+        return [Prediction(label=str(item), probabilities={}) for item in inputs]
+
+
+def batched(predictor, requests, max_texts=64, max_wait_ms=100.0):
+    """Send `requests` (lists of inputs) concurrently through a MicroBatcher; (result or error) per request."""
+    from tfsft.serving import Batching, MicroBatcher
+
+    async def main():
+        batcher = MicroBatcher(predictor, Batching(max_texts=max_texts, max_wait_ms=max_wait_ms))
+        await batcher.start()
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(batcher.predict(r) for r in requests), return_exceptions=True), timeout=10)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_micro_batcher_merges_concurrent_requests_and_keeps_order():
+    predictor = FakePredictor()
+    requests = [[f"r{i}a", f"r{i}b"][: 1 + i % 2] for i in range(10)]
+    results = batched(predictor, requests)
+    assert [[p.label for p in result] for result in results] == requests
+    assert len(predictor.calls) == 1 and predictor.calls[0] == [t for r in requests for t in r]
+
+
+def test_micro_batcher_caps_batches_and_separates_pairs():
+    predictor = FakePredictor()
+    requests = [["a"], ["b"], [("c", "d")], ["e"], ["f"], ["g"]]
+    results = batched(predictor, requests, max_texts=3)
+    assert [[p.label for p in result] for result in results] == [[str(x) for x in r] for r in requests]
+    assert all(len(call) <= 3 for call in predictor.calls)
+    assert all(len({type(item) for item in call}) == 1 for call in predictor.calls)
+    assert sum(len(call) for call in predictor.calls) == 6
+
+
+def test_micro_batcher_fails_only_the_bad_request():
+    predictor = FakePredictor(fail_on="bad")
+    results = batched(predictor, [["good 1"], ["bad"], ["good 2"]])
+    assert [p.label for p in results[0]] == ["good 1"] and [p.label for p in results[2]] == ["good 2"]
+    assert isinstance(results[1], ValueError)
+
+
+# -------------------------------------------------------------------- scripts/serve.py process
+
+START_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def served(bundle_dir):
+    """Base URL of `scripts/serve.py` running in its own process on a free loopback port; always stopped."""
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), str(bundle_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--max_texts", "4", "--max_chars", "200", "--max_wait_ms", "5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"serve.py exited early: {process.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, f"serve.py did not answer /health within {START_TIMEOUT_S} s"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield base, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+        process.stderr.close()
+
+
+def test_serve_script_answers_over_http(served, server):
+    import httpx
+
+    base, _ = served
+    _, predictor = server
+    texts = ["a wonderful, moving film", "dull and far too long"]
+    response = httpx.post(f"{base}/predict", json={"texts": texts}, timeout=20)
+    assert response.status_code == 200
+    expected = predictor.predict(texts)
+    got = response.json()["predictions"]
+    assert [g["label"] for g in got] == [e.label for e in expected]
+    assert got[1]["probabilities"] == pytest.approx(expected[1].probabilities, abs=1e-5)
+    meta = httpx.get(f"{base}/metadata", timeout=10).json()
+    assert meta["limits"] == {"max_texts": 4, "max_chars": 200}
+    assert meta["batching"]["max_wait_ms"] == 5
+
+
+def mixed_requests(texts: list[str], count: int, seed: int = 0) -> list[tuple[bytes, object]]:
+    """(body, expected) pairs: expected is a list of inputs for a valid request, else a 4xx status."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        kind = i % 10
+        if kind < 5:
+            inputs = rng.sample(texts, rng.randint(1, 4))
+            requests.append((json.dumps({"texts": inputs}).encode(), inputs))
+        elif kind == 5:
+            pairs = [rng.sample(texts, 2) for _ in range(rng.randint(1, 3))]
+            requests.append((json.dumps({"pairs": pairs}).encode(), [tuple(p) for p in pairs]))
+        elif kind == 6:
+            requests.append((rng.choice([b"{not json", b"[]", b"{}", b'{"texts": []}', b'{"texts": [7]}', b"\xff\xfe"]), 400))
+        elif kind == 7:
+            requests.append((json.dumps({"texts": rng.sample(texts, 5)}).encode(), 413))
+        elif kind == 8:
+            requests.append((json.dumps({"texts": ["x" * 201]}).encode(), 413))
+        else:
+            requests.append((json.dumps({"pairs": [["only one"]]}).encode(), 400))
+    return requests
+
+
+def test_mixed_load_from_16_threads(served, server, sst2_slices):
+    """500 requests (valid, malformed, oversized) from 16 threads: no 5xx, valid ones answered
+    exactly as the Predictor answers them directly, and the server still healthy afterwards."""
+    from tfsft.data import read_examples
+    from tfsft.config import DataConfig
+
+    base, process = served
+    _, predictor = server
+    texts = [t for t in read_examples(str(sst2_slices["dev"]), DataConfig()).texts if len(t) <= 200]
+    requests = mixed_requests(texts, 500)
+    host, port = base.removeprefix("http://").split(":")
+    local = threading.local()
+    deadline = time.monotonic() + 120
+
+    def send(request):
+        body, _ = request
+        assert time.monotonic() < deadline, "the load test ran out of time"
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        local.conn.request("POST", "/predict", body=body, headers={"content-type": "application/json"})
+        response = local.conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, requests))
+
+    server_errors = [(status, body) for status, body in answers if status >= 500]
+    assert not server_errors, server_errors[:3]
+    valid = [(inputs, body) for (_, inputs), (status, body) in zip(requests, answers) if isinstance(inputs, list)]
+    assert all("predictions" in body for _, body in valid)
+    flat_inputs = [item for inputs, _ in valid for item in inputs]
+    expected = {}
+    for kind in (str, tuple):
+        items = [item for item in flat_inputs if isinstance(item, kind)]
+        expected.update(zip(items, predictor.predict(items)))
+    for inputs, body in valid:
+        assert len(body["predictions"]) == len(inputs)
+        for item, got in zip(inputs, body["predictions"]):
+            assert got["label"] == expected[item].label
+            assert got["probabilities"] == pytest.approx(expected[item].probabilities, abs=1e-5)
+    for (_, want), (status, body) in zip(requests, answers):
+        if isinstance(want, int):
+            assert status == want and body["error"], (status, body)
+    import httpx
+
+    assert process.poll() is None
+    assert httpx.get(f"{base}/health", timeout=10).json() == {"status": "ok"}
