@@ -63,3 +63,13 @@ def test_every_flag_has_help_text():
 def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config_file(str(tmp_path / "nope.json"))
+
+
+def test_embedded_default_job_records_its_sample_cap():
+    from tfsft.config import EMBEDDED_TRAIN_SAMPLES
+
+    assert RunConfig().with_embedded_defaults().data.max_train_samples == EMBEDDED_TRAIN_SAMPLES
+    own_file = RunConfig().replace(train_file="mine.csv")
+    assert own_file.with_embedded_defaults() == own_file
+    capped = RunConfig().replace(max_train_samples=500)
+    assert capped.with_embedded_defaults() == capped
