@@ -96,6 +96,7 @@ class Predictor:
         fused: bool = True,
         batch_size: int = 32,
         num_threads: Optional[int] = None,
+        spinning: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive. Received: batch_size={batch_size}")
@@ -104,7 +105,7 @@ class Predictor:
         self.batch_size = batch_size
         self.model_path = self.bundle.model_path(int8=int8, fused=fused)
         self.encoder = TextEncoder.from_file(self.bundle.directory / artifacts.BUNDLE_TOKENIZER, self.bundle.max_seq_length)
-        self.session = _open_session(self.model_path, num_threads)
+        self.session = _open_session(self.model_path, num_threads, spinning)
         self.input_dtypes = _input_dtypes(self.session, self.bundle.inputs, self.model_path)
         self._check_output_size()
 
@@ -155,7 +156,13 @@ class Predictor:
         )
 
 
-def _open_session(path: Path, num_threads: Optional[int]):
+def _open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
+    """An onnxruntime CPU session.
+
+    Spinning is off by default: onnxruntime's idle intra-op threads otherwise busy-wait after
+    every run, taking the cores that tokenization, the HTTP server or other sessions need
+    (measured on 2 cores: a server sharing them, and interleaved sessions, slowed down).
+    """
     import onnxruntime as ort
 
     if not path.is_file():
@@ -163,6 +170,8 @@ def _open_session(path: Path, num_threads: Optional[int]):
     options = ort.SessionOptions()
     if num_threads:
         options.intra_op_num_threads = int(num_threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
