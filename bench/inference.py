@@ -1,6 +1,6 @@
 """Inference benchmark: Keras (tf.function) vs ONNX fp32 unfused / fused / int8, in one run.
 
-Prints Markdown tables: median latency at batch 1 (lengths 8, 32, 128), throughput at batch 32
+Prints Markdown tables: median latency (variants measured round-robin, spinning off) at batch 1 (lengths 8, 32, 128), throughput at batch 32
 (lengths 32, 128), each with ratios against the baselines measured here; and the Predictor on a
 real evaluation file (length-sorted, per-batch padding) against padding every text to
 max_seq_length. Pass a run directory to include the Keras model (a bare bundle skips it).
@@ -30,16 +30,24 @@ THROUGHPUT_LENGTHS = (32, 128)
 THROUGHPUT_BATCH = 32
 
 
-def median_seconds(step: Callable[[], object], repeats: int, budget_s: float = 10.0) -> float:
-    """Median wall time of `step` after one warm-up, stopping early when `budget_s` is spent."""
-    step()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < deadline):
-        start = time.perf_counter()
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, budget_s: float = 20.0) -> dict[str, float]:
+    """Median wall time of each step, measured round-robin after one warm-up each.
+
+    Interleaving gives every variant the same share of a busy machine's noise, so their ratios
+    stay meaningful even when absolute times drift; stops early once `budget_s` is spent.
+    """
+    for step in steps.values():
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < repeats and (rounds < 3 or time.perf_counter() < deadline):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def synthetic_batch(batch: int, length: int, names) -> dict[str, np.ndarray]:
@@ -50,12 +58,15 @@ def synthetic_batch(batch: int, length: int, names) -> dict[str, np.ndarray]:
     return {name: features[name] for name in names}
 
 
-def onnx_runner(path: Path, threads: int | None):
+def onnx_runner(path: Path, threads: int | None, spinning: bool = False):
+    """A session; spinning off, else the idle pool of one session busy-waits while the next runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda features: session.run(None, features)
 
@@ -79,7 +90,8 @@ def shape_table(runners: dict, names, repeats: int) -> list[str]:
     shapes = [(1, n) for n in LATENCY_LENGTHS] + [(THROUGHPUT_BATCH, n) for n in THROUGHPUT_LENGTHS]
     for batch, length in shapes:
         features = synthetic_batch(batch, length, names)
-        seconds = {name: median_seconds(lambda r=run: r(features), repeats) for name, run in runners.items()}
+        rounds = repeats if batch == 1 else max(3, repeats // 10)
+        seconds = interleaved_medians({name: (lambda r=run: r(features)) for name, run in runners.items()}, rounds)
         cells = [f"{s * 1000:.1f} ms" if batch == 1 else f"{batch / s:.0f} ex/s" for s in seconds.values()]
         fused = seconds[baseline] / seconds["onnx fp32 fused"]
         int8 = seconds[baseline] / seconds["onnx int8"] if "onnx int8" in seconds else float("nan")
@@ -121,7 +133,8 @@ def main() -> None:
     parser.add_argument("path", help="A run directory (with onnx/) or a bundle directory.")
     parser.add_argument("--eval_file", default=str(Path(__file__).resolve().parents[2] / "shared/data/glue/SST-2/dev.tsv"))
     parser.add_argument("--eval_limit", type=int, default=872)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=100, help="Rounds at batch 1 (a tenth at batch 32).")
+    parser.add_argument("--spinning", action="store_true", help="Let onnxruntime threads busy-wait between runs.")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
     args = parser.parse_args()
     path = Path(args.path)
@@ -130,10 +143,10 @@ def main() -> None:
     runners = {}
     if bundle != path:
         runners["keras tf.function"] = keras_runner(path)
-    runners["onnx fp32"] = onnx_runner(bundle / meta.files["model"], args.threads)
-    runners["onnx fp32 fused"] = onnx_runner(bundle / meta.files["fused"], args.threads)
+    runners["onnx fp32"] = onnx_runner(bundle / meta.files["model"], args.threads, args.spinning)
+    runners["onnx fp32 fused"] = onnx_runner(bundle / meta.files["fused"], args.threads, args.spinning)
     if "int8" in meta.files:
-        runners["onnx int8"] = onnx_runner(bundle / meta.files["int8"], args.threads)
+        runners["onnx int8"] = onnx_runner(bundle / meta.files["int8"], args.threads, args.spinning)
     print(f"# {bundle} ({os.cpu_count()} CPUs)\n")
     print("\n".join(shape_table(runners, meta.inputs, args.repeats)))
     report = meta.report()
