@@ -160,9 +160,9 @@ def main() -> None:
     if args.int8:
         common += ["--int8"]
     modes = {
-        "one call per request": ["--no_batching"],
+        "one call per request": [],
         f"micro-batching (<= {args.max_batch_texts} texts, {args.max_wait_ms:g} ms)":
-            ["--max_batch_texts", str(args.max_batch_texts), "--max_wait_ms", str(args.max_wait_ms)],
+            ["--micro_batching", "--max_batch_texts", str(args.max_batch_texts), "--max_wait_ms", str(args.max_wait_ms)],
     }
     results = {}
     for name, flags in modes.items():

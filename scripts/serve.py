@@ -1,7 +1,7 @@
 """Serve an ONNX bundle over HTTP: POST /predict, GET /health, GET /metadata.
 
-Concurrent requests are micro-batched into one model call (`--max_batch_texts`, `--max_wait_ms`);
-`--no_batching` runs one model call per request.
+`--micro_batching` collects concurrent requests into one model call (`--max_batch_texts`,
+`--max_wait_ms`); by default each request gets its own model call.
 """
 
 import argparse
@@ -25,11 +25,11 @@ def main() -> None:
                         help="Most inputs in one micro-batch of concurrent requests.")
     parser.add_argument("--max_wait_ms", type=float, default=batching.max_wait_ms,
                         help="How long a micro-batch waits for more requests after its first.")
-    parser.add_argument("--no_batching", action="store_true", help="One model call per request.")
+    parser.add_argument("--micro_batching", action="store_true", help="Batch concurrent requests into one model call.")
     parser.add_argument("--access_log", action="store_true", help="Log every request.")
     args = parser.parse_args()
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)
-    micro = None if args.no_batching else Batching(max_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms)
+    micro = Batching(max_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms) if args.micro_batching else None
     serve(args.bundle, args.host, args.port, int8=args.int8, limits=limits, num_threads=args.num_threads,
           batching=micro, access_log=args.access_log)
 

@@ -198,7 +198,7 @@ def served(bundle_dir):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "serve.py"), str(bundle_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--max_texts", "4", "--max_chars", "200", "--max_wait_ms", "5"],
+         "--port", str(port), "--max_texts", "4", "--max_chars", "200", "--micro_batching", "--max_wait_ms", "5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"

@@ -4,9 +4,11 @@ Every client mistake (bad JSON, missing or mistyped fields, empty or oversized r
 a 4xx with a one-line message; inference runs in Starlette's threadpool so the event loop
 keeps answering (health checks included) while a batch is computed.
 
-Concurrent requests are batched together (`MicroBatcher`): one Predictor call on a batch of
-32 short texts costs far less than 32 calls on one text each (per-call overhead dominates
-short inputs), so under load the server answers several times more requests per second.
+Concurrent requests can be batched together (`MicroBatcher`, opt-in): one Predictor call per
+micro-batch instead of one per request. It is off by default because on the 2-core machine it
+was measured on (bench/serve_load.py, MiniLM, SST-2 texts) it lowered throughput: the model is
+compute-bound already at ~25 tokens, a batch pads every text to its longest, and concurrent
+single-text calls keep both cores busy just as well.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def _check_item(key: str, index: int, item: Any, limits: Limits) -> None:
             raise RequestError(f'"{key}"[{index}] has {len(text)} characters; at most {limits.max_chars}', 413)
 
 
-def create_app(predictor: Predictor, limits: Optional[Limits] = None, batching: Optional[Batching] = Batching()) -> Starlette:
+def create_app(predictor: Predictor, limits: Optional[Limits] = None, batching: Optional[Batching] = None) -> Starlette:
     """The ASGI app: POST /predict, GET /health, GET /metadata. `batching=None`: one call per request."""
     limits = limits or Limits()
     bundle = predictor.bundle
@@ -263,7 +265,7 @@ def serve(
     int8: bool = False,
     limits: Optional[Limits] = None,
     num_threads: Optional[int] = None,
-    batching: Optional[Batching] = Batching(),
+    batching: Optional[Batching] = None,
     access_log: bool = False,
 ) -> None:
     """Load the bundle and serve it with uvicorn until interrupted (access log off: it costs CPU per request)."""
