@@ -126,7 +126,11 @@ def publish_run(partial: Path, output_dir: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(output_dir, old)
-        os.replace(partial, output_dir)
+        try:
+            os.replace(partial, output_dir)
+        except OSError:
+            os.replace(old, output_dir)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, output_dir)

@@ -93,7 +93,7 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
         callbacks: extra Keras callbacks, run beside the built-in ones.
         verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
     """
-    config, output_dir = resolve_output_dir(config)
+    config, output_dir = resolve_output_dir(config.with_embedded_defaults())
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
     splits = load_splits(config.data, config.train.seed)
@@ -126,18 +126,25 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
             ) from None
         shutil.rmtree(partial, ignore_errors=True)
         raise RunInterrupted("interrupted before the first epoch completed; nothing was kept") from None
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ArtifactError(_write_failure(partial, output_dir, error)) from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     export_error = None
-    if config.export.export:
-        from tfsft.export import export_bundle
+    try:
+        if config.export.export:
+            from tfsft.export import export_bundle
 
-        try:
-            export_bundle(model, partial, validation_data=(splits.validation, labels["validation"]))
-        except TfsftError as error:
-            export_error = error
-    artifacts.publish_run(partial, output_dir)
+            try:
+                export_bundle(model, partial, validation_data=(splits.validation, labels["validation"]))
+            except TfsftError as error:
+                export_error = error
+        artifacts.publish_run(partial, output_dir)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ArtifactError(_write_failure(partial, output_dir, error)) from None
     if export_error is not None:
         raise ArtifactError(
             f"the run was saved to {output_dir} but its ONNX export failed: {export_error}; "
@@ -145,6 +152,13 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
         )
     _log(f"done: {output_dir}")
     return FinetuneResult(metrics=metrics, run_dir=output_dir)
+
+
+def _write_failure(partial: Path, output_dir: Path, error: OSError) -> str:
+    """One line for a failed write (disk full, permissions): what failed, and what was kept."""
+    where = error.filename or partial
+    kept = f"; the finished run already in {output_dir} is unchanged" if artifacts.is_finished_run(output_dir) else ""
+    return f"{where}: cannot write the run ({error.strerror or error}); nothing was published{kept}"
 
 
 def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose):
@@ -178,7 +192,7 @@ def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, en
     validation_data = eval_data(splits.validation, labels["validation"])
     with strategy.scope():
         compile_classifier(model, config.train, len(train_data) * config.train.num_train_epochs)
-    history, seconds = fit(model, train_data, validation_data, config.train, partial, callbacks, verbose)
+    history, epochs_run, seconds = fit(model, train_data, validation_data, config.train, partial, callbacks, verbose)
 
     save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
     metrics, report = classification_metrics(labels["validation"], predict_logits(model, validation_data), label_map, "eval")
@@ -188,20 +202,22 @@ def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, en
         test_metrics, test_report = classification_metrics(labels["test"], test_logits, label_map, "test")
         write_evaluation(partial, test_metrics, test_report, "test")
         metrics.update(test_metrics)
-    losses = history.history.get("loss", [])
+    losses = [row["loss"] for row in history if "loss" in row]
     metrics.update(
         train_runtime_s=round(seconds, 3),
-        train_examples_per_s=round(len(splits.train) * max(len(losses), 1) / max(seconds, 1e-9), 3),
+        train_examples_per_s=round(len(splits.train) * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
         train_samples=len(splits.train),
         train_loss_first_epoch=float(losses[0]) if losses else None,
         train_loss_last_epoch=float(losses[-1]) if losses else None,
         epochs=len(losses),
+        epochs_resumed=len(losses) - epochs_run,
         replicas=replicas,
         padding_fraction=round(train_data.padding_fraction(), 4),
         newly_initialized=list(load_report.newly_initialized),
     )
-    artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
     shutil.rmtree(partial / artifacts.BACKUP_DIR, ignore_errors=True)
+    (partial / artifacts.BEST_WEIGHTS).unlink(missing_ok=True)
+    artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
     return metrics, model
 
 

@@ -6,15 +6,22 @@ gradient clipping (the BERT recipe), trained by Keras `fit` on length-batched `t
 
 from __future__ import annotations
 
+import csv
+import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from tfsft.modeling import tf  # TensorFlow with the legacy-Keras switch already applied
 
+from tfsft import artifacts
 from tfsft.config import TrainConfig
 from tfsft.data import LengthBatchedData
+from tfsft.errors import ArtifactError
 
 NO_DECAY = ("LayerNorm", "layer_norm", "bias")
 
@@ -75,6 +82,14 @@ def make_strategy(name: str):
 
 
 def set_seed(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and TF, and make dropout draw from `tf.random.Generator`s.
+
+    Keras 2's default (legacy stateful) dropout ops keep their state inside the op kernels,
+    which no checkpoint can save: a resumed run would replay the first epoch's masks. A
+    `tf.random.Generator` keeps its state in a variable that `DropoutRngBackup` saves. Must be
+    called before the model is built (a layer picks its RNG kind when it is constructed).
+    """
+    tf.keras.backend.experimental.enable_tf_random_generator()
     tf.keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -95,7 +110,11 @@ def compile_classifier(model, config: TrainConfig, total_steps: int) -> None:
 
 
 class EpochShuffle(tf.keras.callbacks.Callback):
-    """Tell the batcher which epoch starts, so its order depends only on (seed, epoch)."""
+    """Tell the batcher which epoch starts, so its order depends only on (seed, epoch).
+
+    A resumed `fit` starts at a later epoch and calls `on_epoch_begin` with that epoch before
+    the first batch is drawn (the generator runs lazily), so it replays the same order.
+    """
 
     def __init__(self, data: LengthBatchedData):
         super().__init__()
@@ -105,33 +124,180 @@ class EpochShuffle(tf.keras.callbacks.Callback):
         self.data.epoch = epoch
 
 
+def _log(message: str) -> None:
+    print(f"[tfsft] {message}", file=sys.stderr, flush=True)
+
+
+def dropout_generators(model) -> list:
+    """The `tf.random.Generator` of every random layer, in a stable order, created if needed.
+
+    Keras keeps them untracked (`_random_generator`), so checkpoints and saved weights leave
+    them out; `DropoutRngBackup` saves their state beside the BackupAndRestore checkpoint.
+    Keras creates one lazily at the layer's first training call; creating it here first (inside
+    `fit`, so under the strategy scope) gives it the same seed, and lets a resumed run restore it.
+    """
+    generators = []
+    for layer in model.submodules:
+        random_generator = getattr(layer, "_random_generator", None)
+        if random_generator is None:
+            continue
+        random_generator._maybe_init()
+        generator = getattr(random_generator, "_generator", None)
+        if isinstance(generator, tf.random.Generator):
+            generators.append(generator)
+    return generators
+
+
+class DropoutRngBackup(tf.keras.callbacks.Callback):
+    """Save the dropout RNG state after every epoch; restore it when `fit` resumes later.
+
+    Files are named by epoch, so the state matches the epoch BackupAndRestore restored even if
+    a run was killed between the two saves. Runs before BackupAndRestore in `on_epoch_end`.
+    """
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = Path(directory)
+
+    def on_train_begin(self, logs=None) -> None:
+        self.first_epoch = True
+
+    def _path(self, epoch: int) -> Path:
+        return self.directory / f"epoch-{epoch}.npz"
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if not self.first_epoch:
+            return
+        self.first_epoch = False
+        generators = dropout_generators(self.model)
+        if epoch == 0 or not generators:
+            return
+        path = self._path(epoch - 1)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing dropout RNG state of the backed-up epoch {epoch}; cannot resume exactly")
+        with np.load(path) as saved:
+            if len(saved.files) != len(generators):
+                raise ArtifactError(f"{path}: RNG state of {len(saved.files)} layers, the model has {len(generators)}")
+            for i, generator in enumerate(generators):
+                generator.state.assign(saved[f"g{i}"])
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        generators = dropout_generators(self.model)
+        if not generators:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with artifacts.atomic_path(self._path(epoch)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{f"g{i}": g.state.numpy() for i, g in enumerate(generators)})
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """Rows of a history CSV (epoch first, then metric columns), or [] when there is none."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
+
+
+class EpochRecord(tf.keras.callbacks.Callback):
+    """History CSV, best-epoch weights and early stopping, with all their state on disk.
+
+    Keras' CSVLogger, ModelCheckpoint(save_best_only) and EarlyStopping keep their state in
+    memory, so a resumed run would forget the best value so far, reset the patience and
+    duplicate rows. Here history.csv is the state: on the first epoch of a (resumed) fit, rows
+    of epochs that were not backed up are dropped, and the best value and the patience are
+    recomputed from the rest. Files are replaced atomically, so a kill never leaves half of one.
+    """
+
+    def __init__(self, history: Path, best_weights: Path, monitor: Optional[str], mode: str, patience: Optional[int]):
+        super().__init__()
+        self.history = Path(history)
+        self.best_weights = Path(best_weights)
+        self.monitor = monitor
+        self.better = np.greater if mode == "max" else np.less
+        self.patience = patience
+
+    def on_train_begin(self, logs=None) -> None:
+        self.rows: Optional[list[dict[str, float]]] = None
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self.rows is None:
+            self.rows = [row for row in read_history(self.history) if row["epoch"] < epoch]
+            if epoch > 0:
+                _log(f"resuming at epoch {epoch + 1} from the backup of epoch {epoch}")
+
+    def _best(self) -> tuple[Optional[float], int]:
+        best, best_epoch = None, -1
+        for row in self.rows or []:
+            value = row.get(self.monitor) if self.monitor else None
+            if value is not None and (best is None or self.better(value, best)):
+                best, best_epoch = value, int(row["epoch"])
+        return best, best_epoch
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        row = {"epoch": float(epoch), **{key: float(value) for key, value in (logs or {}).items()}}
+        if self.monitor:
+            best, _ = self._best()
+            current = row.get(self.monitor)
+            if current is not None and not math.isnan(current) and (best is None or self.better(current, best)):
+                self.best_weights.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.best_weights.with_name(f".{self.best_weights.stem}.tmp.h5")
+                self.model.save_weights(str(tmp), save_format="h5")
+                os.replace(tmp, self.best_weights)
+        self.rows = [*(self.rows or []), row]
+        keys = ["epoch", *sorted({key for r in self.rows for key in r} - {"epoch"})]
+        lines = [",".join(keys)]
+        for r in self.rows:
+            lines.append(",".join(str(int(r[k])) if k == "epoch" else repr(r[k]) if k in r else "" for k in keys))
+        artifacts.write_text(self.history, "\n".join(lines) + "\n")
+        if self.monitor and self.patience:
+            _, best_epoch = self._best()
+            if best_epoch >= 0 and epoch - best_epoch >= self.patience:
+                self.model.stop_training = True
+
+
 class StepLogger(tf.keras.callbacks.Callback):
-    """Write training loss and learning rate to TensorBoard every `every` steps."""
+    """Write training loss and learning rate to TensorBoard every `every` steps.
+
+    Points are kept in memory and written at the epoch's end, together with the backup, so a
+    killed epoch leaves none behind and a resumed run does not log the same steps twice.
+    """
 
     def __init__(self, log_dir: Path, every: int):
         super().__init__()
         self.every = every
         self.writer = tf.summary.create_file_writer(str(log_dir / "steps"))
-        self.step = 0
-
-    def on_train_begin(self, logs=None) -> None:
-        self.step = int(self.model.optimizer.iterations.numpy())
+        self.pending: list[tuple[int, dict[str, float]]] = []
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
-        self.step += 1
-        step = self.step
+        # The optimizer's step counter, not a count of calls: it survives a resume.
+        step = int(self.model.optimizer.iterations.numpy())
         if step % self.every:
             return
         learning_rate = self.model.optimizer.learning_rate
         if isinstance(learning_rate, tf.keras.optimizers.schedules.LearningRateSchedule):
             learning_rate = learning_rate(step)
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("learning_rate", float(tf.keras.backend.get_value(learning_rate)))
-            for key, value in (logs or {}).items():
-                tf.summary.scalar(f"train_{key}", float(value))
+        values = {"learning_rate": float(tf.keras.backend.get_value(learning_rate))}
+        values.update((f"train_{key}", float(value)) for key, value in (logs or {}).items())
+        self.pending.append((step, values))
 
-    def on_train_end(self, logs=None) -> None:
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        for step, values in self.pending:
+            with self.writer.as_default(step=step):
+                for name, value in values.items():
+                    tf.summary.scalar(name, value)
+        self.pending = []
         self.writer.flush()
+
+
+class EpochFlushedTensorBoard(tf.keras.callbacks.TensorBoard):
+    """Keras' TensorBoard, flushed at every epoch end: a run killed later keeps its epoch points
+    (the writers otherwise hold them for up to two minutes), so a resumed run's logs are whole."""
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():
+            writer.flush()
 
 
 class Timer(tf.keras.callbacks.Callback):
@@ -155,29 +321,22 @@ class Timer(tf.keras.callbacks.Callback):
 def build_callbacks(
     config: TrainConfig, run_dir: Path, train_data: LengthBatchedData, best_weights: Path, validate: bool
 ) -> list:
-    """The built-in callbacks; best-epoch tracking only when there are epochs to choose from."""
-    monitor = f"val_{config.metric_for_best_model}"
+    """The built-in callbacks, in order: the BackupAndRestore checkpoint is saved last at an
+    epoch's end, so everything it implies (history, best weights, RNG state) is on disk first.
+    Best-epoch tracking only when there are epochs to choose from."""
+    monitor = f"val_{config.metric_for_best_model}" if validate else None
     mode = "max" if config.metric_for_best_model == "accuracy" else "min"
-    log_dir = run_dir / "logs"
-    callbacks = [
+    log_dir = run_dir / artifacts.LOGS_DIR
+    backup_dir = run_dir / artifacts.BACKUP_DIR
+    return [
         EpochShuffle(train_data),
         tf.keras.callbacks.TerminateOnNaN(),
-        tf.keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-        tf.keras.callbacks.TensorBoard(log_dir=str(log_dir), update_freq="epoch", profile_batch=0),
+        EpochFlushedTensorBoard(log_dir=str(log_dir), update_freq="epoch", profile_batch=0),
         StepLogger(log_dir, config.logging_steps),
-        tf.keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        EpochRecord(run_dir / artifacts.HISTORY_FILE, best_weights, monitor, mode, config.early_stopping_patience),
+        DropoutRngBackup(backup_dir / "rng"),
+        tf.keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
     ]
-    if validate:
-        callbacks.append(
-            tf.keras.callbacks.ModelCheckpoint(
-                str(best_weights), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True
-            )
-        )
-    if validate and config.early_stopping_patience:
-        callbacks.append(
-            tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.early_stopping_patience)
-        )
-    return callbacks
 
 
 def fit(
@@ -188,13 +347,16 @@ def fit(
     run_dir: Path,
     extra_callbacks: Optional[Sequence] = None,
     verbose: int = 1,
-) -> tuple[Any, float]:
-    """Train, then restore the best epoch's weights. Returns (history, seconds spent in fit).
+) -> tuple[list[dict[str, float]], int, float]:
+    """Train (or resume from `run_dir`'s backup), then restore the best epoch's weights.
 
+    Returns (history rows of every epoch, resumed ones included; epochs run by this call;
+    seconds spent training in this call). The backup and best weights stay in `run_dir` until
+    the caller has saved the model, so a run killed after `fit` still resumes correctly.
     A one-epoch run skips validation inside `fit`: there is no epoch to choose, and the
     caller evaluates the final model anyway.
     """
-    best_weights = run_dir / "best_weights.h5"
+    best_weights = run_dir / artifacts.BEST_WEIGHTS
     validate = config.num_train_epochs > 1
     timer = Timer()
     callbacks = build_callbacks(config, run_dir, train_data, best_weights, validate)
@@ -208,5 +370,5 @@ def fit(
     )
     if best_weights.is_file():
         model.load_weights(str(best_weights))
-        os.remove(best_weights)
-    return history, timer.seconds
+    epochs_run = len(history.history.get("loss", []))
+    return read_history(run_dir / artifacts.HISTORY_FILE), epochs_run, timer.seconds
