@@ -125,7 +125,13 @@ def _read_jsonl(path: str, text: str) -> tuple[list[str], list[tuple[int, dict[s
     return list(columns), records
 
 
+CSV_FIELD_LIMIT = 1 << 30
+"""The csv module refuses fields over 128 KiB by default; a long text is truncated by the
+tokenizer with a warning instead, so the reader takes any field the file holds in memory."""
+
+
 def _read_delimited(path: str, text: str, fmt: str, no_header: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     if fmt == "tsv":
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
     else:
