@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--pipelines", default="abc", help="Which pipelines to run, e.g. 'abc' or 'c'.")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
