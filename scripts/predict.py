@@ -38,7 +38,7 @@ def main() -> None:
         name = "<stdin>" if args.input == "-" else args.input
         progress = stack.enter_context(tqdm(unit=" texts", disable=args.input == "-", file=sys.stderr))
         if args.output_format == "csv":
-            out.write(csv_header(predictor.labels))
+            out.write(csv_header(predictor.labels, predictor.bundle.task))
         for chunk in chunked(read_inputs(source, fmt, name), CHUNK):
             for prediction in predictor.predict([text for _, text in chunk]):
                 if args.output_format == "csv":

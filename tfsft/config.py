@@ -23,9 +23,16 @@ EMBEDDED_TRAIN_SAMPLES = 16000
 """Training sample the no-argument default job takes from the embedded data set (38k tweets), so
 that it finishes within 15 minutes on 2 CPU cores; --max_train_samples overrides it."""
 
-TASKS = frozenset({"classification"})
+TASKS = frozenset({"classification", "regression"})
 STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
-BEST_MODEL_METRICS = frozenset({"accuracy", "loss"})
+TASK_METRICS = {
+    "classification": ("accuracy", "loss"),
+    "regression": ("spearman", "pearson", "mse", "loss"),
+}
+"""Validation metrics each task can select the best epoch by; the first is its default."""
+BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
+LOWER_IS_BETTER = frozenset({"loss", "mse"})
+CLASS_WEIGHTS = frozenset({"none", "balanced"})
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -115,8 +122,10 @@ class TrainConfig:
     xla: bool = _field(False, "Compile the train step with XLA (jit_compile).")
     mixed_precision: bool = _field(False, "Train in mixed float16 (GPUs) instead of float32.")
     deterministic: bool = _field(True, "Enable TensorFlow op determinism (same seed, same metrics on CPU).")
-    metric_for_best_model: str = _field(
-        "accuracy", f"Validation metric whose best epoch is kept: one of {sorted(BEST_MODEL_METRICS)}."
+    metric_for_best_model: Optional[str] = _field(
+        None,
+        "Validation metric whose best epoch is kept; default: the task's main one. "
+        + "; ".join(f"{task}: {', '.join(metrics)}" for task, metrics in sorted(TASK_METRICS.items())) + ".",
     )
     early_stopping_patience: Optional[int] = _field(
         None, "Stop after this many epochs without improvement of --metric_for_best_model."
@@ -133,7 +142,7 @@ class TrainConfig:
         _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a float > 0")
         _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {sorted(STRATEGIES)}")
         _require(
-            self.metric_for_best_model in BEST_MODEL_METRICS,
+            self.metric_for_best_model is None or self.metric_for_best_model in BEST_MODEL_METRICS,
             "metric_for_best_model",
             self.metric_for_best_model,
             f"one of {sorted(BEST_MODEL_METRICS)}",
@@ -162,6 +171,15 @@ class RunConfig:
         None, "Where the run is written; default saved_models/<task>-<timestamp>/."
     )
     overwrite_output_dir: bool = _field(False, "Replace --output_dir if it already holds a finished run.")
+
+    def __post_init__(self) -> None:
+        """Fill in the task's default best-model metric, and refuse one the task does not compute."""
+        allowed = TASK_METRICS[self.model.task]
+        metric = self.train.metric_for_best_model
+        if metric is None:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, metric_for_best_model=allowed[0]))
+        else:
+            _require(metric in allowed, "metric_for_best_model", metric, f"one of {list(allowed)} for --task {self.model.task}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -296,6 +296,45 @@ class LabelMap:
         return out
 
 
+def encode_targets(examples: Examples) -> np.ndarray:
+    """Float regression targets of `examples`; a target that is not a finite number names its row."""
+    out = np.empty(len(examples), dtype=np.float32)
+    for i, (label, row) in enumerate(zip(examples.labels, examples.rows)):
+        try:
+            value = float(label)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise DataError(f"{examples.source}: row {row}: regression target {label!r} is not a finite number")
+        out[i] = value
+    return out
+
+
+REGRESSION_OUTPUT = "score"
+"""Name of the single output of a regression head (its one-entry label map)."""
+STRATIFIED_TASKS = frozenset({"classification"})
+"""Tasks whose default validation hold-out is stratified by label."""
+
+_LABEL_MAPS: dict[str, Callable[[Examples], LabelMap]] = {
+    "classification": lambda train: LabelMap.from_labels(train.labels, train.source),
+    "regression": lambda train: LabelMap((REGRESSION_OUTPUT,)),
+}
+_LABEL_ENCODERS: dict[str, Callable[[LabelMap, Examples], np.ndarray]] = {
+    "classification": lambda label_map, examples: label_map.encode(examples),
+    "regression": lambda label_map, examples: encode_targets(examples),
+}
+
+
+def task_label_map(task: str, train: Examples) -> LabelMap:
+    """The outputs of the task's head: the training classes, or the one regression score."""
+    return _LABEL_MAPS[task](train)
+
+
+def encode_labels(task: str, label_map: LabelMap, examples: Examples) -> np.ndarray:
+    """The arrays the task's loss trains on (class ids, float targets), validated row by row."""
+    return _LABEL_ENCODERS[task](label_map, examples)
+
+
 def _is_int(text: str) -> bool:
     try:
         int(text)
@@ -385,8 +424,18 @@ def hub_splits(config: DataConfig) -> dict[str, Examples]:
     return out
 
 
-def load_splits(config: DataConfig, seed: int) -> Splits:
-    """Train / validation / (test) examples as the config asks, sampled as the caps ask."""
+def random_split(examples: Examples, percent: int, seed: int) -> tuple[Examples, Examples]:
+    """Hold out a seeded `percent`% (at least one example): for targets with no classes to stratify."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    count = min(max(int(round(len(examples) * percent / 100)), 1), len(examples) - 1)
+    return examples.subset(sorted(order[count:].tolist())), examples.subset(sorted(order[:count].tolist()))
+
+
+def load_splits(config: DataConfig, seed: int, stratify: bool = True) -> Splits:
+    """Train / validation / (test) examples as the config asks, sampled as the caps ask.
+
+    The hold-out is stratified by label unless `stratify` is False (regression targets).
+    """
     test = None
     if config.dataset_name:
         hub = hub_splits(config)
@@ -399,7 +448,8 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
         validation = read_examples(config.validation_file, config) if config.validation_file else None
         test = read_examples(config.test_file, config) if config.test_file else None
     if validation is None:
-        train, validation = stratified_split(train, config.validation_split_percentage, seed)
+        split = stratified_split if stratify else random_split
+        train, validation = split(train, config.validation_split_percentage, seed)
     if (train.pairs is None) != (validation.pairs is None):
         raise DataError(f"{validation.source}: sentence pairs in one split but single texts in the other")
     return Splits(
@@ -505,7 +555,8 @@ class LengthBatchedData:
         import tensorflow as tf
 
         features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
-        signature: Any = features if self.labels is None else (features, tf.TensorSpec([None], tf.int32))
+        labels = None if self.labels is None else tf.TensorSpec([None, *self.labels.shape[1:]], tf.as_dtype(self.labels.dtype))
+        signature: Any = features if labels is None else (features, labels)
         dataset = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=signature)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
         options = tf.data.Options()

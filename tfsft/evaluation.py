@@ -1,9 +1,9 @@
-"""Predict with a Keras classifier and score it with scikit-learn: metrics, report, plot."""
+"""Predict with a Keras model and score it per task (scikit-learn, scipy): metrics, report, plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -69,6 +69,51 @@ def classification_metrics(
     return metrics, report
 
 
+def regression_metrics(
+    targets: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """MSE (also the loss), Pearson and Spearman correlation of the single output with the targets.
+
+    A correlation with a constant prediction (or constant targets) is undefined; it is reported
+    as 0.0, "no correlation", so the best-epoch choice and metrics.json stay plain numbers.
+    """
+    from scipy.stats import pearsonr, spearmanr
+
+    predictions = np.asarray(logits, dtype=np.float64).reshape(len(targets), -1)[:, 0]
+    targets = np.asarray(targets, dtype=np.float64)
+    mse = float(np.mean((predictions - targets) ** 2))
+    varying = len(targets) > 1 and np.ptp(predictions) > 0 and np.ptp(targets) > 0
+    metrics = {
+        f"{prefix}_loss": mse,
+        f"{prefix}_mse": mse,
+        f"{prefix}_pearson": float(pearsonr(predictions, targets)[0]) if varying else 0.0,
+        f"{prefix}_spearman": float(spearmanr(predictions, targets)[0]) if varying else 0.0,
+        f"{prefix}_samples": int(len(targets)),
+    }
+    report = {
+        "output": label_map.names[0],
+        "targets": {"mean": float(targets.mean()), "std": float(targets.std())},
+        "predictions": {"mean": float(predictions.mean()), "std": float(predictions.std())},
+    }
+    return metrics, report
+
+
+TASK_METRICS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] = {
+    "classification": classification_metrics,
+    "regression": regression_metrics,
+}
+"""Task -> f(label ids or targets, logits, label map, prefix) -> (metrics, report)."""
+KERAS_SCORED_TASKS = frozenset({"classification"})
+"""Tasks whose best-epoch metrics Keras computes during `fit`; the others are scored by
+TASK_METRICS after each epoch (correlations, thresholds and entity spans do not stream)."""
+
+
+def task_metrics(
+    task: str, labels: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    return TASK_METRICS[task](labels, logits, label_map, prefix)
+
+
 def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path, title: str = "") -> Path:
     """Save the confusion matrix (rows: true label, columns: predicted) as a PNG."""
     import matplotlib
@@ -98,7 +143,9 @@ def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path,
 
 
 def write_evaluation(directory: Path, metrics: dict[str, float], report: dict[str, Any], name: str) -> None:
-    """Write `<name>_report.json` and its confusion-matrix PNG into `directory`."""
+    """Write `<name>_report.json`, and its confusion-matrix PNG when it has one, into `directory`."""
     write_json(directory / f"{name}_report.json", report)
+    if "confusion_matrix" not in report:
+        return
     plot_name = CONFUSION_PLOT if name == "eval" else f"{name}_{CONFUSION_PLOT}"
     plot_confusion_matrix(report["confusion_matrix"], report["labels"], directory / plot_name, f"{name} confusion matrix")

@@ -46,20 +46,44 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class ParityResult:
-    """How one ONNX model compares with the Keras model on the evaluation examples."""
+    """How one ONNX model compares with the Keras model on the evaluation examples.
+
+    `score` is the task's parity score (`score_name`: accuracy, Spearman) against the labels.
+    """
 
     max_abs_diff: float
     label_agreement: float
-    accuracy: float
+    score: float
     examples: int
+    score_name: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_abs_logit_diff": self.max_abs_diff,
             "label_agreement": self.label_agreement,
-            "accuracy": self.accuracy,
+            self.score_name: self.score,
             "examples": self.examples,
         }
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def _spearman(logits: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    scores = logits.reshape(len(labels), -1)[:, 0]
+    if len(labels) < 2 or np.ptp(scores) == 0 or np.ptp(labels) == 0:
+        return 0.0
+    return float(spearmanr(scores, labels)[0])
+
+
+PARITY_SCORES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], float]]] = {
+    "classification": ("accuracy", _accuracy),
+    "regression": ("spearman", _spearman),
+}
+"""Task -> (name, f(logits, labels)): how much an int8 model loses, in the task's own terms."""
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -519,9 +543,15 @@ class _ParitySet:
     data: dict[int, LengthBatchedData]
     keras: dict[int, np.ndarray]
     labels: dict[int, np.ndarray]
+    task: str = "classification"
+
+    def score(self, logits: np.ndarray, batch_size: int) -> float:
+        return PARITY_SCORES[self.task][1](logits, self.labels[batch_size])
 
 
-def _parity_set(model, encoded: EncodedTexts, labels: np.ndarray, pad_id: int, names: Sequence[str]) -> _ParitySet:
+def _parity_set(
+    model, encoded: EncodedTexts, labels: np.ndarray, pad_id: int, names: Sequence[str], task: str = "classification"
+) -> _ParitySet:
     data, keras, subsets = {}, {}, {}
     for batch_size in PARITY_BATCH_SIZES:
         indices = spread_by_length(encoded.lengths, MAX_SINGLE_EXAMPLES) if batch_size == 1 else np.arange(len(encoded))
@@ -529,7 +559,7 @@ def _parity_set(model, encoded: EncodedTexts, labels: np.ndarray, pad_id: int, n
         data[batch_size] = LengthBatchedData(subset, None, batch_size, shuffle=False, pad_id=pad_id, feature_names=names)
         keras[batch_size] = predict_logits(model, data[batch_size])
         subsets[batch_size] = labels[indices]
-    return _ParitySet(data, keras, subsets)
+    return _ParitySet(data, keras, subsets, task)
 
 
 def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
@@ -541,8 +571,9 @@ def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
         results[batch_size] = ParityResult(
             max_abs_diff=float(np.abs(logits - reference).max()),
             label_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-            accuracy=float((logits.argmax(-1) == parity.labels[batch_size]).mean()),
+            score=parity.score(logits, batch_size),
             examples=len(logits),
+            score_name=PARITY_SCORES[parity.task][0],
         )
     return results
 
@@ -631,8 +662,9 @@ def _build_bundle(
     names, convert_s = _timed(lambda: convert_to_onnx(model, plain, config.export.opset))
     heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
     fusion, optimize_s = _timed(lambda: optimize(plain, fused, heads, hidden, config.export.opset))
-    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names)
-    keras_accuracy = float((parity_set.keras[8].argmax(-1) == parity_set.labels[8]).mean())
+    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names, config.model.task)
+    score_name = PARITY_SCORES[config.model.task][0]
+    keras_score = parity_set.score(parity_set.keras[8], 8)
     parity: dict[str, Any] = {}
     for path in (plain, fused):
         results = check_parity(path, parity_set)
@@ -644,7 +676,7 @@ def _build_bundle(
         "input_dtype": INPUT_DTYPE,
         "tolerance": tolerance,
         "fusion": fusion,
-        "keras_accuracy": keras_accuracy,
+        f"keras_{score_name}": keras_score,
         "parity": parity,
         "seconds": {"convert": convert_s, "optimize": optimize_s},
     }
@@ -654,8 +686,8 @@ def _build_bundle(
         parity[int8.name] = {f"batch_{b}": r.to_dict() for b, r in results.items()}
         report["int8"] = {
             "label_agreement": results[8].label_agreement,
-            "accuracy": results[8].accuracy,
-            "accuracy_drop": keras_accuracy - results[8].accuracy,
+            score_name: results[8].score,
+            f"{score_name}_drop": keras_score - results[8].score,
             "size_ratio": round(plain.stat().st_size / int8.stat().st_size, 2),
         }
         files["int8"] = int8.name
@@ -683,12 +715,13 @@ def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     The validation examples are re-read exactly as training read them (same files, sample
     caps and seed), so the report of a later export matches the one written by `finetune`.
     """
-    from tfsft.data import LabelMap, load_splits
+    from tfsft.data import STRATIFIED_TASKS, LabelMap, encode_labels, load_splits
     from tfsft.modeling import load_finetuned
 
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
     model = load_finetuned(artifacts.run_model_dir(run))
     label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
-    validation = load_splits(config.data, config.train.seed).validation
-    return export_bundle(model, run, validation_data=(validation, label_map.encode(validation)))
+    task = config.model.task
+    validation = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS).validation
+    return export_bundle(model, run, validation_data=(validation, encode_labels(task, label_map, validation)))

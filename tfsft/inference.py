@@ -37,6 +37,26 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "probabilities": self.probabilities}
 
+    def csv_fields(self, labels: Sequence[str]) -> list[str]:
+        return [self.label, *(f"{self.probabilities[label]:.6g}" for label in labels)]
+
+
+@dataclass(frozen=True)
+class Score:
+    """The predicted value of a regression bundle for one input."""
+
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score}
+
+    def csv_fields(self, labels: Sequence[str]) -> list[str]:
+        return [f"{self.score:.6g}"]
+
+
+LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {"classification": (2, None), "regression": (1, 1)}
+"""Task -> (fewest, most) labels its bundle.json may name; the bundle's task must be one of these."""
+
 
 @dataclass(frozen=True)
 class Bundle:
@@ -48,6 +68,7 @@ class Bundle:
     inputs: tuple[str, ...]
     files: dict[str, str]
     metadata: dict[str, Any]
+    task: str = "classification"
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Bundle":
@@ -58,11 +79,16 @@ class Bundle:
         meta = artifacts.read_json(path, "bundle metadata")
         try:
             labels = tuple(str(label) for label in meta["labels"])
-            bundle = cls(directory, labels, int(meta["max_seq_length"]), tuple(meta["inputs"]), dict(meta["files"]), meta)
+            task = str(meta.get("task", "classification"))
+            bundle = cls(directory, labels, int(meta["max_seq_length"]), tuple(meta["inputs"]), dict(meta["files"]), meta, task)
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(f"{path}: missing or invalid field {error}") from None
-        if len(labels) < 2:
-            raise ArtifactError(f"{path}: the label map needs at least two labels. Received: labels={list(labels)}")
+        if task not in LABEL_COUNTS:
+            raise ArtifactError(f"{path}: unknown task {task!r}; this tfsft serves {sorted(LABEL_COUNTS)}")
+        fewest, most = LABEL_COUNTS[task]
+        if len(labels) < fewest or (most is not None and len(labels) > most):
+            expected = f"at least {fewest}" if most is None else f"exactly {most}"
+            raise ArtifactError(f"{path}: a {task} label map needs {expected} label(s). Received: labels={list(labels)}")
         return bundle
 
     def model_path(self, int8: bool = False, fused: bool = True) -> Path:
@@ -83,7 +109,7 @@ class Bundle:
 
 
 class Predictor:
-    """Classify texts or text pairs with an exported bundle. Safe to share between threads.
+    """Classify or score texts or text pairs with an exported bundle. Safe to share between threads.
 
     `onnxruntime.InferenceSession.run` may be called concurrently, and the tokenizer is
     configured once here and only read afterwards, so no lock is needed.
@@ -141,19 +167,28 @@ class Predictor:
             out[indices] = self._run(pad_batch(encoded, indices, self.encoder.pad_id))
         return out
 
-    def predict(self, inputs: Sequence[TextInput]) -> list[Prediction]:
-        """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order."""
-        probabilities = softmax(self.logits(inputs))
-        return [self._prediction(row) for row in probabilities]
+    def predict(self, inputs: Sequence[TextInput]) -> list[Union[Prediction, Score]]:
+        """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
+        a label with probabilities (classification) or a score (regression)."""
+        return _DECODERS[self.bundle.task](self.logits(inputs), self.labels)
 
-    def predict_one(self, text: TextInput) -> Prediction:
+    def predict_one(self, text: TextInput) -> Union[Prediction, Score]:
         return self.predict([text])[0]
 
-    def _prediction(self, row: np.ndarray) -> Prediction:
-        return Prediction(
-            label=self.labels[int(row.argmax())],
-            probabilities={label: float(p) for label, p in zip(self.labels, row)},
-        )
+
+def _classify(logits: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+    return [
+        Prediction(label=labels[int(row.argmax())], probabilities={label: float(p) for label, p in zip(labels, row)})
+        for row in softmax(logits)
+    ]
+
+
+def _scores(logits: np.ndarray, labels: Sequence[str]) -> list[Score]:
+    return [Score(float(value)) for value in logits[:, 0]]
+
+
+_DECODERS = {"classification": _classify, "regression": _scores}
+"""Task -> f(logits, labels) -> one prediction per row."""
 
 
 def _open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
@@ -307,16 +342,15 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def format_csv_row(prediction: Prediction, labels: Sequence[str]) -> str:
-    """One CSV line: the label, then the probability of each label (columns `p_<label>`)."""
+def format_csv_row(prediction: Union[Prediction, Score], labels: Sequence[str]) -> str:
+    """One CSV line: the label, then the probability of each label (columns `p_<label>`); or the score."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(
-        [prediction.label, *(f"{prediction.probabilities[label]:.6g}" for label in labels)]
-    )
+    csv.writer(buffer, lineterminator="\n").writerow(prediction.csv_fields(labels))
     return buffer.getvalue()
 
 
-def csv_header(labels: Sequence[str]) -> str:
+def csv_header(labels: Sequence[str], task: str = "classification") -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(["label", *(f"p_{label}" for label in labels)])
+    columns = ["score"] if task == "regression" else ["label", *(f"p_{label}" for label in labels)]
+    csv.writer(buffer, lineterminator="\n").writerow(columns)
     return buffer.getvalue()

@@ -17,9 +17,18 @@ import numpy as np
 
 from tfsft import artifacts
 from tfsft.config import RunConfig
-from tfsft.data import Examples, LabelMap, LengthBatchedData, load_splits, read_examples
+from tfsft.data import (
+    STRATIFIED_TASKS,
+    Examples,
+    LabelMap,
+    LengthBatchedData,
+    encode_labels,
+    load_splits,
+    read_examples,
+    task_label_map,
+)
 from tfsft.errors import ArtifactError, ConfigError, RunInterrupted, TfsftError
-from tfsft.evaluation import classification_metrics, predict_logits, write_evaluation
+from tfsft.evaluation import KERAS_SCORED_TASKS, predict_logits, task_metrics, write_evaluation
 from tfsft.modeling import (
     build_classifier,
     feature_names,
@@ -29,7 +38,7 @@ from tfsft.modeling import (
     save_pretrained,
     text_encoder,
 )
-from tfsft.training import compile_classifier, fit, make_strategy, set_precision, set_seed
+from tfsft.training import compile_model, fit, make_strategy, set_precision, set_seed
 
 
 @dataclass(frozen=True)
@@ -96,12 +105,13 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     config, output_dir = resolve_output_dir(config.with_embedded_defaults())
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
-    splits = load_splits(config.data, config.train.seed)
-    label_map = LabelMap.from_labels(splits.train.labels, splits.train.source)
+    task = config.model.task
+    splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS)
+    label_map = task_label_map(task, splits.train)
     labels = {
-        "train": label_map.encode(splits.train),
-        "validation": label_map.encode(splits.validation),
-        "test": label_map.encode(splits.test) if splits.test is not None else None,
+        "train": encode_labels(task, label_map, splits.train),
+        "validation": encode_labels(task, label_map, splits.validation),
+        "test": encode_labels(task, label_map, splits.test) if splits.test is not None else None,
     }
     _log(
         f"data: {len(splits.train)} train / {len(splits.validation)} validation"
@@ -163,6 +173,7 @@ def _write_failure(partial: Path, output_dir: Path, error: OSError) -> str:
 
 def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose):
     """Build, fit, evaluate and save into `partial`; returns (metrics, model)."""
+    task = config.model.task
 
     def encode(examples: Examples):
         encoded = encoder.encode(examples.texts, examples.pairs)
@@ -191,15 +202,23 @@ def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, en
 
     validation_data = eval_data(splits.validation, labels["validation"])
     with strategy.scope():
-        compile_classifier(model, config.train, len(train_data) * config.train.num_train_epochs)
-    history, epochs_run, seconds = fit(model, train_data, validation_data, config.train, partial, callbacks, verbose)
+        compile_model(model, config.train, len(train_data) * config.train.num_train_epochs, task)
+
+    def validation_scores(current_model) -> dict[str, float]:
+        scores, _ = task_metrics(task, labels["validation"], predict_logits(current_model, validation_data), label_map, "eval")
+        return {name[len("eval_"):]: value for name, value in scores.items() if name != "eval_samples"}
+
+    history, epochs_run, seconds = fit(
+        model, train_data, validation_data, config.train, partial, callbacks, verbose,
+        validation_scores=None if task in KERAS_SCORED_TASKS else validation_scores,
+    )
 
     save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
-    metrics, report = classification_metrics(labels["validation"], predict_logits(model, validation_data), label_map, "eval")
+    metrics, report = task_metrics(task, labels["validation"], predict_logits(model, validation_data), label_map, "eval")
     write_evaluation(partial, metrics, report, "eval")
     if splits.test is not None:
         test_logits = predict_logits(model, eval_data(splits.test, labels["test"]))
-        test_metrics, test_report = classification_metrics(labels["test"], test_logits, label_map, "test")
+        test_metrics, test_report = task_metrics(task, labels["test"], test_logits, label_map, "test")
         write_evaluation(partial, test_metrics, test_report, "test")
         metrics.update(test_metrics)
     losses = [row["loss"] for row in history if "loss" in row]
@@ -232,7 +251,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     model = load_finetuned(model_dir)
     label_map = LabelMap(tuple(model.config.id2label[i] for i in range(model.config.num_labels)))
     examples = read_examples(file, config.data)
-    labels = label_map.encode(examples)
+    labels = encode_labels(config.model.task, label_map, examples)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
     encoded = encoder.encode(examples.texts, examples.pairs)
@@ -242,7 +261,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
         shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),
     )
     name = Path(file).stem
-    metrics, report = classification_metrics(labels, predict_logits(model, data), label_map, "eval")
+    metrics, report = task_metrics(config.model.task, labels, predict_logits(model, data), label_map, "eval")
     write_evaluation(run, metrics, report, name)
     artifacts.write_json(run / f"{name}_metrics.json", metrics)
     return metrics

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import Prediction, Predictor, TextInput
+from tfsft.inference import Prediction, Predictor, Score, TextInput
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class MicroBatcher:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the server is shutting down"))
 
-    async def predict(self, inputs: list[TextInput]) -> list[Prediction]:
+    async def predict(self, inputs: list[TextInput]) -> list[Prediction | Score]:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future = asyncio.get_running_loop().create_future()
@@ -209,6 +209,7 @@ def create_app(predictor: Predictor, limits: Optional[Limits] = None, batching: 
     bundle = predictor.bundle
     batcher = MicroBatcher(predictor, batching) if batching is not None else None
     metadata = {
+        "task": bundle.task,
         "labels": list(predictor.labels),
         "model": bundle.metadata.get("model_name"),
         "model_file": predictor.model_path.name,

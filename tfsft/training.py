@@ -12,14 +12,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from tfsft.modeling import tf  # TensorFlow with the legacy-Keras switch already applied
 
 from tfsft import artifacts
-from tfsft.config import TrainConfig
+from tfsft.config import LOWER_IS_BETTER, TrainConfig
 from tfsft.data import LengthBatchedData
 from tfsft.errors import ArtifactError
 
@@ -101,12 +101,48 @@ def set_precision(mixed: bool) -> None:
 
 def compile_classifier(model, config: TrainConfig, total_steps: int) -> None:
     """Compile with AdamW and cross-entropy on the logits; call inside the strategy scope."""
-    model.compile(
-        optimizer=make_optimizer(config, total_steps),
-        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=config.xla,
+    compile_model(model, config, total_steps, "classification")
+
+
+def _classification_objective() -> tuple[Any, list]:
+    return (
+        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
+
+
+def _regression_objective() -> tuple[Any, list]:
+    # Keras squeezes the [batch, 1] logits to the [batch] targets before comparing them.
+    return tf.keras.losses.MeanSquaredError(), [tf.keras.metrics.MeanSquaredError(name="mse")]
+
+
+TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
+    "classification": _classification_objective,
+    "regression": _regression_objective,
+}
+"""Task -> (loss on the logits, Keras metrics logged per epoch)."""
+
+
+def compile_model(model, config: TrainConfig, total_steps: int, task: str) -> None:
+    """Compile with AdamW and the task's loss on the logits; call inside the strategy scope."""
+    loss, metrics = TASK_OBJECTIVES[task]()
+    model.compile(optimizer=make_optimizer(config, total_steps), loss=loss, metrics=metrics, jit_compile=config.xla)
+
+
+class ValidationScores(tf.keras.callbacks.Callback):
+    """Add `val_<name>` scores computed outside Keras (Spearman, entity F1, ...) to the epoch logs.
+
+    Must come before the callbacks that read them (best epoch, history, TensorBoard): Keras
+    hands every callback the same logs dict, in list order.
+    """
+
+    def __init__(self, score: Callable[[Any], dict[str, float]]):
+        super().__init__()
+        self.score = score
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if logs is not None:
+            logs.update({f"val_{name}": float(value) for name, value in self.score(self.model).items()})
 
 
 class EpochShuffle(tf.keras.callbacks.Callback):
@@ -325,7 +361,7 @@ def build_callbacks(
     epoch's end, so everything it implies (history, best weights, RNG state) is on disk first.
     Best-epoch tracking only when there are epochs to choose from."""
     monitor = f"val_{config.metric_for_best_model}" if validate else None
-    mode = "max" if config.metric_for_best_model == "accuracy" else "min"
+    mode = "min" if config.metric_for_best_model in LOWER_IS_BETTER else "max"
     log_dir = run_dir / artifacts.LOGS_DIR
     backup_dir = run_dir / artifacts.BACKUP_DIR
     return [
@@ -347,6 +383,7 @@ def fit(
     run_dir: Path,
     extra_callbacks: Optional[Sequence] = None,
     verbose: int = 1,
+    validation_scores: Optional[Callable[[Any], dict[str, float]]] = None,
 ) -> tuple[list[dict[str, float]], int, float]:
     """Train (or resume from `run_dir`'s backup), then restore the best epoch's weights.
 
@@ -359,7 +396,8 @@ def fit(
     best_weights = run_dir / artifacts.BEST_WEIGHTS
     validate = config.num_train_epochs > 1
     timer = Timer()
-    callbacks = build_callbacks(config, run_dir, train_data, best_weights, validate)
+    callbacks = [ValidationScores(validation_scores)] if validation_scores and validate else []
+    callbacks += build_callbacks(config, run_dir, train_data, best_weights, validate)
     callbacks += [timer, *(extra_callbacks or [])]
     history = model.fit(
         train_data.to_tf_dataset(),

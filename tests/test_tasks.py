@@ -1,0 +1,150 @@
+"""Tasks beyond single-label classification: regression on an STS-B slice with the tiny BERT
+(train, best epoch by Spearman, metrics, export parity, Predictor and server output), and the
+task metrics against values worked out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_script, shared_path, write_tsv_slice
+from tfsft import artifacts
+from tfsft.config import RunConfig
+from tfsft.data import LabelMap, encode_targets, read_examples
+from tfsft.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def stsb_slices(tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("stsb")
+    return {
+        "train": write_tsv_slice(shared_path("glue", "STS-B", "train.tsv"), directory / "train.tsv", 320),
+        "dev": write_tsv_slice(shared_path("glue", "STS-B", "dev.tsv"), directory / "dev.tsv", 120),
+    }
+
+
+def test_regression_metrics_match_hand_computed_values():
+    from tfsft.evaluation import regression_metrics
+
+    targets = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    predictions = np.array([[1.5], [1.0], [3.5], [4.0], [6.0]])
+    metrics, report = regression_metrics(targets, predictions, LabelMap(("score",)))
+    # squared errors .25, 1, .25, 0, 1 -> 2.5 / 5
+    assert metrics["eval_mse"] == pytest.approx(0.5) and metrics["eval_loss"] == pytest.approx(0.5)
+    # prediction ranks 2,1,3,4,5 vs 1..5: sum d^2 = 2, rho = 1 - 6*2 / (5*24)
+    assert metrics["eval_spearman"] == pytest.approx(0.9)
+    # centred targets -2..2, centred predictions -1.7,-2.2,.3,.8,2.8: 12 / sqrt(10 * 16.3)
+    assert metrics["eval_pearson"] == pytest.approx(12 / np.sqrt(163))
+    assert metrics["eval_samples"] == 5
+    assert report["predictions"]["mean"] == pytest.approx(3.2)
+    constant, _ = regression_metrics(targets, np.full((5, 1), 2.0), LabelMap(("score",)))
+    assert constant["eval_spearman"] == 0.0 and constant["eval_pearson"] == 0.0
+
+
+def test_regression_config_defaults_and_rejects_classification_metric():
+    config = RunConfig.from_flat({"task": "regression"})
+    assert config.train.metric_for_best_model == "spearman"
+    assert RunConfig().train.metric_for_best_model == "accuracy"
+    with pytest.raises(ConfigError, match="metric_for_best_model.*for --task regression"):
+        RunConfig.from_flat({"task": "regression", "metric_for_best_model": "accuracy"})
+    with pytest.raises(ConfigError, match="for --task classification"):
+        RunConfig.from_flat({"metric_for_best_model": "spearman"})
+
+
+def test_non_numeric_target_names_file_and_row(tmp_path, stsb_slices):
+    lines = stsb_slices["train"].read_text(encoding="utf-8").splitlines()[:6]
+    fields = lines[3].split("\t")
+    fields[-1] = "high"
+    lines[3] = "\t".join(fields)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = RunConfig.from_flat({"task": "regression", "label_column": "score"})
+    examples = read_examples(str(bad), config.data)
+    with pytest.raises(DataError, match=r"bad.tsv: row 4: regression target 'high' is not a finite number"):
+        encode_targets(examples)
+    result = run_script(
+        "finetune.py", "--task", "regression", "--train_file", str(bad), "--label_column", "score",
+        "--output_dir", str(tmp_path / "out"), timeout=300,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "bad.tsv: row 4: regression target 'high'" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory, tiny_checkpoint, stsb_slices):
+    from tfsft import finetune
+
+    output_dir = tmp_path_factory.mktemp("regression") / "run"
+    config = RunConfig.from_flat(dict(
+        task="regression", model_name_or_path=str(tiny_checkpoint), train_file=str(stsb_slices["train"]),
+        validation_file=str(stsb_slices["dev"]), label_column="score", num_train_epochs=3, learning_rate=2e-3,
+        warmup_ratio=0.0, per_device_train_batch_size=16, max_seq_length=64, output_dir=str(output_dir),
+        export=True, quantize_int8=True,
+    ))
+    return finetune(config, verbose=0)
+
+
+def test_regression_trains_and_keeps_best_spearman_epoch(regression_run):
+    metrics, out = regression_run.metrics, regression_run.run_dir
+    for key in ("eval_pearson", "eval_spearman", "eval_mse", "eval_loss"):
+        assert isinstance(metrics[key], float), key
+    assert "eval_accuracy" not in metrics
+    assert metrics["newly_initialized"] == ["classifier"]
+    assert metrics["train_loss_last_epoch"] < metrics["train_loss_first_epoch"]
+    lines = (out / "history.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), map(float, row.split(",")))) for row in lines[1:]]
+    assert len(rows) == 3 and {"val_spearman", "val_pearson", "val_mse", "val_loss"} <= set(rows[0])
+    assert metrics["eval_spearman"] == pytest.approx(max(r["val_spearman"] for r in rows), abs=1e-6)
+    assert (out / "eval_report.json").is_file() and not (out / "confusion_matrix.png").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["eval_spearman"] == metrics["eval_spearman"]
+
+
+def test_regression_export_predictor_and_server(regression_run, stsb_slices):
+    from starlette.testclient import TestClient
+
+    from tfsft.evaluation import predict_logits
+    from tfsft.inference import Predictor, Score
+    from tfsft.serving import create_app
+
+    out = regression_run.run_dir
+    report = json.loads((out / "onnx" / artifacts.BUNDLE_REPORT).read_text())
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        for batch in ("batch_1", "batch_8"):
+            assert report["parity"][name][batch]["max_abs_logit_diff"] < 1e-4
+    assert "keras_spearman" in report and "spearman_drop" in report["int8"]
+    meta = json.loads((out / "onnx" / artifacts.BUNDLE_FILE).read_text())
+    assert meta["task"] == "regression" and meta["labels"] == ["score"]
+
+    predictor = Predictor(out / "onnx")
+    examples = read_examples(str(stsb_slices["dev"]), RunConfig.from_flat({"label_column": "score"}).data)
+    pairs = list(zip(examples.texts[:5], examples.pairs[:5]))
+    predictions = predictor.predict(pairs)
+    assert all(isinstance(p, Score) for p in predictions)
+
+    from tfsft.data import LengthBatchedData
+    from tfsft.modeling import feature_names, load_finetuned, load_tokenizer, text_encoder
+
+    model = load_finetuned(out / "model")
+    encoder = text_encoder(load_tokenizer(out / "model"), 64)
+    data = LengthBatchedData(encoder.encode(examples.texts[:5], examples.pairs[:5]), None, 8, shuffle=False,
+                             pad_id=encoder.pad_id, feature_names=feature_names(model))
+    np.testing.assert_allclose([p.score for p in predictions], predict_logits(model, data)[:, 0], atol=1e-4)
+
+    with TestClient(create_app(predictor)) as client:
+        response = client.post("/predict", json={"pairs": [list(pairs[0])]})
+        assert response.status_code == 200
+        assert response.json()["predictions"][0]["score"] == pytest.approx(predictions[0].score, abs=1e-6)
+        assert client.get("/metadata").json()["task"] == "regression"
+
+
+def test_regression_run_reevaluates_with_its_task(regression_run, stsb_slices):
+    from tfsft.pipeline import evaluate_run
+
+    metrics = evaluate_run(str(regression_run.run_dir), str(stsb_slices["dev"]))
+    assert metrics["eval_spearman"] == pytest.approx(regression_run.metrics["eval_spearman"], abs=1e-5)
+    assert metrics["eval_mse"] == pytest.approx(regression_run.metrics["eval_mse"], abs=1e-4)
