@@ -148,3 +148,45 @@ def test_regression_run_reevaluates_with_its_task(regression_run, stsb_slices):
     metrics = evaluate_run(str(regression_run.run_dir), str(stsb_slices["dev"]))
     assert metrics["eval_spearman"] == pytest.approx(regression_run.metrics["eval_spearman"], abs=1e-5)
     assert metrics["eval_mse"] == pytest.approx(regression_run.metrics["eval_mse"], abs=1e-4)
+
+
+def test_class_weights_balanced_and_explicit():
+    from tfsft.data import class_weights
+
+    label_map = LabelMap(("neg", "pos"))
+    ids = np.array([0, 0, 0, 1])
+    # 4 examples / (2 classes * 3 negatives), 4 / (2 * 1 positive)
+    np.testing.assert_allclose(class_weights("balanced", label_map, ids), [4 / 6, 2.0])
+    np.testing.assert_allclose(class_weights({"pos": 3.0}, label_map, ids), [1.0, 3.0])
+    with pytest.raises(DataError, match=r"--class_weights names label\(s\) \['positive'\]"):
+        class_weights({"positive": 3.0}, label_map, ids)
+    with pytest.raises(ConfigError, match="class_weights"):
+        RunConfig.from_flat({"class_weights": "pos=0"})
+
+
+def test_class_weights_reach_the_loss(tiny_checkpoint, sst2_slices, tmp_path):
+    """On a 5:1 imbalanced slice, balanced weights undo the learned prior: on the balanced dev set
+    the weighted model's loss is lower (the unweighted one is confidently positive); weights of 1
+    change nothing."""
+    from tfsft import finetune
+
+    lines = sst2_slices["train"].read_text(encoding="utf-8").splitlines()
+    positives = [line for line in lines[1:] if line.endswith("\t1")][:200]
+    negatives = [line for line in lines[1:] if line.endswith("\t0")][:40]
+    train = tmp_path / "imbalanced.tsv"
+    train.write_text("\n".join([lines[0], *positives, *negatives]) + "\n", encoding="utf-8")
+
+    def run(name, **overrides):
+        config = RunConfig.from_flat(dict(
+            model_name_or_path=str(tiny_checkpoint), train_file=str(train), validation_file=str(sst2_slices["dev"]),
+            num_train_epochs=2, learning_rate=2e-3, warmup_ratio=0.0, per_device_train_batch_size=16,
+            max_seq_length=64, output_dir=str(tmp_path / name), export=False, **overrides,
+        ))
+        return finetune(config, verbose=0).metrics
+
+    plain = run("plain")
+    ones = run("ones", class_weights="0=1,1=1")
+    balanced = run("balanced", class_weights="balanced")
+    assert ones["eval_loss"] == plain["eval_loss"] and ones["class_weights"] == {"0": 1.0, "1": 1.0}
+    assert balanced["class_weights"] == {"0": pytest.approx(3.0), "1": pytest.approx(0.6)}
+    assert balanced["eval_loss"] < plain["eval_loss"] - 0.05

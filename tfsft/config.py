@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,9 @@ TASK_METRICS = {
 """Validation metrics each task can select the best epoch by; the first is its default."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
-CLASS_WEIGHTS = frozenset({"none", "balanced"})
+CLASS_WEIGHT_MODES = frozenset({"balanced"})
+WEIGHTED_TASKS = frozenset({"classification"})
+"""Tasks whose examples --class_weights can weigh."""
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -127,6 +130,12 @@ class TrainConfig:
         "Validation metric whose best epoch is kept; default: the task's main one. "
         + "; ".join(f"{task}: {', '.join(metrics)}" for task, metrics in sorted(TASK_METRICS.items())) + ".",
     )
+    class_weights: Optional[str] = _field(
+        None,
+        "Weigh each training example's loss by its class (imbalanced data; classification only): "
+        "'balanced' (examples / (classes * examples of the class), as scikit-learn) or explicit "
+        "weights like 'neg=1,pos=3' (classes not listed weigh 1).",
+    )
     early_stopping_patience: Optional[int] = _field(
         None, "Stop after this many epochs without improvement of --metric_for_best_model."
     )
@@ -147,8 +156,27 @@ class TrainConfig:
             self.metric_for_best_model,
             f"one of {sorted(BEST_MODEL_METRICS)}",
         )
+        parse_class_weights(self.class_weights)
         patience = self.early_stopping_patience
         _require(patience is None or patience >= 1, "early_stopping_patience", patience, "a positive integer")
+
+
+def parse_class_weights(value: Optional[str]) -> Optional[str | dict[str, float]]:
+    """None, 'balanced', or {class name: positive weight} from 'name=weight,...'."""
+    if value is None or value.strip() in CLASS_WEIGHT_MODES:
+        return None if value is None else value.strip()
+    expected = f"one of {sorted(CLASS_WEIGHT_MODES)} or comma-separated name=weight pairs with positive weights"
+    weights: dict[str, float] = {}
+    for item in value.split(","):
+        name, sep, number = item.rpartition("=")
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = math.nan
+        _require(bool(sep and name.strip()) and weight > 0 and math.isfinite(weight), "class_weights", value, expected)
+        _require(name.strip() not in weights, "class_weights", value, f"each class once (repeated: {name.strip()!r})")
+        weights[name.strip()] = weight
+    return weights
 
 
 @dataclass(frozen=True)
@@ -180,6 +208,10 @@ class RunConfig:
             object.__setattr__(self, "train", dataclasses.replace(self.train, metric_for_best_model=allowed[0]))
         else:
             _require(metric in allowed, "metric_for_best_model", metric, f"one of {list(allowed)} for --task {self.model.task}")
+        _require(
+            self.train.class_weights is None or self.model.task in WEIGHTED_TASKS,
+            "class_weights", self.train.class_weights, f"no value: --task {self.model.task} has no classes to weigh",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

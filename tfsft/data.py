@@ -335,6 +335,24 @@ def encode_labels(task: str, label_map: LabelMap, examples: Examples) -> np.ndar
     return _LABEL_ENCODERS[task](label_map, examples)
 
 
+def class_weights(spec: str | dict[str, float], label_map: LabelMap, label_ids: np.ndarray) -> np.ndarray:
+    """Per-class loss weights, indexed by label id, from 'balanced' or explicit {name: weight}.
+
+    Balanced weights are examples / (classes * examples of the class), scikit-learn's rule;
+    explicit weights must name training classes, and unnamed classes weigh 1.
+    """
+    if spec == "balanced":
+        counts = np.bincount(label_ids, minlength=len(label_map.names)).astype(np.float64)
+        return (len(label_ids) / (len(counts) * np.maximum(counts, 1))).astype(np.float32)
+    unknown = sorted(set(spec) - set(label_map.names))
+    if unknown:
+        raise DataError(
+            f"--class_weights names label(s) {unknown} that the training data does not have "
+            f"(known labels: {list(label_map.names)})"
+        )
+    return np.asarray([spec.get(name, 1.0) for name in label_map.names], dtype=np.float32)
+
+
 def _is_int(text: str) -> bool:
     try:
         int(text)
@@ -507,11 +525,13 @@ class LengthBatchedData:
         pad_id: int = 0,
         feature_names: Sequence[str] = ("input_ids", "attention_mask", "token_type_ids"),
         pad_multiple: int = PAD_MULTIPLE,
+        sample_weights: Optional[np.ndarray] = None,
     ):
         if len(encoded) == 0:
             raise DataError("no examples to batch")
         self.encoded = encoded
         self.labels = labels
+        self.sample_weights = sample_weights
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -538,8 +558,10 @@ class LengthBatchedData:
             features = {name: padded[name] for name in self.feature_names}
             if self.labels is None:
                 yield features
-            else:
+            elif self.sample_weights is None:
                 yield features, self.labels[indices]
+            else:
+                yield features, self.labels[indices], self.sample_weights[indices]
 
     def padding_fraction(self) -> float:
         """Share of computed token positions that are padding, over one epoch of batches."""
@@ -557,6 +579,8 @@ class LengthBatchedData:
         features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
         labels = None if self.labels is None else tf.TensorSpec([None, *self.labels.shape[1:]], tf.as_dtype(self.labels.dtype))
         signature: Any = features if labels is None else (features, labels)
+        if labels is not None and self.sample_weights is not None:
+            signature = (features, labels, tf.TensorSpec([None], tf.float32))
         dataset = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=signature)
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
         options = tf.data.Options()

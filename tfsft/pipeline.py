@@ -16,12 +16,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import RunConfig
+from tfsft.config import RunConfig, parse_class_weights
 from tfsft.data import (
     STRATIFIED_TASKS,
     Examples,
     LabelMap,
     LengthBatchedData,
+    class_weights,
     encode_labels,
     load_splits,
     read_examples,
@@ -113,6 +114,8 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
         "validation": encode_labels(task, label_map, splits.validation),
         "test": encode_labels(task, label_map, splits.test) if splits.test is not None else None,
     }
+    weight_spec = parse_class_weights(config.train.class_weights)
+    weights = None if weight_spec is None else class_weights(weight_spec, label_map, labels["train"])
     _log(
         f"data: {len(splits.train)} train / {len(splits.validation)} validation"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
@@ -126,7 +129,7 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     _log(f"writing the run to {output_dir} (in progress: {partial})")
     try:
         metrics, model = _train_and_save(
-            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose
+            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights
         )
     except KeyboardInterrupt:
         if (partial / artifacts.BACKUP_DIR).exists():
@@ -171,8 +174,13 @@ def _write_failure(partial: Path, output_dir: Path, error: OSError) -> str:
     return f"{where}: cannot write the run ({error.strerror or error}); nothing was published{kept}"
 
 
-def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose):
-    """Build, fit, evaluate and save into `partial`; returns (metrics, model)."""
+def _train_and_save(
+    config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights=None
+):
+    """Build, fit, evaluate and save into `partial`; returns (metrics, model).
+
+    `weights`: per-class loss weights by label id (--class_weights), fed as sample weights.
+    """
     task = config.model.task
 
     def encode(examples: Examples):
@@ -192,6 +200,7 @@ def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, en
     train_data = LengthBatchedData(
         encode(splits.train), labels["train"], config.train.per_device_train_batch_size * replicas,
         shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
+        sample_weights=None if weights is None else weights[labels["train"]],
     )
 
     def eval_data(examples: Examples, y: np.ndarray) -> LengthBatchedData:
@@ -234,6 +243,8 @@ def _train_and_save(config, splits, labels, label_map, checkpoint, tokenizer, en
         padding_fraction=round(train_data.padding_fraction(), 4),
         newly_initialized=list(load_report.newly_initialized),
     )
+    if weights is not None:
+        metrics["class_weights"] = {name: round(float(w), 6) for name, w in zip(label_map.names, weights)}
     shutil.rmtree(partial / artifacts.BACKUP_DIR, ignore_errors=True)
     (partial / artifacts.BEST_WEIGHTS).unlink(missing_ok=True)
     artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
