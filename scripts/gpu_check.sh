@@ -54,7 +54,7 @@ encoder = text_encoder(tokenizer, max_len)
 with strategy.scope():
     model, _ = build_classifier(checkpoint, LabelMap(("0", "1")))
 data = LengthBatchedData(encoder.encode(texts), labels, global_batch, shuffle=True, seed=0,
-                         pad_id=encoder.pad_id, feature_names=feature_names(model))
+                         pad_id=encoder.pad_id, feature_names=feature_names(model), pad_multiple=16)
 with strategy.scope():
     compile_classifier(model, config, total_steps=2 * len(data))
 
