@@ -190,3 +190,134 @@ def test_class_weights_reach_the_loss(tiny_checkpoint, sst2_slices, tmp_path):
     assert ones["eval_loss"] == plain["eval_loss"] and ones["class_weights"] == {"0": 1.0, "1": 1.0}
     assert balanced["class_weights"] == {"0": pytest.approx(3.0), "1": pytest.approx(0.6)}
     assert balanced["eval_loss"] < plain["eval_loss"] - 0.05
+
+
+NEGATIONS = {"not", "no", "never", "nothing", "n't", "none", "nor", "neither", "without"}
+
+
+def sst2_label_sets(path, rows):
+    """(sentence, labels) from SST-2 rows: the sentiment, plus `negation` when the sentence has a negation word."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines()[1 : 1 + rows]:
+        sentence, label = line.rsplit("\t", 1)
+        labels = ["positive" if label == "1" else "negative"]
+        if NEGATIONS & set(sentence.lower().replace("n't", " n't").split()):
+            labels.append("negation")
+        out.append((sentence, labels))
+    return out
+
+
+@pytest.fixture(scope="module")
+def multilabel_files(tmp_path_factory, sst2_slices):
+    """Training labels as JSONL lists, validation labels as `|`-delimited CSV cells."""
+    from conftest import write_csv
+
+    directory = tmp_path_factory.mktemp("multilabel")
+    train = directory / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t, "labels": ls}) + "\n" for t, ls in sst2_label_sets(sst2_slices["train"], 400)))
+    dev_rows = sst2_label_sets(sst2_slices["dev"], 200)
+    assert 20 < sum("negation" in ls for _, ls in dev_rows) < 180
+    dev = write_csv(directory / "dev.csv", ["text", "labels"], [[t, "|".join(ls)] for t, ls in dev_rows])
+    return {"train": train, "dev": dev}
+
+
+def test_multilabel_metrics_match_hand_computed_values():
+    from tfsft.evaluation import multilabel_metrics
+
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.float32)
+    logits = np.array([[2, -2, -1], [-3, 1, 0.5], [1, 3, -2], [-1, -1, -1]], dtype=np.float32)
+    label_map = LabelMap(("a", "b", "c"))
+    metrics, report = multilabel_metrics(labels, logits, label_map, threshold=0.5)
+    # at 0.5: a and b right everywhere (F1 1, 1), c: 1 false positive, 2 misses (F1 0); micro TP 4, FP 1, FN 2
+    assert metrics["eval_f1_micro"] == pytest.approx(8 / 11)
+    assert metrics["eval_f1_macro"] == pytest.approx(2 / 3)
+    assert metrics["eval_exact_match"] == pytest.approx(0.25)
+    assert report["per_label"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    assert metrics["eval_loss"] == pytest.approx(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    # tuned: p(-1) = 0.269 counts from 0.15 to 0.25 (TP 6, FP 3: F1 0.8); 0.65-0.70 ties, the lowest wins
+    tuned, tuned_report = multilabel_metrics(labels, logits, label_map)
+    assert tuned["eval_threshold"] == 0.15 and tuned_report["decision"] == {"threshold": 0.15}
+    assert tuned["eval_f1_micro"] == pytest.approx(0.8)
+
+
+def test_multilabel_label_parsing_and_bad_labels(tmp_path):
+    from tfsft.data import encode_labels, label_set, task_label_map
+
+    assert label_set('["b", "a", "b"]', "|", "f", 1) == ["b", "a"]
+    assert label_set("a; b", ";", "f", 1) == ["a", "b"]
+    assert label_set("[]", "|", "f", 1) == []
+    with pytest.raises(DataError, match=r"f: row 7: empty label name in 'a\|\|b'"):
+        label_set("a||b", "|", "f", 7)
+    with pytest.raises(DataError, match="row 3: label .* is not a JSON list"):
+        label_set('["a", {"b": 1}]', "|", "f", 3)
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "x", "labels": ["a", "b"]}\n{"text": "y", "labels": []}\n{"text": "z", "labels": ["a"]}\n')
+    config = RunConfig.from_flat({"task": "multilabel", "label_column": "labels"})
+    examples = read_examples(str(train), config.data)
+    label_map = task_label_map("multilabel", examples)
+    np.testing.assert_array_equal(encode_labels("multilabel", label_map, examples), [[1, 1], [0, 0], [1, 0]])
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text('{"text": "x", "labels": ["a"]}\n{"text": "y", "labels": ["c"]}\n')
+    with pytest.raises(DataError, match=r"dev.jsonl: row 2: label 'c' never appears in the training data"):
+        encode_labels("multilabel", label_map, read_examples(str(dev), config.data))
+    with pytest.raises(DataError, match=r"row 1: label \[.*\] is a list; several labels per example need --task multilabel"):
+        task_label_map("classification", examples)
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory, tiny_checkpoint, multilabel_files):
+    from tfsft import finetune
+
+    output_dir = tmp_path_factory.mktemp("multilabel-run") / "run"
+    config = RunConfig.from_flat(dict(
+        task="multilabel", model_name_or_path=str(tiny_checkpoint), train_file=str(multilabel_files["train"]),
+        validation_file=str(multilabel_files["dev"]), label_column="labels", num_train_epochs=3, learning_rate=2e-3,
+        warmup_ratio=0.0, per_device_train_batch_size=16, max_seq_length=64, output_dir=str(output_dir), export=True,
+    ))
+    return finetune(config, verbose=0)
+
+
+def test_multilabel_trains_tunes_threshold_and_serves(multilabel_run, multilabel_files):
+    from starlette.testclient import TestClient
+
+    from tfsft.evaluation import THRESHOLDS, predict_logits
+    from tfsft.inference import LabelSet, Predictor
+    from tfsft.serving import create_app
+
+    metrics, out = multilabel_run.metrics, multilabel_run.run_dir
+    assert metrics["train_loss_last_epoch"] < metrics["train_loss_first_epoch"]
+    assert metrics["eval_threshold"] in THRESHOLDS
+    lines = (out / "history.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), map(float, row.split(",")))) for row in lines[1:]]
+    assert {"val_f1_micro", "val_f1_macro", "val_threshold"} <= set(rows[0])
+    assert metrics["eval_f1_micro"] == pytest.approx(max(r["val_f1_micro"] for r in rows), abs=1e-6)
+    report = json.loads((out / "eval_report.json").read_text())
+    assert set(report["per_label"]) == {"negation", "negative", "positive"}
+
+    meta = json.loads((out / "onnx" / artifacts.BUNDLE_FILE).read_text())
+    assert meta["task"] == "multilabel" and meta["decision"] == {"threshold": metrics["eval_threshold"]}
+    export_report = json.loads((out / "onnx" / artifacts.BUNDLE_REPORT).read_text())
+    assert export_report["parity"][artifacts.BUNDLE_MODEL_FUSED]["batch_8"]["max_abs_logit_diff"] < 1e-4
+    assert "keras_f1_micro" in export_report
+
+    predictor = Predictor(out / "onnx")
+    config = RunConfig.from_flat({"task": "multilabel", "label_column": "labels"})
+    texts = read_examples(str(multilabel_files["dev"]), config.data).texts[:6]
+    predictions = predictor.predict(texts)
+    assert all(isinstance(p, LabelSet) for p in predictions)
+
+    from tfsft.data import LengthBatchedData
+    from tfsft.modeling import feature_names, load_finetuned, load_tokenizer, text_encoder
+
+    model = load_finetuned(out / "model")
+    encoder = text_encoder(load_tokenizer(out / "model"), 64)
+    data = LengthBatchedData(encoder.encode(texts), None, 8, shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model))
+    expected = 1 / (1 + np.exp(-predict_logits(model, data)))
+    got = np.array([[p.probabilities[name] for name in predictor.labels] for p in predictions])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    for prediction, row in zip(predictions, got):
+        assert prediction.labels == [n for n, p in zip(predictor.labels, row) if p >= metrics["eval_threshold"]]
+    with TestClient(create_app(predictor)) as client:
+        body = client.post("/predict", json={"texts": texts[:2]}).json()
+        assert body["predictions"][0] == json.loads(json.dumps(predictions[0].to_dict()))

@@ -78,6 +78,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def read_decision(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Settings chosen on validation that later predictions must reuse (multilabel: the threshold)."""
+    path = Path(run_dir) / REPORT_FILE
+    if not path.is_file():
+        return {}
+    return dict(read_json(path, "evaluation report").get("decision") or {})
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():

@@ -24,11 +24,12 @@ EMBEDDED_TRAIN_SAMPLES = 16000
 """Training sample the no-argument default job takes from the embedded data set (38k tweets), so
 that it finishes within 15 minutes on 2 CPU cores; --max_train_samples overrides it."""
 
-TASKS = frozenset({"classification", "regression"})
+TASKS = frozenset({"classification", "regression", "multilabel"})
 STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
 TASK_METRICS = {
     "classification": ("accuracy", "loss"),
     "regression": ("spearman", "pearson", "mse", "loss"),
+    "multilabel": ("f1_micro", "f1_macro", "loss"),
 }
 """Validation metrics each task can select the best epoch by; the first is its default."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
@@ -83,6 +84,9 @@ class DataConfig:
         None, "Second text column for sentence pairs; default 'sentence2' when present."
     )
     label_column: Optional[str] = _field(None, "Label column; default 'label' (the last column without a header).")
+    label_delimiter: str = _field(
+        "|", "--task multilabel: separator of the labels in a label cell ('pos|negation'); a JSON list also works."
+    )
     no_header: bool = _field(False, "CSV/TSV files have no header row: name columns by 0-based index.")
     max_seq_length: int = _field(128, "Maximum tokens per example after tokenization; longer inputs are truncated.")
     max_train_samples: Optional[int] = _field(None, "Train on a seeded random sample of this many examples.")
@@ -92,6 +96,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        _require(len(self.label_delimiter) > 0, "label_delimiter", self.label_delimiter, "a non-empty string")
         _require(8 <= self.max_seq_length <= 8192, "max_seq_length", self.max_seq_length, "an integer in [8, 8192]")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -136,6 +141,11 @@ class TrainConfig:
         "'balanced' (examples / (classes * examples of the class), as scikit-learn) or explicit "
         "weights like 'neg=1,pos=3' (classes not listed weigh 1).",
     )
+    multilabel_threshold: Optional[float] = _field(
+        None,
+        "--task multilabel: probability at or above which a label is predicted; default: the "
+        "threshold with the best validation micro F1 (0.05 to 0.95), recorded as eval_threshold.",
+    )
     early_stopping_patience: Optional[int] = _field(
         None, "Stop after this many epochs without improvement of --metric_for_best_model."
     )
@@ -157,6 +167,8 @@ class TrainConfig:
             f"one of {sorted(BEST_MODEL_METRICS)}",
         )
         parse_class_weights(self.class_weights)
+        threshold = self.multilabel_threshold
+        _require(threshold is None or 0 < threshold < 1, "multilabel_threshold", threshold, "a float in (0, 1)")
         patience = self.early_stopping_patience
         _require(patience is None or patience >= 1, "early_stopping_patience", patience, "a positive integer")
 

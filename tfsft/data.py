@@ -198,6 +198,8 @@ def resolve_columns(config: DataConfig, columns: Sequence[str], source: str) -> 
 
 
 def _label_text(value: Any) -> Optional[str]:
+    if isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        return json.dumps([str(v) for v in value], ensure_ascii=False)  # a JSONL label set (multilabel)
     if value is None or isinstance(value, (list, dict)):
         return None
     if isinstance(value, bool):
@@ -315,24 +317,73 @@ REGRESSION_OUTPUT = "score"
 STRATIFIED_TASKS = frozenset({"classification"})
 """Tasks whose default validation hold-out is stratified by label."""
 
-_LABEL_MAPS: dict[str, Callable[[Examples], LabelMap]] = {
-    "classification": lambda train: LabelMap.from_labels(train.labels, train.source),
-    "regression": lambda train: LabelMap((REGRESSION_OUTPUT,)),
+def label_set(label: str, delimiter: str, source: str, row: int) -> list[str]:
+    """The labels of one multilabel cell: a JSON list (`["a", "b"]`, `[]`) or `a|b` split on `delimiter`."""
+    if label.startswith("["):
+        try:
+            values = json.loads(label)
+        except ValueError:
+            values = None
+        if not isinstance(values, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            raise DataError(f"{source}: row {row}: label {label!r} is not a JSON list of label names")
+        names = [str(v).strip() for v in values]
+    else:
+        names = [part.strip() for part in label.split(delimiter)]
+    if any(not name for name in names):
+        raise DataError(f"{source}: row {row}: empty label name in {label!r} (delimiter {delimiter!r})")
+    return list(dict.fromkeys(names))
+
+
+def _multilabel_map(train: Examples, delimiter: str) -> LabelMap:
+    names = {name for label, row in zip(train.labels, train.rows) for name in label_set(label, delimiter, train.source, row)}
+    if len(names) < 2:
+        raise DataError(f"{train.source}: only {sorted(names)} as labels in the training data; multilabel needs at least two")
+    return LabelMap(tuple(sorted(names, key=int) if all(_is_int(n) for n in names) else sorted(names)))
+
+
+def encode_label_sets(label_map: LabelMap, examples: Examples, delimiter: str) -> np.ndarray:
+    """Multi-hot float32 [examples, labels]; a label never seen in training names its row."""
+    out = np.zeros((len(examples), len(label_map.names)), dtype=np.float32)
+    for i, (label, row) in enumerate(zip(examples.labels, examples.rows)):
+        for name in label_set(label, delimiter, examples.source, row):
+            label_id = label_map.ids.get(name)
+            if label_id is None:
+                raise DataError(
+                    f"{examples.source}: row {row}: label {name!r} never appears in the training data "
+                    f"(known labels: {list(label_map.names)})"
+                )
+            out[i, label_id] = 1.0
+    return out
+
+
+def _single_labels(examples: Examples) -> Examples:
+    """Refuse a JSONL label list in a single-label task, naming the row."""
+    for label, row in zip(examples.labels, examples.rows):
+        if label.startswith("[") and label.endswith("]"):
+            raise DataError(f"{examples.source}: row {row}: label {label} is a list; several labels per example need --task multilabel")
+    return examples
+
+
+_LABEL_MAPS: dict[str, Callable[[Examples, str], LabelMap]] = {
+    "classification": lambda train, _: LabelMap.from_labels(_single_labels(train).labels, train.source),
+    "regression": lambda train, _: LabelMap((REGRESSION_OUTPUT,)),
+    "multilabel": _multilabel_map,
 }
-_LABEL_ENCODERS: dict[str, Callable[[LabelMap, Examples], np.ndarray]] = {
-    "classification": lambda label_map, examples: label_map.encode(examples),
-    "regression": lambda label_map, examples: encode_targets(examples),
+_LABEL_ENCODERS: dict[str, Callable[[LabelMap, Examples, str], np.ndarray]] = {
+    "classification": lambda label_map, examples, _: label_map.encode(_single_labels(examples)),
+    "regression": lambda label_map, examples, _: encode_targets(examples),
+    "multilabel": encode_label_sets,
 }
 
 
-def task_label_map(task: str, train: Examples) -> LabelMap:
-    """The outputs of the task's head: the training classes, or the one regression score."""
-    return _LABEL_MAPS[task](train)
+def task_label_map(task: str, train: Examples, delimiter: str = "|") -> LabelMap:
+    """The outputs of the task's head: the training classes or label names, or the one regression score."""
+    return _LABEL_MAPS[task](train, delimiter)
 
 
-def encode_labels(task: str, label_map: LabelMap, examples: Examples) -> np.ndarray:
-    """The arrays the task's loss trains on (class ids, float targets), validated row by row."""
-    return _LABEL_ENCODERS[task](label_map, examples)
+def encode_labels(task: str, label_map: LabelMap, examples: Examples, delimiter: str = "|") -> np.ndarray:
+    """The arrays the task's loss trains on (class ids, float targets, multi-hot rows), validated row by row."""
+    return _LABEL_ENCODERS[task](label_map, examples, delimiter)
 
 
 def class_weights(spec: str | dict[str, float], label_map: LabelMap, label_ids: np.ndarray) -> np.ndarray:

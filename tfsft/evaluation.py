@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -98,20 +98,83 @@ def regression_metrics(
     return metrics, report
 
 
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+"""Multilabel decision thresholds tried on validation (0.05 to 0.95)."""
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+def best_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The threshold of THRESHOLDS with the best micro F1 (the lowest one on ties)."""
+    from sklearn.metrics import f1_score
+
+    scores = [f1_score(labels, probabilities >= t, average="micro", zero_division=0) for t in THRESHOLDS]
+    return THRESHOLDS[int(np.argmax(scores))]
+
+
+def multilabel_metrics(
+    labels: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval", threshold: Optional[float] = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Binary cross-entropy, micro/macro F1 and exact-match accuracy at a probability threshold.
+
+    Without `threshold`, the best one on these labels is chosen (do that on validation only, and
+    pass it on to the test set); it is reported as `{prefix}_threshold` and in report["decision"].
+    """
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    labels = np.asarray(labels).astype(np.int64)
+    x = np.asarray(logits, dtype=np.float64)
+    loss = float(np.mean(np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))))
+    probabilities = sigmoid(x)
+    if threshold is None:
+        threshold = best_threshold(labels, probabilities)
+    predicted = (probabilities >= threshold).astype(np.int64)
+    metrics = {
+        f"{prefix}_loss": loss,
+        f"{prefix}_f1_micro": float(f1_score(labels, predicted, average="micro", zero_division=0)),
+        f"{prefix}_f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        f"{prefix}_exact_match": float((predicted == labels).all(axis=1).mean()),
+        f"{prefix}_threshold": float(threshold),
+        f"{prefix}_samples": int(len(labels)),
+    }
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, average=None, zero_division=0)
+    report = {
+        "labels": list(label_map.names),
+        "decision": {"threshold": float(threshold)},
+        "per_label": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for name, p, r, f, n in zip(label_map.names, precision, recall, f1, support)
+        },
+    }
+    return metrics, report
+
+
 TASK_METRICS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] = {
-    "classification": classification_metrics,
-    "regression": regression_metrics,
+    "classification": lambda labels, logits, label_map, prefix, decision: classification_metrics(labels, logits, label_map, prefix),
+    "regression": lambda labels, logits, label_map, prefix, decision: regression_metrics(labels, logits, label_map, prefix),
+    "multilabel": lambda labels, logits, label_map, prefix, decision: multilabel_metrics(
+        labels, logits, label_map, prefix, decision.get("threshold")
+    ),
 }
-"""Task -> f(label ids or targets, logits, label map, prefix) -> (metrics, report)."""
+"""Task -> f(labels, logits, label map, prefix, decision) -> (metrics, report). `decision` holds
+settings fixed by the user or chosen on validation (multilabel: the threshold); a report's
+"decision" is what the test set and the exported bundle must use."""
 KERAS_SCORED_TASKS = frozenset({"classification"})
 """Tasks whose best-epoch metrics Keras computes during `fit`; the others are scored by
 TASK_METRICS after each epoch (correlations, thresholds and entity spans do not stream)."""
 
 
 def task_metrics(
-    task: str, labels: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval"
+    task: str,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    label_map: LabelMap,
+    prefix: str = "eval",
+    decision: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    return TASK_METRICS[task](labels, logits, label_map, prefix)
+    return TASK_METRICS[task](labels, logits, label_map, prefix, {k: v for k, v in (decision or {}).items() if v is not None})
 
 
 def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path, title: str = "") -> Path:

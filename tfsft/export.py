@@ -66,11 +66,18 @@ class ParityResult:
         }
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+def _accuracy(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) -> float:
     return float((logits.argmax(-1) == labels).mean())
 
 
-def _spearman(logits: np.ndarray, labels: np.ndarray) -> float:
+def _f1_micro(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) -> float:
+    from sklearn.metrics import f1_score
+
+    predicted = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) >= decision.get("threshold", 0.5)
+    return float(f1_score(labels.astype(np.int64), predicted.astype(np.int64), average="micro", zero_division=0))
+
+
+def _spearman(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) -> float:
     from scipy.stats import spearmanr
 
     scores = logits.reshape(len(labels), -1)[:, 0]
@@ -79,11 +86,12 @@ def _spearman(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(spearmanr(scores, labels)[0])
 
 
-PARITY_SCORES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], float]]] = {
+PARITY_SCORES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray, dict[str, Any]], float]]] = {
     "classification": ("accuracy", _accuracy),
     "regression": ("spearman", _spearman),
+    "multilabel": ("f1_micro", _f1_micro),
 }
-"""Task -> (name, f(logits, labels)): how much an int8 model loses, in the task's own terms."""
+"""Task -> (name, f(logits, labels, decision)): how much an int8 model loses, in the task's own terms."""
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -544,13 +552,20 @@ class _ParitySet:
     keras: dict[int, np.ndarray]
     labels: dict[int, np.ndarray]
     task: str = "classification"
+    decision: Optional[dict[str, Any]] = None
 
     def score(self, logits: np.ndarray, batch_size: int) -> float:
-        return PARITY_SCORES[self.task][1](logits, self.labels[batch_size])
+        return PARITY_SCORES[self.task][1](logits, self.labels[batch_size], self.decision or {})
 
 
 def _parity_set(
-    model, encoded: EncodedTexts, labels: np.ndarray, pad_id: int, names: Sequence[str], task: str = "classification"
+    model,
+    encoded: EncodedTexts,
+    labels: np.ndarray,
+    pad_id: int,
+    names: Sequence[str],
+    task: str = "classification",
+    decision: Optional[dict[str, Any]] = None,
 ) -> _ParitySet:
     data, keras, subsets = {}, {}, {}
     for batch_size in PARITY_BATCH_SIZES:
@@ -559,7 +574,7 @@ def _parity_set(
         data[batch_size] = LengthBatchedData(subset, None, batch_size, shuffle=False, pad_id=pad_id, feature_names=names)
         keras[batch_size] = predict_logits(model, data[batch_size])
         subsets[batch_size] = labels[indices]
-    return _ParitySet(data, keras, subsets, task)
+    return _ParitySet(data, keras, subsets, task, decision)
 
 
 def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
@@ -591,7 +606,9 @@ def _require_fp32_parity(name: str, results: dict[int, ParityResult], tolerance:
 # ------------------------------------------------------------------------------------- bundle
 
 
-def _bundle_metadata(model, config: RunConfig, names: Sequence[str], pad_id: int, files: dict[str, str]) -> dict:
+def _bundle_metadata(
+    model, config: RunConfig, names: Sequence[str], pad_id: int, files: dict[str, str], decision: dict[str, Any]
+) -> dict:
     num_labels = int(model.config.num_labels)
     return {
         "format_version": FORMAT_VERSION,
@@ -606,6 +623,7 @@ def _bundle_metadata(model, config: RunConfig, names: Sequence[str], pad_id: int
         "output": OUTPUT_NAME,
         "pad_id": pad_id,
         "files": files,
+        "decision": decision,
     }
 
 
@@ -645,7 +663,8 @@ def export_bundle(
     encoded = encoder.encode(examples.texts, examples.pairs)
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
-        report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance)
+        decision = artifacts.read_decision(run_dir)
+        report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision)
         shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
         shutil.copy(run_dir / artifacts.CONFIG_FILE, work / artifacts.CONFIG_FILE)
         artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
@@ -656,13 +675,20 @@ def export_bundle(
 
 
 def _build_bundle(
-    model, config: RunConfig, work: Path, encoder: TextEncoder, encoded: EncodedTexts, labels: np.ndarray, tolerance: float
+    model,
+    config: RunConfig,
+    work: Path,
+    encoder: TextEncoder,
+    encoded: EncodedTexts,
+    labels: np.ndarray,
+    tolerance: float,
+    decision: dict[str, Any],
 ) -> dict[str, Any]:
     plain, fused, int8 = (work / artifacts.BUNDLE_MODEL, work / artifacts.BUNDLE_MODEL_FUSED, work / artifacts.BUNDLE_MODEL_INT8)
     names, convert_s = _timed(lambda: convert_to_onnx(model, plain, config.export.opset))
     heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
     fusion, optimize_s = _timed(lambda: optimize(plain, fused, heads, hidden, config.export.opset))
-    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names, config.model.task)
+    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names, config.model.task, decision)
     score_name = PARITY_SCORES[config.model.task][0]
     keras_score = parity_set.score(parity_set.keras[8], 8)
     parity: dict[str, Any] = {}
@@ -692,7 +718,7 @@ def _build_bundle(
         }
         files["int8"] = int8.name
     report["sizes_bytes"] = {name: (work / name).stat().st_size for name in files.values()}
-    artifacts.write_json(work / artifacts.BUNDLE_FILE, _bundle_metadata(model, config, names, encoder.pad_id, files))
+    artifacts.write_json(work / artifacts.BUNDLE_FILE, _bundle_metadata(model, config, names, encoder.pad_id, files, decision))
     return report
 
 
@@ -724,4 +750,5 @@ def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
     task = config.model.task
     validation = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS).validation
-    return export_bundle(model, run, validation_data=(validation, encode_labels(task, label_map, validation)))
+    labels = encode_labels(task, label_map, validation, config.data.label_delimiter)
+    return export_bundle(model, run, validation_data=(validation, labels))

@@ -54,7 +54,24 @@ class Score:
         return [f"{self.score:.6g}"]
 
 
-LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {"classification": (2, None), "regression": (1, 1)}
+@dataclass(frozen=True)
+class LabelSet:
+    """The predicted labels of a multilabel bundle for one input (probability >= the threshold)."""
+
+    labels: list[str]
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "probabilities": self.probabilities}
+
+    def csv_fields(self, labels: Sequence[str]) -> list[str]:
+        return [json.dumps(self.labels, ensure_ascii=False), *(f"{self.probabilities[label]:.6g}" for label in labels)]
+
+
+AnyPrediction = Union[Prediction, Score, LabelSet]
+"""What the Predictor returns for one input, by the bundle's task."""
+
+LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {"classification": (2, None), "regression": (1, 1), "multilabel": (2, None)}
 """Task -> (fewest, most) labels its bundle.json may name; the bundle's task must be one of these."""
 
 
@@ -167,28 +184,42 @@ class Predictor:
             out[indices] = self._run(pad_batch(encoded, indices, self.encoder.pad_id))
         return out
 
-    def predict(self, inputs: Sequence[TextInput]) -> list[Union[Prediction, Score]]:
+    def predict(self, inputs: Sequence[TextInput]) -> list[AnyPrediction]:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
-        a label with probabilities (classification) or a score (regression)."""
-        return _DECODERS[self.bundle.task](self.logits(inputs), self.labels)
+        a label with probabilities (classification), a score (regression) or a label set (multilabel)."""
+        return _DECODERS[self.bundle.task](self.logits(inputs), self.bundle)
 
-    def predict_one(self, text: TextInput) -> Union[Prediction, Score]:
+    def predict_one(self, text: TextInput) -> AnyPrediction:
         return self.predict([text])[0]
 
 
-def _classify(logits: np.ndarray, labels: Sequence[str]) -> list[Prediction]:
+def _classify(logits: np.ndarray, bundle: Bundle) -> list[Prediction]:
+    labels = bundle.labels
     return [
         Prediction(label=labels[int(row.argmax())], probabilities={label: float(p) for label, p in zip(labels, row)})
         for row in softmax(logits)
     ]
 
 
-def _scores(logits: np.ndarray, labels: Sequence[str]) -> list[Score]:
+def _scores(logits: np.ndarray, bundle: Bundle) -> list[Score]:
     return [Score(float(value)) for value in logits[:, 0]]
 
 
-_DECODERS = {"classification": _classify, "regression": _scores}
-"""Task -> f(logits, labels) -> one prediction per row."""
+def _label_sets(logits: np.ndarray, bundle: Bundle) -> list[LabelSet]:
+    """Labels whose sigmoid probability reaches the threshold chosen on validation (bundle.json)."""
+    threshold = float((bundle.metadata.get("decision") or {}).get("threshold", 0.5))
+    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return [
+        LabelSet(
+            labels=[label for label, p in zip(bundle.labels, row) if p >= threshold],
+            probabilities={label: float(p) for label, p in zip(bundle.labels, row)},
+        )
+        for row in probabilities
+    ]
+
+
+_DECODERS = {"classification": _classify, "regression": _scores, "multilabel": _label_sets}
+"""Task -> f(logits, bundle) -> one prediction per row."""
 
 
 def _open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
@@ -342,7 +373,7 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def format_csv_row(prediction: Union[Prediction, Score], labels: Sequence[str]) -> str:
+def format_csv_row(prediction: AnyPrediction, labels: Sequence[str]) -> str:
     """One CSV line: the label, then the probability of each label (columns `p_<label>`); or the score."""
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(prediction.csv_fields(labels))
@@ -351,6 +382,7 @@ def format_csv_row(prediction: Union[Prediction, Score], labels: Sequence[str]) 
 
 def csv_header(labels: Sequence[str], task: str = "classification") -> str:
     buffer = io.StringIO()
-    columns = ["score"] if task == "regression" else ["label", *(f"p_{label}" for label in labels)]
+    first = {"regression": ["score"], "multilabel": ["labels"]}.get(task, ["label"])
+    columns = first if task == "regression" else [*first, *(f"p_{label}" for label in labels)]
     csv.writer(buffer, lineterminator="\n").writerow(columns)
     return buffer.getvalue()

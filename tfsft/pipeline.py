@@ -108,11 +108,12 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     set_precision(config.train.mixed_precision)
     task = config.model.task
     splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS)
-    label_map = task_label_map(task, splits.train)
+    delimiter = config.data.label_delimiter
+    label_map = task_label_map(task, splits.train, delimiter)
     labels = {
-        "train": encode_labels(task, label_map, splits.train),
-        "validation": encode_labels(task, label_map, splits.validation),
-        "test": encode_labels(task, label_map, splits.test) if splits.test is not None else None,
+        "train": encode_labels(task, label_map, splits.train, delimiter),
+        "validation": encode_labels(task, label_map, splits.validation, delimiter),
+        "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
     }
     weight_spec = parse_class_weights(config.train.class_weights)
     weights = None if weight_spec is None else class_weights(weight_spec, label_map, labels["train"])
@@ -213,8 +214,11 @@ def _train_and_save(
     with strategy.scope():
         compile_model(model, config.train, len(train_data) * config.train.num_train_epochs, task)
 
+    decision = {"threshold": config.train.multilabel_threshold}
+
     def validation_scores(current_model) -> dict[str, float]:
-        scores, _ = task_metrics(task, labels["validation"], predict_logits(current_model, validation_data), label_map, "eval")
+        logits = predict_logits(current_model, validation_data)
+        scores, _ = task_metrics(task, labels["validation"], logits, label_map, "eval", decision)
         return {name[len("eval_"):]: value for name, value in scores.items() if name != "eval_samples"}
 
     history, epochs_run, seconds = fit(
@@ -223,11 +227,11 @@ def _train_and_save(
     )
 
     save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
-    metrics, report = task_metrics(task, labels["validation"], predict_logits(model, validation_data), label_map, "eval")
+    metrics, report = task_metrics(task, labels["validation"], predict_logits(model, validation_data), label_map, "eval", decision)
     write_evaluation(partial, metrics, report, "eval")
     if splits.test is not None:
         test_logits = predict_logits(model, eval_data(splits.test, labels["test"]))
-        test_metrics, test_report = task_metrics(task, labels["test"], test_logits, label_map, "test")
+        test_metrics, test_report = task_metrics(task, labels["test"], test_logits, label_map, "test", report.get("decision"))
         write_evaluation(partial, test_metrics, test_report, "test")
         metrics.update(test_metrics)
     losses = [row["loss"] for row in history if "loss" in row]
@@ -262,7 +266,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     model = load_finetuned(model_dir)
     label_map = LabelMap(tuple(model.config.id2label[i] for i in range(model.config.num_labels)))
     examples = read_examples(file, config.data)
-    labels = encode_labels(config.model.task, label_map, examples)
+    labels = encode_labels(config.model.task, label_map, examples, config.data.label_delimiter)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
     encoded = encoder.encode(examples.texts, examples.pairs)
@@ -272,7 +276,8 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
         shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),
     )
     name = Path(file).stem
-    metrics, report = task_metrics(config.model.task, labels, predict_logits(model, data), label_map, "eval")
+    decision = artifacts.read_decision(run)
+    metrics, report = task_metrics(config.model.task, labels, predict_logits(model, data), label_map, "eval", decision)
     write_evaluation(run, metrics, report, name)
     artifacts.write_json(run / f"{name}_metrics.json", metrics)
     return metrics

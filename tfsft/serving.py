@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import Prediction, Predictor, Score, TextInput
+from tfsft.inference import AnyPrediction, Predictor, TextInput
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class MicroBatcher:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the server is shutting down"))
 
-    async def predict(self, inputs: list[TextInput]) -> list[Prediction | Score]:
+    async def predict(self, inputs: list[TextInput]) -> list[AnyPrediction]:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future = asyncio.get_running_loop().create_future()

@@ -116,9 +116,15 @@ def _regression_objective() -> tuple[Any, list]:
     return tf.keras.losses.MeanSquaredError(), [tf.keras.metrics.MeanSquaredError(name="mse")]
 
 
+def _multilabel_objective() -> tuple[Any, list]:
+    # One independent sigmoid per label; a logit of 0 is probability 0.5.
+    return tf.keras.losses.BinaryCrossentropy(from_logits=True), [tf.keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0)]
+
+
 TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
     "classification": _classification_objective,
     "regression": _regression_objective,
+    "multilabel": _multilabel_objective,
 }
 """Task -> (loss on the logits, Keras metrics logged per epoch)."""
 
