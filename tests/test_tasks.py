@@ -321,3 +321,171 @@ def test_multilabel_trains_tunes_threshold_and_serves(multilabel_run, multilabel
     with TestClient(create_app(predictor)) as client:
         body = client.post("/predict", json={"texts": texts[:2]}).json()
         assert body["predictions"][0] == json.loads(json.dumps(predictions[0].to_dict()))
+
+
+def write_conll_slice(source, target, sentences: int):
+    """The first `sentences` sentences of a CoNLL file (the -DOCSTART- lines kept, as in the file)."""
+    out, seen = [], 0
+    for line in source.read_text(encoding="utf-8").splitlines():
+        out.append(line)
+        if not line.strip() and out[-2:-1] and out[-2].strip() and not out[-2].startswith("-DOCSTART-"):
+            seen += 1
+            if seen == sentences:
+                break
+    target.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="module")
+def conll_slices(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("conll")
+    return {
+        "train": write_conll_slice(shared_path("conll2003", "train.txt"), directory / "train.txt", 300),
+        "dev": write_conll_slice(shared_path("conll2003", "dev.txt"), directory / "dev.txt", 80),
+    }
+
+
+def test_conll_and_jsonl_token_files(tmp_path, conll_slices):
+    from tfsft.data import encode_labels, read_token_examples, task_label_map
+
+    config = RunConfig.from_flat({"task": "ner", "train_file": str(conll_slices["train"])}).data
+    train = read_token_examples(str(conll_slices["train"]), config)
+    assert len(train) == 300
+    assert train.words[0] == ["EU", "rejects", "German", "call", "to", "boycott", "British", "lamb", "."]
+    assert train.labels[0] == ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"]
+    assert train.rows[:2] == [1, 11]
+    small = tmp_path / "small.conll"
+    small.write_text("-DOCSTART- -X- -X- O\n\nPeter NNP B-PER\nlives VBZ O\n\n\nParis NNP B-LOC\n")
+    parsed = read_token_examples(str(small), config)
+    assert parsed.words == [["Peter", "lives"], ["Paris"]] and parsed.rows == [3, 7]
+    small.write_text("Peter NNP B-PER\nlives\n")
+    with pytest.raises(DataError, match=r"small.conll: row 2: expected 'token ... tag'"):
+        read_token_examples(str(small), config)
+    label_map = task_label_map("ner", train)
+    assert set(label_map.names) == {"O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"}
+    jsonl = tmp_path / "tags.jsonl"
+    jsonl.write_text('{"tokens": ["Peter", "lives"], "tags": ["B-PER", "O"]}\n{"tokens": ["Paris"], "tags": ["B-LOC", "O"]}\n')
+    with pytest.raises(DataError, match=r"tags.jsonl: row 2: 1 tokens but 2 tags"):
+        read_token_examples(str(jsonl), config)
+    jsonl.write_text('{"tokens": ["Peter", "lives"], "tags": ["B-PER", "O"]}\n{"tokens": ["Paris"], "tags": ["B-CITY"]}\n')
+    with pytest.raises(DataError, match=r"tags.jsonl: row 2: tag 'B-CITY' never appears in the training data"):
+        encode_labels("ner", label_map, read_token_examples(str(jsonl), config))
+    with pytest.raises(ConfigError, match="train_file"):
+        RunConfig.from_flat({"task": "ner"})
+
+
+def test_labels_go_to_the_first_word_piece_only(tiny_checkpoint):
+    from tfsft.data import IGNORED_LABEL, TokenExamples
+    from tfsft.modeling import load_tokenizer, text_encoder
+
+    encoder = text_encoder(load_tokenizer(tiny_checkpoint), 32)
+    examples = TokenExamples([["Germanophile", "EU"]], [["B-MISC", "B-ORG"]], [1], "x")
+    encoded, labels = examples.encode(encoder, np.array([np.array([3, 5], dtype=np.int32)], dtype=object))
+    pieces = len(encoded.input_ids[0])
+    assert pieces > 4  # [CLS] Germanophile (several pieces) EU [SEP]
+    expected = np.full(pieces, IGNORED_LABEL)
+    expected[1], expected[pieces - 2] = 3, 5
+    np.testing.assert_array_equal(labels[0], expected)
+
+
+def test_entity_metrics_match_hand_counted_spans():
+    from tfsft.evaluation import ner_metrics
+
+    label_map = LabelMap(("B-LOC", "B-ORG", "B-PER", "I-PER", "O"))
+    ids = label_map.ids
+    # sentence 1: PER right, LOC predicted as ORG; sentence 2: ORG right. Ignored positions carry
+    # wrong predictions on purpose: they must not count.
+    true = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    predicted = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O"]]
+    labels = np.empty(2, dtype=object)
+    logits = np.zeros((2, 6, len(label_map.names)), dtype=np.float32)
+    for i, (gold, guess) in enumerate(zip(true, predicted)):
+        positions = [1, 2, 3, 4][: len(gold)]
+        labels[i] = np.full(6 if i == 0 else 4, -100, dtype=np.int32)
+        logits[i, :, ids["B-PER"]] = 5.0  # what the ignored positions predict
+        for position, g, p in zip(positions, gold, guess):
+            labels[i][position] = ids[g]
+            logits[i, position] = 0.0
+            logits[i, position, ids[p]] = 5.0
+    metrics, report = ner_metrics(labels, logits, label_map)
+    # entities: true {PER, LOC, ORG}, predicted {PER, ORG(wrong), ORG}: 2 of 3 right each way
+    assert metrics["eval_precision"] == pytest.approx(2 / 3)
+    assert metrics["eval_recall"] == pytest.approx(2 / 3)
+    assert metrics["eval_f1"] == pytest.approx(2 / 3)
+    assert metrics["eval_token_accuracy"] == pytest.approx(5 / 6)
+    assert report["entities"]["LOC"]["recall"] == 0.0 and report["entities"]["PER"]["f1-score"] == 1.0
+
+
+def test_entity_spans_have_offsets_in_the_original_text():
+    from tfsft.inference import _entity_spans
+
+    text = "  Peter  Blackburn went to\tNew York ."
+    words = [(m.group(), m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
+    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"]
+    spans = _entity_spans(text, words, tags, [0.9, 0.7, 0.9, 0.9, 0.8, 0.6, 0.9])
+    assert [(s["entity"], s["start"], s["end"], s["text"]) for s in spans] == [
+        ("PER", 2, 18, "Peter  Blackburn"), ("LOC", 27, 35, "New York")
+    ]
+    assert spans[0]["score"] == pytest.approx(0.8)
+    # IOB1 style: an I- tag after O (or after another type) opens an entity
+    assert [s["text"] for s in _entity_spans(text, words, ["I-PER", "I-LOC", "O", "O", "I-LOC", "I-LOC", "O"], [1.0] * 7)] == [
+        "Peter", "Blackburn", "New York"
+    ]
+
+
+@pytest.fixture(scope="module")
+def ner_run(tmp_path_factory, tiny_checkpoint, conll_slices):
+    from tfsft import finetune
+
+    output_dir = tmp_path_factory.mktemp("ner-run") / "run"
+    config = RunConfig.from_flat(dict(
+        task="ner", model_name_or_path=str(tiny_checkpoint), train_file=str(conll_slices["train"]),
+        validation_file=str(conll_slices["dev"]), num_train_epochs=3, learning_rate=5e-3, warmup_ratio=0.0,
+        per_device_train_batch_size=16, max_seq_length=64, output_dir=str(output_dir), export=True,
+    ))
+    return finetune(config, verbose=0)
+
+
+def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
+    from tfsft.data import read_token_examples
+    from tfsft.inference import Entities, Predictor, _entity_spans, _word_tags, softmax
+
+    metrics, out = ner_run.metrics, ner_run.run_dir
+    assert metrics["train_loss_last_epoch"] < metrics["train_loss_first_epoch"]
+    for key in ("eval_precision", "eval_recall", "eval_f1", "eval_token_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["eval_token_accuracy"] > 0.5  # 9 tags: chance is 0.11; the tiny model learns mostly "O"
+    lines = (out / "history.csv").read_text().splitlines()
+    assert {"val_f1", "val_precision", "val_recall"} <= set(lines[0].split(","))
+
+    report = json.loads((out / "onnx" / artifacts.BUNDLE_REPORT).read_text())
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        for batch in ("batch_1", "batch_8"):
+            assert report["parity"][name][batch]["max_abs_logit_diff"] < 1e-4
+            assert report["parity"][name][batch]["label_agreement"] == 1.0
+    assert "keras_f1" in report
+
+    predictor = Predictor(out / "onnx")
+    config = RunConfig.from_flat({"task": "ner", "train_file": str(conll_slices["dev"])}).data
+    sentences = [" ".join(words) for words in read_token_examples(str(conll_slices["dev"]), config).words[:8]]
+    predictions = predictor.predict(sentences)
+    assert len(predictions) == 8 and all(isinstance(p, Entities) for p in predictions)
+
+    from tfsft.modeling import load_finetuned, load_tokenizer, text_encoder
+    from tfsft.evaluation import predict_logits
+    from tfsft.data import LengthBatchedData
+
+    model = load_finetuned(out / "model", "ner")
+    encoder = text_encoder(load_tokenizer(out / "model"), 64)
+    words = [[(m.group(), m.start(), m.end()) for m in __import__("re").finditer(r"\S+", s)] for s in sentences]
+    encoded, word_ids = encoder.encode_words([[w for w, _, _ in ws] for ws in words])
+    data = LengthBatchedData(encoded, None, 8, shuffle=False, pad_id=encoder.pad_id)
+    probabilities = softmax(predict_logits(model, data))
+    for i, prediction in enumerate(predictions):
+        tags, scores = _word_tags(probabilities[i], word_ids[i], len(words[i]), predictor.labels)
+        expected = _entity_spans(sentences[i], words[i], tags, scores)
+        assert [(e["entity"], e["start"], e["end"]) for e in prediction.entities] == [(e["entity"], e["start"], e["end"]) for e in expected]
+        for entity in prediction.entities:
+            assert sentences[i][entity["start"] : entity["end"]] == entity["text"]
+    with pytest.raises(ValueError, match="single texts"):
+        predictor.predict([("a", "b")])

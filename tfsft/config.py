@@ -24,13 +24,16 @@ EMBEDDED_TRAIN_SAMPLES = 16000
 """Training sample the no-argument default job takes from the embedded data set (38k tweets), so
 that it finishes within 15 minutes on 2 CPU cores; --max_train_samples overrides it."""
 
-TASKS = frozenset({"classification", "regression", "multilabel"})
+TASKS = frozenset({"classification", "regression", "multilabel", "ner"})
 STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
 TASK_METRICS = {
     "classification": ("accuracy", "loss"),
     "regression": ("spearman", "pearson", "mse", "loss"),
     "multilabel": ("f1_micro", "f1_macro", "loss"),
+    "ner": ("f1", "precision", "recall", "loss"),
 }
+FILE_ONLY_TASKS = frozenset({"ner"})
+"""Tasks that need --train_file (no embedded default data set, no Hub loader)."""
 """Validation metrics each task can select the best epoch by; the first is its default."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
@@ -220,6 +223,10 @@ class RunConfig:
             object.__setattr__(self, "train", dataclasses.replace(self.train, metric_for_best_model=allowed[0]))
         else:
             _require(metric in allowed, "metric_for_best_model", metric, f"one of {list(allowed)} for --task {self.model.task}")
+        _require(
+            self.model.task not in FILE_ONLY_TASKS or self.data.train_file is not None,
+            "train_file", self.data.train_file, f"a CoNLL or JSONL file for --task {self.model.task}",
+        )
         _require(
             self.train.class_weights is None or self.model.task in WEIGHTED_TASKS,
             "class_weights", self.train.class_weights, f"no value: --task {self.model.task} has no classes to weigh",

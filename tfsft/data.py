@@ -19,7 +19,7 @@ import numpy as np
 
 from tfsft.config import DataConfig
 from tfsft.errors import DataError
-from tfsft.tokenize import PAD_MULTIPLE, EncodedTexts, pad_batch
+from tfsft.tokenize import PAD_MULTIPLE, EncodedTexts, TextEncoder, pad_batch
 
 TEXT_COLUMN_DEFAULTS = ("sentence", "text")
 PAIR_COLUMN_DEFAULTS = (("sentence1", "sentence2"), ("question1", "question2"), ("text", "text_pair"))
@@ -50,6 +50,103 @@ class Examples:
             rows=[self.rows[i] for i in indices],
             source=self.source,
         )
+
+    def encode(self, encoder: TextEncoder, labels: Any) -> tuple[EncodedTexts, Any]:
+        """Token ids of the texts (and pairs); sentence-level labels pass through unchanged."""
+        return encoder.encode(self.texts, self.pairs), labels
+
+
+IGNORED_LABEL = -100
+"""Label of tokens left out of a token-classification loss and its metrics (special tokens,
+continuation word pieces, padding), as in transformers."""
+
+
+@dataclass(frozen=True)
+class TokenExamples:
+    """Pre-split words with one tag per word (token classification), and source rows for errors."""
+
+    words: list[list[str]]
+    labels: list[list[str]]
+    rows: list[int]
+    source: str
+    pairs: None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [" ".join(words) for words in self.words]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def subset(self, indices: Sequence[int]) -> "TokenExamples":
+        return TokenExamples(
+            words=[self.words[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            rows=[self.rows[i] for i in indices],
+            source=self.source,
+        )
+
+    def encode(self, encoder: TextEncoder, labels: Optional[np.ndarray]) -> tuple[EncodedTexts, Optional[np.ndarray]]:
+        """Word pieces of the words; each word's tag id goes to its first piece, IGNORED_LABEL elsewhere."""
+        encoded, word_ids = encoder.encode_words(self.words)
+        return encoded, None if labels is None else align_labels(word_ids, labels)
+
+
+def align_labels(word_ids: Sequence[np.ndarray], word_labels: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-token label arrays (an object array, one per example) from per-word label ids."""
+    out = np.empty(len(word_ids), dtype=object)
+    for i, (words, tags) in enumerate(zip(word_ids, word_labels)):
+        first = np.r_[True, words[1:] != words[:-1]] & (words >= 0)
+        aligned = np.full(len(words), IGNORED_LABEL, dtype=np.int32)
+        aligned[first] = np.asarray(tags, dtype=np.int32)[words[first]]
+        out[i] = aligned
+    return out
+
+
+def read_token_examples(path: str, config: DataConfig) -> TokenExamples:
+    """CoNLL-style `token ... tag` lines (blank line between sentences, `-DOCSTART-` skipped) or
+    JSONL `{"tokens": [...], "tags": [...]}` (--text_column / --label_column rename the fields)."""
+    p = _check_path(path)
+    if Path(path).suffix.lower() in {".jsonl", ".json", ".ndjson"}:
+        _, records = _read_jsonl(path, _decode(p))
+        return _token_records(records, config.text_column or "tokens", config.label_column or "tags", path)
+    text = _decode(p)
+    words: list[list[str]] = []
+    tags: list[list[str]] = []
+    rows: list[int] = []
+    sentence: list[str] = []
+    sentence_tags: list[str] = []
+    for number, line in enumerate([*text.splitlines(), ""], start=1):
+        fields = line.split()
+        if fields and fields[0] != "-DOCSTART-":
+            if len(fields) < 2:
+                raise DataError(f"{path}: row {number}: expected 'token ... tag' (at least two fields), found {line.strip()!r}")
+            if not sentence:
+                rows.append(number)
+            sentence.append(fields[0])
+            sentence_tags.append(fields[-1])
+        elif sentence:
+            words.append(sentence)
+            tags.append(sentence_tags)
+            sentence, sentence_tags = [], []
+    if not words:
+        raise DataError(f"{path}: no sentences found; expected CoNLL lines 'token ... tag' or JSONL with tokens and tags")
+    return TokenExamples(words, tags, rows, path)
+
+
+def _token_records(records: Sequence[tuple[int, dict[str, Any]]], tokens: str, tags: str, source: str) -> TokenExamples:
+    words, labels, rows = [], [], []
+    for number, record in records:
+        values = [record.get(tokens), record.get(tags)]
+        for name, value in zip((tokens, tags), values):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise DataError(f"{source}: row {number}: field {name!r} must be a non-empty list of non-empty strings")
+        if len(values[0]) != len(values[1]):
+            raise DataError(f"{source}: row {number}: {len(values[0])} tokens but {len(values[1])} tags")
+        words.append(values[0])
+        labels.append(values[1])
+        rows.append(number)
+    return TokenExamples(words, labels, rows, source)
 
 
 @dataclass(frozen=True)
@@ -364,16 +461,46 @@ def _single_labels(examples: Examples) -> Examples:
     return examples
 
 
-_LABEL_MAPS: dict[str, Callable[[Examples, str], LabelMap]] = {
+def _tag_map(train: TokenExamples, delimiter: str) -> LabelMap:
+    tags = {tag for sentence in train.labels for tag in sentence}
+    if len(tags) < 2:
+        raise DataError(f"{train.source}: only the tag(s) {sorted(tags)} in the training data; tagging needs at least two")
+    return LabelMap(tuple(sorted(tags)))
+
+
+def encode_tags(label_map: LabelMap, examples: TokenExamples, delimiter: str = "") -> np.ndarray:
+    """Per-word tag ids (an object array of int32 arrays); a tag unseen in training names its row."""
+    out = np.empty(len(examples), dtype=object)
+    for i, (tags, row) in enumerate(zip(examples.labels, examples.rows)):
+        unknown = [tag for tag in tags if tag not in label_map.ids]
+        if unknown:
+            raise DataError(
+                f"{examples.source}: row {row}: tag {unknown[0]!r} never appears in the training data "
+                f"(known tags: {list(label_map.names)})"
+            )
+        out[i] = np.asarray([label_map.ids[tag] for tag in tags], dtype=np.int32)
+    return out
+
+
+_LABEL_MAPS: dict[str, Callable[[Any, str], LabelMap]] = {
     "classification": lambda train, _: LabelMap.from_labels(_single_labels(train).labels, train.source),
     "regression": lambda train, _: LabelMap((REGRESSION_OUTPUT,)),
     "multilabel": _multilabel_map,
+    "ner": _tag_map,
 }
 _LABEL_ENCODERS: dict[str, Callable[[LabelMap, Examples, str], np.ndarray]] = {
     "classification": lambda label_map, examples, _: label_map.encode(_single_labels(examples)),
     "regression": lambda label_map, examples, _: encode_targets(examples),
     "multilabel": encode_label_sets,
+    "ner": encode_tags,
 }
+_READERS: dict[str, Callable[[str, DataConfig], Any]] = {"ner": read_token_examples}
+"""Tasks whose files are not one labeled text (or pair) per row; the others use read_examples."""
+
+
+def example_reader(task: str) -> Callable[[str, DataConfig], Any]:
+    """The file reader of a task: read_examples, or read_token_examples for tagging."""
+    return _READERS.get(task, read_examples)
 
 
 def task_label_map(task: str, train: Examples, delimiter: str = "|") -> LabelMap:
@@ -500,7 +627,9 @@ def random_split(examples: Examples, percent: int, seed: int) -> tuple[Examples,
     return examples.subset(sorted(order[count:].tolist())), examples.subset(sorted(order[:count].tolist()))
 
 
-def load_splits(config: DataConfig, seed: int, stratify: bool = True) -> Splits:
+def load_splits(
+    config: DataConfig, seed: int, stratify: bool = True, reader: Callable[[str, DataConfig], Any] = read_examples
+) -> Splits:
     """Train / validation / (test) examples as the config asks, sampled as the caps ask.
 
     The hold-out is stratified by label unless `stratify` is False (regression targets).
@@ -513,9 +642,9 @@ def load_splits(config: DataConfig, seed: int, stratify: bool = True) -> Splits:
         train, validation = hub["train"], hub.get("validation")
         test = hub.get("test")
     else:
-        train = read_examples(config.train_file, config) if config.train_file else embedded_examples()
-        validation = read_examples(config.validation_file, config) if config.validation_file else None
-        test = read_examples(config.test_file, config) if config.test_file else None
+        train = reader(config.train_file, config) if config.train_file else embedded_examples()
+        validation = reader(config.validation_file, config) if config.validation_file else None
+        test = reader(config.test_file, config) if config.test_file else None
     if validation is None:
         split = stratified_split if stratify else random_split
         train, validation = split(train, config.validation_split_percentage, seed)
@@ -610,9 +739,19 @@ class LengthBatchedData:
             if self.labels is None:
                 yield features
             elif self.sample_weights is None:
-                yield features, self.labels[indices]
+                yield features, self._batch_labels(indices, features["input_ids"].shape[1])
             else:
-                yield features, self.labels[indices], self.sample_weights[indices]
+                yield features, self._batch_labels(indices, features["input_ids"].shape[1]), self.sample_weights[indices]
+
+    def _batch_labels(self, indices: np.ndarray, width: int) -> np.ndarray:
+        """The batch's labels; per-token labels (an object array) padded with IGNORED_LABEL to `width`."""
+        labels = self.labels[indices]
+        if labels.dtype != object:
+            return labels
+        out = np.full((len(indices), width), IGNORED_LABEL, dtype=np.int32)
+        for row, values in enumerate(labels):
+            out[row, : len(values)] = values
+        return out
 
     def padding_fraction(self) -> float:
         """Share of computed token positions that are padding, over one epoch of batches."""
@@ -628,7 +767,12 @@ class LengthBatchedData:
         import tensorflow as tf
 
         features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
-        labels = None if self.labels is None else tf.TensorSpec([None, *self.labels.shape[1:]], tf.as_dtype(self.labels.dtype))
+        if self.labels is None:
+            labels = None
+        elif self.labels.dtype == object:
+            labels = tf.TensorSpec([None, None], tf.int32)
+        else:
+            labels = tf.TensorSpec([None, *self.labels.shape[1:]], tf.as_dtype(self.labels.dtype))
         signature: Any = features if labels is None else (features, labels)
         if labels is not None and self.sample_weights is not None:
             signature = (features, labels, tf.TensorSpec([None], tf.float32))

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from tfsft.artifacts import CONFUSION_PLOT, write_json
-from tfsft.data import LabelMap, LengthBatchedData
+from tfsft.data import IGNORED_LABEL, LabelMap, LengthBatchedData
 from tfsft.modeling import tf
 
 
@@ -20,10 +20,18 @@ def predict_logits(model, data: LengthBatchedData) -> np.ndarray:
         return tf.cast(model(features, training=False).logits, tf.float32)
 
     chunks = [forward(features).numpy() for features in _features_only(data)]
-    logits = np.concatenate(chunks)
+    logits = concat_padded(chunks)
     out = np.empty_like(logits)
     out[data.order()] = logits
     return out
+
+
+def concat_padded(chunks: list[np.ndarray]) -> np.ndarray:
+    """Concatenate batches; per-token logits [batch, width, labels] are zero-padded to the widest."""
+    if chunks[0].ndim < 3:
+        return np.concatenate(chunks)
+    width = max(chunk.shape[1] for chunk in chunks)
+    return np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1]), (0, 0))) for c in chunks])
 
 
 def _features_only(data: LengthBatchedData):
@@ -98,6 +106,51 @@ def regression_metrics(
     return metrics, report
 
 
+def token_tags(labels: np.ndarray, logits: np.ndarray, label_map: LabelMap) -> tuple[list[list[str]], list[list[str]]]:
+    """(true, predicted) tag sequences over the labeled tokens (first word pieces) of each example."""
+    true, predicted = [], []
+    for values, scores in zip(labels, logits):
+        keep = np.flatnonzero(np.asarray(values) != IGNORED_LABEL)
+        true.append([label_map.names[i] for i in np.asarray(values)[keep]])
+        predicted.append([label_map.names[i] for i in scores[keep].argmax(-1)])
+    return true, predicted
+
+
+def ner_metrics(
+    labels: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Entity-level precision, recall and F1 (seqeval, CoNLL rules), token accuracy and the
+    masked cross-entropy. `labels`: per-token label arrays with IGNORED_LABEL where not scored."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    true, predicted = token_tags(labels, logits, label_map)
+    losses, hits, count = 0.0, 0, 0
+    for values, scores in zip(labels, logits):
+        keep = np.flatnonzero(np.asarray(values) != IGNORED_LABEL)
+        gold = np.asarray(values)[keep]
+        log_probabilities = log_softmax(scores[keep].astype(np.float64))
+        losses += float(-log_probabilities[np.arange(len(keep)), gold].sum())
+        hits += int((scores[keep].argmax(-1) == gold).sum())
+        count += len(keep)
+    metrics = {
+        f"{prefix}_loss": losses / max(count, 1),
+        f"{prefix}_precision": float(precision_score(true, predicted, zero_division=0)),
+        f"{prefix}_recall": float(recall_score(true, predicted, zero_division=0)),
+        f"{prefix}_f1": float(f1_score(true, predicted, zero_division=0)),
+        f"{prefix}_token_accuracy": hits / max(count, 1),
+        f"{prefix}_samples": int(len(labels)),
+    }
+    report = {
+        "labels": list(label_map.names),
+        "entities": json_safe(classification_report(true, predicted, output_dict=True, zero_division=0)),
+    }
+    return metrics, report
+
+
+def json_safe(report: dict[str, Any]) -> dict[str, Any]:
+    return {key: {k: float(v) if k != "support" else int(v) for k, v in row.items()} for key, row in report.items()}
+
+
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 """Multilabel decision thresholds tried on validation (0.05 to 0.95)."""
 
@@ -157,6 +210,7 @@ TASK_METRICS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] 
     "multilabel": lambda labels, logits, label_map, prefix, decision: multilabel_metrics(
         labels, logits, label_map, prefix, decision.get("threshold")
     ),
+    "ner": lambda labels, logits, label_map, prefix, decision: ner_metrics(labels, logits, label_map, prefix),
 }
 """Task -> f(labels, logits, label map, prefix, decision) -> (metrics, report). `decision` holds
 settings fixed by the user or chosen on validation (multilabel: the threshold); a report's

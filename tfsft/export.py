@@ -29,7 +29,7 @@ from tfsft import artifacts
 from tfsft.config import RunConfig
 from tfsft.data import Examples, LengthBatchedData
 from tfsft.errors import ArtifactError
-from tfsft.evaluation import predict_logits
+from tfsft.evaluation import concat_padded, predict_logits, token_tags
 from tfsft.modeling import feature_names, tf
 from tfsft.tokenize import EncodedTexts, TextEncoder
 
@@ -66,18 +66,18 @@ class ParityResult:
         }
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) -> float:
+def _accuracy(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
     return float((logits.argmax(-1) == labels).mean())
 
 
-def _f1_micro(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) -> float:
+def _f1_micro(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
     from sklearn.metrics import f1_score
 
     predicted = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) >= decision.get("threshold", 0.5)
     return float(f1_score(labels.astype(np.int64), predicted.astype(np.int64), average="micro", zero_division=0))
 
 
-def _spearman(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) -> float:
+def _spearman(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
     from scipy.stats import spearmanr
 
     scores = logits.reshape(len(labels), -1)[:, 0]
@@ -86,12 +86,22 @@ def _spearman(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any]) 
     return float(spearmanr(scores, labels)[0])
 
 
-PARITY_SCORES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray, dict[str, Any]], float]]] = {
+def _entity_f1(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
+    from seqeval.metrics import f1_score
+
+    from tfsft.data import LabelMap
+
+    true, predicted = token_tags(labels, logits, LabelMap(tuple(names)))
+    return float(f1_score(true, predicted, zero_division=0))
+
+
+PARITY_SCORES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray, dict[str, Any], Sequence[str]], float]]] = {
     "classification": ("accuracy", _accuracy),
     "regression": ("spearman", _spearman),
     "multilabel": ("f1_micro", _f1_micro),
+    "ner": ("f1", _entity_f1),
 }
-"""Task -> (name, f(logits, labels, decision)): how much an int8 model loses, in the task's own terms."""
+"""Task -> (name, f(logits, labels, decision, label names)): how much an int8 model loses, in the task's own terms."""
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -530,7 +540,7 @@ def onnx_logits(path: Path, data: LengthBatchedData) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     chunks = [session.run([OUTPUT_NAME], features)[0] for features in data]
-    logits = np.concatenate(chunks)
+    logits = concat_padded(chunks)
     out = np.empty_like(logits)
     out[data.order()] = logits
     return out
@@ -553,9 +563,10 @@ class _ParitySet:
     labels: dict[int, np.ndarray]
     task: str = "classification"
     decision: Optional[dict[str, Any]] = None
+    names: tuple[str, ...] = ()
 
     def score(self, logits: np.ndarray, batch_size: int) -> float:
-        return PARITY_SCORES[self.task][1](logits, self.labels[batch_size], self.decision or {})
+        return PARITY_SCORES[self.task][1](logits, self.labels[batch_size], self.decision or {}, self.names)
 
 
 def _parity_set(
@@ -574,7 +585,8 @@ def _parity_set(
         data[batch_size] = LengthBatchedData(subset, None, batch_size, shuffle=False, pad_id=pad_id, feature_names=names)
         keras[batch_size] = predict_logits(model, data[batch_size])
         subsets[batch_size] = labels[indices]
-    return _ParitySet(data, keras, subsets, task, decision)
+    label_names = tuple(str(model.config.id2label[i]) for i in range(int(model.config.num_labels)))
+    return _ParitySet(data, keras, subsets, task, decision, label_names)
 
 
 def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
@@ -660,7 +672,7 @@ def export_bundle(
     examples, labels = validation_data
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
-    encoded = encoder.encode(examples.texts, examples.pairs)
+    encoded, labels = examples.encode(encoder, labels)
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
         decision = artifacts.read_decision(run_dir)
@@ -741,14 +753,15 @@ def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     The validation examples are re-read exactly as training read them (same files, sample
     caps and seed), so the report of a later export matches the one written by `finetune`.
     """
-    from tfsft.data import STRATIFIED_TASKS, LabelMap, encode_labels, load_splits
+    from tfsft.data import STRATIFIED_TASKS, LabelMap, encode_labels, example_reader, load_splits
     from tfsft.modeling import load_finetuned
 
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
-    model = load_finetuned(artifacts.run_model_dir(run))
-    label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
     task = config.model.task
-    validation = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS).validation
+    model = load_finetuned(artifacts.run_model_dir(run), task)
+    label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
+    splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
+    validation = splits.validation
     labels = encode_labels(task, label_map, validation, config.data.label_delimiter)
     return export_bundle(model, run, validation_data=(validation, labels))

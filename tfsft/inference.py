@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
@@ -68,10 +69,28 @@ class LabelSet:
         return [json.dumps(self.labels, ensure_ascii=False), *(f"{self.probabilities[label]:.6g}" for label in labels)]
 
 
-AnyPrediction = Union[Prediction, Score, LabelSet]
+@dataclass(frozen=True)
+class Entities:
+    """The entity spans a tagging bundle found in one text, with character offsets into it."""
+
+    entities: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entities": self.entities}
+
+    def csv_fields(self, labels: Sequence[str]) -> list[str]:
+        return [json.dumps(self.entities, ensure_ascii=False)]
+
+
+AnyPrediction = Union[Prediction, Score, LabelSet, Entities]
 """What the Predictor returns for one input, by the bundle's task."""
 
-LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {"classification": (2, None), "regression": (1, 1), "multilabel": (2, None)}
+LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {
+    "classification": (2, None),
+    "regression": (1, 1),
+    "multilabel": (2, None),
+    "ner": (2, None),
+}
 """Task -> (fewest, most) labels its bundle.json may name; the bundle's task must be one of these."""
 
 
@@ -155,7 +174,7 @@ class Predictor:
     def _check_output_size(self) -> None:
         """Run one tiny batch: catches a label map that does not fit the model, and warms up."""
         logits = self._run(pad_batch(self.encoder.encode(["ok"]), [0], self.encoder.pad_id))
-        if logits.ndim != 2 or logits.shape[1] != len(self.labels):
+        if logits.shape[-1] != len(self.labels):
             raise ArtifactError(
                 f"{self.model_path}: the model outputs {logits.shape[-1]} logits but "
                 f"{self.bundle.directory / artifacts.BUNDLE_FILE} names {len(self.labels)} labels"
@@ -187,7 +206,27 @@ class Predictor:
     def predict(self, inputs: Sequence[TextInput]) -> list[AnyPrediction]:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
         a label with probabilities (classification), a score (regression) or a label set (multilabel)."""
+        if self.bundle.task in TOKEN_TASKS:
+            return self.predict_entities(inputs)
         return _DECODERS[self.bundle.task](self.logits(inputs), self.bundle)
+
+    def predict_entities(self, inputs: Sequence[TextInput]) -> list[Entities]:
+        """Entity spans of each text: split on whitespace (as CoNLL is), one tag per word from its
+        first word piece, IOB tags joined into spans with character offsets in the original text."""
+        texts, pairs = split_inputs(inputs)
+        if pairs is not None:
+            raise ValueError("a tagging model takes single texts, not pairs")
+        words = [[(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)] for text in texts]
+        encoded, word_ids = self.encoder.encode_words([[w for w, _, _ in ws] or [""] for ws in words])
+        order = np.argsort(encoded.lengths, kind="stable")
+        results: list[Optional[Entities]] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            probabilities = softmax(self._run(pad_batch(encoded, indices, self.encoder.pad_id)))
+            for row, i in enumerate(indices):
+                tags, scores = _word_tags(probabilities[row], word_ids[i], len(words[i]), self.labels)
+                results[i] = Entities(_entity_spans(texts[i], words[i], tags, scores))
+        return results  # type: ignore[return-value]
 
     def predict_one(self, text: TextInput) -> AnyPrediction:
         return self.predict([text])[0]
@@ -219,6 +258,44 @@ def _label_sets(logits: np.ndarray, bundle: Bundle) -> list[LabelSet]:
 
 
 _DECODERS = {"classification": _classify, "regression": _scores, "multilabel": _label_sets}
+TOKEN_TASKS = frozenset({"ner"})
+"""Tasks predicted per word (Predictor.predict_entities) rather than per text."""
+
+
+def _word_tags(
+    probabilities: np.ndarray, word_ids: np.ndarray, num_words: int, labels: Sequence[str]
+) -> tuple[list[str], list[float]]:
+    """The tag of each word from its first piece; words cut off by truncation are tagged O."""
+    tags, scores = ["O"] * num_words, [0.0] * num_words
+    previous = -1
+    for position, word in enumerate(word_ids):
+        if word >= 0 and word != previous and word < num_words:
+            best = int(probabilities[position].argmax())
+            tags[word], scores[word] = labels[best], float(probabilities[position, best])
+        previous = word
+    return tags, scores
+
+
+def _entity_spans(text: str, words: Sequence[tuple[str, int, int]], tags: Sequence[str], scores: Sequence[float]) -> list[dict[str, Any]]:
+    """IOB2 (or IOB1) word tags -> [{entity, start, end, text, score}], offsets into `text`."""
+    spans: list[dict[str, Any]] = []
+    current: Optional[dict[str, Any]] = None
+    for (_, start, end), tag, score in zip(words, tags, scores):
+        prefix, _, kind = tag.partition("-")
+        if tag == "O" or not kind:
+            current = None
+            continue
+        if prefix == "B" or current is None or current["entity"] != kind:
+            current = {"entity": kind, "start": start, "end": end, "scores": [score]}
+            spans.append(current)
+        else:
+            current["end"] = end
+            current["scores"].append(score)
+    return [
+        {"entity": s["entity"], "start": s["start"], "end": s["end"], "text": text[s["start"] : s["end"]],
+         "score": float(np.mean(s.pop("scores")))}
+        for s in spans
+    ]
 """Task -> f(logits, bundle) -> one prediction per row."""
 
 
@@ -382,7 +459,9 @@ def format_csv_row(prediction: AnyPrediction, labels: Sequence[str]) -> str:
 
 def csv_header(labels: Sequence[str], task: str = "classification") -> str:
     buffer = io.StringIO()
-    first = {"regression": ["score"], "multilabel": ["labels"]}.get(task, ["label"])
-    columns = first if task == "regression" else [*first, *(f"p_{label}" for label in labels)]
+    probabilities = [f"p_{label}" for label in labels]
+    columns = {"regression": ["score"], "ner": ["entities"], "multilabel": ["labels", *probabilities]}.get(
+        task, ["label", *probabilities]
+    )
     csv.writer(buffer, lineterminator="\n").writerow(columns)
     return buffer.getvalue()

@@ -1,4 +1,5 @@
-"""Build a `TFAutoModelForSequenceClassification` from a checkpoint, and save/reload it.
+"""Build a `TFAutoModelForSequenceClassification` (or, for tagging, `...ForTokenClassification`)
+from a checkpoint, and save/reload it.
 
 Checkpoints come as `tf_model.h5` (loaded by transformers) or `model.safetensors`, which
 transformers 4.57 cannot read into a TF model (upstream issue 40028): those weights are read
@@ -135,14 +136,26 @@ def quiet_transformers():
         hf_logging.set_verbosity(previous)
 
 
-def build_classifier(checkpoint: Path, label_map: LabelMap, name: str = "") -> tuple[Any, LoadReport]:
-    """A sequence classifier with a fresh head for `label_map`, encoder weights from `checkpoint`."""
+MODEL_CLASSES = {"ner": "TFAutoModelForTokenClassification"}
+"""Task -> transformers auto class of its head; the others are sequence-level heads."""
+
+
+def model_class(task: str):
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES.get(task, "TFAutoModelForSequenceClassification"))
+
+
+def build_classifier(
+    checkpoint: Path, label_map: LabelMap, name: str = "", task: str = "classification"
+) -> tuple[Any, LoadReport]:
+    """A classifier for the task with a fresh head for `label_map`, encoder weights from `checkpoint`."""
     with quiet_transformers():
-        return _build_classifier(checkpoint, label_map, name)
+        return _build_classifier(checkpoint, label_map, name, model_class(task))
 
 
-def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str) -> tuple[Any, LoadReport]:
-    from transformers import AutoConfig, TFAutoModelForSequenceClassification
+def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str, auto_class) -> tuple[Any, LoadReport]:
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(
@@ -162,14 +175,14 @@ def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str) -> tuple
         )
     try:
         if weights.name == "tf_model.h5":
-            model, info = TFAutoModelForSequenceClassification.from_pretrained(
+            model, info = auto_class.from_pretrained(
                 str(checkpoint), config=config, output_loading_info=True, ignore_mismatched_sizes=True
             )
         else:
             from safetensors.numpy import load_file
             from transformers.modeling_tf_pytorch_utils import load_pytorch_state_dict_in_tf2_model
 
-            model = TFAutoModelForSequenceClassification.from_config(config)
+            model = auto_class.from_config(config)
             model(model.dummy_inputs, training=False)
             state = load_file(str(weights))
             model, info = load_pytorch_state_dict_in_tf2_model(
@@ -202,14 +215,13 @@ def save_pretrained(model, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
-def load_finetuned(directory: Path):
-    """Reload a fine-tuned classifier written by `save_pretrained`."""
-    from transformers import TFAutoModelForSequenceClassification
+def load_finetuned(directory: Path, task: str = "classification"):
+    """Reload a fine-tuned model of the task written by `save_pretrained`."""
 
     if not (directory / "tf_model.h5").is_file():
         raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
     try:
         with quiet_transformers():
-            return TFAutoModelForSequenceClassification.from_pretrained(str(directory))
+            return model_class(task).from_pretrained(str(directory))
     except Exception as error:
         raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None

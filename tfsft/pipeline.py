@@ -24,8 +24,8 @@ from tfsft.data import (
     LengthBatchedData,
     class_weights,
     encode_labels,
+    example_reader,
     load_splits,
-    read_examples,
     task_label_map,
 )
 from tfsft.errors import ArtifactError, ConfigError, RunInterrupted, TfsftError
@@ -107,7 +107,7 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
     task = config.model.task
-    splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS)
+    splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
     delimiter = config.data.label_delimiter
     label_map = task_label_map(task, splits.train, delimiter)
     labels = {
@@ -184,29 +184,30 @@ def _train_and_save(
     """
     task = config.model.task
 
-    def encode(examples: Examples):
-        encoded = encoder.encode(examples.texts, examples.pairs)
+    def encode(examples: Examples, y: np.ndarray):
+        """Token ids, and the labels as the loss sees them (per-token ones aligned to word pieces)."""
+        encoded, y = examples.encode(encoder, y)
         encoder.warn_truncated(encoded, examples.source)
-        return encoded
+        return encoded, y
 
     strategy = make_strategy(config.train.strategy)
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
-        model, load_report = build_classifier(checkpoint, label_map, config.model.model_name_or_path)
+        model, load_report = build_classifier(checkpoint, label_map, config.model.model_name_or_path, task)
     _log(
         f"model: {load_report.loaded} weights from {checkpoint / load_report.weights_file}; newly initialised: "
         f"{list(load_report.newly_initialized)}; {replicas} replica(s) under {type(strategy).__name__}"
     )
     names = feature_names(model)
     train_data = LengthBatchedData(
-        encode(splits.train), labels["train"], config.train.per_device_train_batch_size * replicas,
+        *encode(splits.train, labels["train"]), config.train.per_device_train_batch_size * replicas,
         shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
         sample_weights=None if weights is None else weights[labels["train"]],
     )
 
     def eval_data(examples: Examples, y: np.ndarray) -> LengthBatchedData:
         return LengthBatchedData(
-            encode(examples), y, config.train.per_device_eval_batch_size * replicas,
+            *encode(examples, y), config.train.per_device_eval_batch_size * replicas,
             shuffle=False, pad_id=encoder.pad_id, feature_names=names,
         )
 
@@ -218,7 +219,7 @@ def _train_and_save(
 
     def validation_scores(current_model) -> dict[str, float]:
         logits = predict_logits(current_model, validation_data)
-        scores, _ = task_metrics(task, labels["validation"], logits, label_map, "eval", decision)
+        scores, _ = task_metrics(task, validation_data.labels, logits, label_map, "eval", decision)
         return {name[len("eval_"):]: value for name, value in scores.items() if name != "eval_samples"}
 
     history, epochs_run, seconds = fit(
@@ -227,11 +228,12 @@ def _train_and_save(
     )
 
     save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
-    metrics, report = task_metrics(task, labels["validation"], predict_logits(model, validation_data), label_map, "eval", decision)
+    metrics, report = task_metrics(task, validation_data.labels, predict_logits(model, validation_data), label_map, "eval", decision)
     write_evaluation(partial, metrics, report, "eval")
     if splits.test is not None:
-        test_logits = predict_logits(model, eval_data(splits.test, labels["test"]))
-        test_metrics, test_report = task_metrics(task, labels["test"], test_logits, label_map, "test", report.get("decision"))
+        test_data = eval_data(splits.test, labels["test"])
+        test_logits = predict_logits(model, test_data)
+        test_metrics, test_report = task_metrics(task, test_data.labels, test_logits, label_map, "test", report.get("decision"))
         write_evaluation(partial, test_metrics, test_report, "test")
         metrics.update(test_metrics)
     losses = [row["loss"] for row in history if "loss" in row]
@@ -263,13 +265,14 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
     model_dir = run / artifacts.MODEL_DIR
-    model = load_finetuned(model_dir)
+    task = config.model.task
+    model = load_finetuned(model_dir, task)
     label_map = LabelMap(tuple(model.config.id2label[i] for i in range(model.config.num_labels)))
-    examples = read_examples(file, config.data)
-    labels = encode_labels(config.model.task, label_map, examples, config.data.label_delimiter)
+    examples = example_reader(task)(file, config.data)
+    labels = encode_labels(task, label_map, examples, config.data.label_delimiter)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
-    encoded = encoder.encode(examples.texts, examples.pairs)
+    encoded, labels = examples.encode(encoder, labels)
     encoder.warn_truncated(encoded, file)
     data = LengthBatchedData(
         encoded, labels, batch_size or config.train.per_device_eval_batch_size,
@@ -277,7 +280,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     )
     name = Path(file).stem
     decision = artifacts.read_decision(run)
-    metrics, report = task_metrics(config.model.task, labels, predict_logits(model, data), label_map, "eval", decision)
+    metrics, report = task_metrics(task, labels, predict_logits(model, data), label_map, "eval", decision)
     write_evaluation(run, metrics, report, name)
     artifacts.write_json(run / f"{name}_metrics.json", metrics)
     return metrics

@@ -76,6 +76,17 @@ class TextEncoder:
         lengths = np.asarray([len(ids) for ids in input_ids], dtype=np.int32)
         return EncodedTexts(input_ids, type_ids, lengths, truncated)
 
+    def encode_words(self, words: Sequence[Sequence[str]]) -> tuple[EncodedTexts, list[np.ndarray]]:
+        """Tokenize pre-split words (token classification); also returns, per example, the word
+        index of every token (-1 for special tokens), so labels and predictions map to words."""
+        encodings = self.tokenizer.encode_batch([list(w) for w in words], is_pretokenized=True, add_special_tokens=True)
+        input_ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        type_ids = [np.asarray(e.type_ids, dtype=np.int32) for e in encodings]
+        truncated = np.asarray([bool(e.overflowing) for e in encodings], dtype=bool)
+        lengths = np.asarray([len(ids) for ids in input_ids], dtype=np.int32)
+        word_ids = [np.asarray([-1 if w is None else w for w in e.word_ids], dtype=np.int64) for e in encodings]
+        return EncodedTexts(input_ids, type_ids, lengths, truncated), word_ids
+
     def warn_truncated(self, encoded: EncodedTexts, source: str) -> None:
         count = int(encoded.truncated.sum())
         if count:

@@ -20,7 +20,7 @@ from tfsft.modeling import tf  # TensorFlow with the legacy-Keras switch already
 
 from tfsft import artifacts
 from tfsft.config import LOWER_IS_BETTER, TrainConfig
-from tfsft.data import LengthBatchedData
+from tfsft.data import IGNORED_LABEL, LengthBatchedData
 from tfsft.errors import ArtifactError
 
 NO_DECAY = ("LayerNorm", "layer_norm", "bias")
@@ -121,10 +121,25 @@ def _multilabel_objective() -> tuple[Any, list]:
     return tf.keras.losses.BinaryCrossentropy(from_logits=True), [tf.keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0)]
 
 
+def masked_token_loss(y_true, y_pred):
+    """Cross-entropy averaged over labeled tokens only: IGNORED_LABEL (-100) marks special tokens,
+    continuation word pieces and padding, which must not count (nor dilute the mean)."""
+    mask = tf.not_equal(y_true, IGNORED_LABEL)
+    labels = tf.where(mask, y_true, tf.zeros_like(y_true))
+    losses = tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
+    weights = tf.cast(mask, losses.dtype)
+    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+
+def _token_objective() -> tuple[Any, list]:
+    return masked_token_loss, []
+
+
 TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
     "classification": _classification_objective,
     "regression": _regression_objective,
     "multilabel": _multilabel_objective,
+    "ner": _token_objective,
 }
 """Task -> (loss on the logits, Keras metrics logged per epoch)."""
 
