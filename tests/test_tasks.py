@@ -5,6 +5,7 @@ task metrics against values worked out by hand."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -489,3 +490,38 @@ def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
             assert sentences[i][entity["start"] : entity["end"]] == entity["text"]
     with pytest.raises(ValueError, match="single texts"):
         predictor.predict([("a", "b")])
+
+
+def test_search_keeps_the_best_validation_trial_and_tests_only_it(tiny_checkpoint, sst2_slices, tmp_path):
+    import csv
+
+    from tfsft.config import search_trials
+    from tfsft.search import run_search
+
+    test_file = write_tsv_slice(shared_path("glue", "SST-2", "dev.tsv"), tmp_path / "heldout.tsv", 100, start=600)
+    trials = search_trials(dict(
+        search=True, learning_rate="1e-5,2e-3", num_train_epochs="1,2", model_name_or_path=str(tiny_checkpoint),
+        train_file=str(sst2_slices["train"]), validation_file=str(sst2_slices["dev"]), test_file=str(test_file),
+        warmup_ratio=0.0, per_device_train_batch_size=16, max_seq_length=64, output_dir=str(tmp_path / "search"),
+        quantize_int8=False,
+    ))
+    assert [(t.train.learning_rate, t.train.num_train_epochs) for t in trials] == [(1e-5, 1), (1e-5, 2), (2e-3, 1), (2e-3, 2)]
+    result = run_search(trials, verbose=0)
+    out = tmp_path / "search"
+    summary = json.loads((out / "search.json").read_text())
+    with open(out / "search.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 == len(summary["trials"])
+    scores = [float(r["score"]) for r in rows]
+    assert summary["metric"] == "eval_accuracy" and summary["best"]["score"] == max(scores)
+    assert [float(r["eval_accuracy"]) for r in rows] == scores
+    best_dir = Path(summary["best"]["run_dir"])
+    for row in summary["trials"]:
+        run = out / row["trial"]
+        saved = json.loads((run / "config.json").read_text())
+        assert saved["data"]["test_file"] is None and saved["train"]["learning_rate"] == row["learning_rate"]
+        assert (run / "heldout_metrics.json").exists() == (run == best_dir)
+        assert (run / "onnx").exists() == (run == best_dir)
+    assert result.test_metrics["test_samples"] == 100 and "test_accuracy" in result.test_metrics
+    with pytest.raises(ConfigError, match="not empty"):
+        run_search(trials, verbose=0)

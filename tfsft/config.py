@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import typing
@@ -214,6 +215,13 @@ class RunConfig:
         None, "Where the run is written; default saved_models/<task>-<timestamp>/."
     )
     overwrite_output_dir: bool = _field(False, "Replace --output_dir if it already holds a finished run.")
+    search: bool = _field(
+        False,
+        "Grid search: --learning_rate and --num_train_epochs take comma-separated values (2e-5,3e-5 "
+        "and 2,3); every combination trains on the training data and is scored on validation by "
+        "--metric_for_best_model; only the best one is evaluated on --test_file and exported. "
+        "Writes search.csv and search.json with all trials into --output_dir.",
+    )
 
     def __post_init__(self) -> None:
         """Fill in the task's default best-model metric, and refuse one the task does not compute."""
@@ -377,8 +385,34 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Merge defaults < --config file < explicit flags into one RunConfig."""
+SEARCH_FIELDS = ("learning_rate", "num_train_epochs")
+"""Flags that take comma-separated values under --search."""
+
+
+def wants_search(values: dict[str, Any]) -> bool:
+    return bool(_coerce("search", values.get("search", False), bool))
+
+
+def search_trials(values: dict[str, Any]) -> list[RunConfig]:
+    """One config per combination of the comma-separated SEARCH_FIELDS values, in grid order."""
+    options = {}
+    for name in SEARCH_FIELDS:
+        value = values.get(name)
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",") if value is not None else [None]
+        items = [item.strip() if isinstance(item, str) else item for item in items]
+        if any(item == "" for item in items):
+            raise ConfigError(f"--{name} has an empty value in its comma-separated list. Received: {name}={value!r}")
+        options[name] = list(dict.fromkeys(items))
+    trials = []
+    for combination in itertools.product(*options.values()):
+        trial = dict(values, search=False)
+        trial.update({name: item for name, item in zip(options, combination) if item is not None})
+        trials.append(RunConfig.from_flat(trial))
+    return trials
+
+
+def collect_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Flat values from defaults < --config file < explicit flags, before type checks."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
@@ -386,4 +420,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
-    return RunConfig.from_flat(values)
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults < --config file < explicit flags into one RunConfig."""
+    return RunConfig.from_flat(collect_args(args))
