@@ -525,3 +525,23 @@ def test_search_keeps_the_best_validation_trial_and_tests_only_it(tiny_checkpoin
     assert result.test_metrics["test_samples"] == 100 and "test_accuracy" in result.test_metrics
     with pytest.raises(ConfigError, match="not empty"):
         run_search(trials, verbose=0)
+
+
+def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
+    shared_path("glue", "STS-B", "train.tsv")
+    bad = run_script("benchmark.py", "--tasks", "stsb,imdb", timeout=120)
+    assert bad.returncode == 2 and "error: --tasks must name some of" in bad.stderr
+    result = run_script(
+        "benchmark.py", "--model_name_or_path", str(tiny_checkpoint), "--tasks", "stsb",
+        "--max_train_samples", "48", "--max_eval_samples", "24", "--num_train_epochs", "1",
+        "--learning_rate", "2e-3", "--max_seq_length", "48", "--output_dir", str(tmp_path / "bench"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "bench" / "results.md").read_text().splitlines()
+    assert table[0].startswith("Command: `python scripts/benchmark.py --model_name_or_path")
+    assert table[2].startswith("| task | metric | score | train examples | train examples/s | wall time (s) | int8 ONNX")
+    cells = [c.strip() for c in table[4].strip("|").split("|")]
+    assert cells[:2] == ["stsb", "STS-B dev Spearman"] and cells[3] == "48"
+    metrics = json.loads((tmp_path / "bench" / "stsb" / "metrics.json").read_text())
+    assert float(cells[2]) == pytest.approx(metrics["eval_spearman"], abs=1e-4)
+    assert cells[6].startswith("spearman ")

@@ -1,0 +1,125 @@
+"""Fine-tune and evaluate on the shared GLUE / CoNLL sets and write a Markdown results table.
+
+Each task is one ordinary `finetune` run (train, evaluate, export with parity, int8), so every
+figure in the table can be reproduced from its run directory. The score is the task's usual
+metric on the split the literature reports: SST-2 and STS-B on dev, MRPC and CoNLL-2003 on test
+(MRPC then validates on a held-out 10% of train). The int8 column is the quantized ONNX model on
+the validation split, beside the Keras model on the same examples, so the two are comparable.
+
+Example (small caps, minutes on 2 CPU cores):
+    python scripts/benchmark.py --tasks sst2,stsb --max_train_samples 2000 --max_eval_samples 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tfsft.cli import run_cli
+from tfsft.config import DEFAULT_MODEL, RunConfig
+from tfsft.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TASKS = {
+    "sst2": dict(
+        folder="glue/SST-2", files=dict(train_file="train.tsv", validation_file="dev.tsv"),
+        flags=dict(task="classification"), metric="eval_accuracy", name="SST-2 dev accuracy",
+    ),
+    "mrpc": dict(
+        folder="glue/MRPC", files=dict(train_file="train.tsv", test_file="test.tsv"),
+        flags=dict(task="classification", text_column="#1 String", text_pair_column="#2 String", label_column="Quality"),
+        metric="test_f1", name="MRPC test F1",
+    ),
+    "stsb": dict(
+        folder="glue/STS-B", files=dict(train_file="train.tsv", validation_file="dev.tsv"),
+        flags=dict(task="regression", label_column="score"), metric="eval_spearman", name="STS-B dev Spearman",
+    ),
+    "conll": dict(
+        folder="conll2003", files=dict(train_file="train.txt", validation_file="dev.txt", test_file="test.txt"),
+        flags=dict(task="ner"), metric="test_f1", name="CoNLL-2003 test entity F1",
+    ),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="Checkpoint to fine-tune.")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"Comma-separated subset of {list(TASKS)}.")
+    parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"), help="The shared data folder.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Training sample cap per task (default: all).")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="Validation/test sample cap (default: all).")
+    parser.add_argument("--num_train_epochs", type=int, default=3)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=32)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--output_dir", default="saved_models/benchmark", help="Run directories go here, one per task.")
+    parser.add_argument("--output", default=None, help="Markdown table file (default: OUTPUT_DIR/results.md).")
+    return parser.parse_args()
+
+
+def task_config(args: argparse.Namespace, task: str) -> RunConfig:
+    spec = TASKS[task]
+    folder = Path(args.data_dir) / spec["folder"]
+    files = {flag: str(folder / name) for flag, name in spec["files"].items()}
+    return RunConfig.from_flat(dict(
+        model_name_or_path=args.model_name_or_path, **files, **spec["flags"],
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size, max_seq_length=args.max_seq_length,
+        output_dir=str(Path(args.output_dir) / task), overwrite_output_dir=True, export=True, quantize_int8=True,
+    ))
+
+
+def table(rows: list[dict], command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| task | metric | score | train examples | train examples/s | wall time (s) | int8 ONNX (validation) | Keras (validation) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['metric']} | {r['score']:.4f} | {r['train_samples']} | {r['examples_per_s']:.1f} | "
+            f"{r['wall_s']:.0f} | {r['int8']} | {r['keras']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ConfigError(f"--tasks must name some of {list(TASKS)}. Received: tasks={args.tasks!r}")
+    from tfsft.pipeline import finetune
+
+    rows = []
+    for task in tasks:
+        config = task_config(args, task)
+        start = time.perf_counter()
+        result = finetune(config, verbose=2)
+        wall = time.perf_counter() - start
+        report = json.loads((result.run_dir / "onnx" / "export_report.json").read_text())
+        score_name = next(k[len("keras_"):] for k in report if k.startswith("keras_"))
+        int8 = report.get("int8", {}).get(score_name)
+        rows.append(dict(
+            task=task, metric=TASKS[task]["name"], score=result.metrics[TASKS[task]["metric"]],
+            train_samples=result.metrics["train_samples"], examples_per_s=result.metrics["train_examples_per_s"] or 0.0,
+            wall_s=wall, int8="n/a" if int8 is None else f"{score_name} {int8:.4f}",
+            keras=f"{score_name} {report['keras_' + score_name]:.4f}",
+        ))
+    command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
+    markdown = table(rows, command.strip())
+    output = Path(args.output or Path(args.output_dir) / "results.md")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"Table written to {output}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
