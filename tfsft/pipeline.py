@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,11 @@ from tfsft.modeling import (
     save_pretrained,
     text_encoder,
 )
-from tfsft.training import compile_model, fit, make_strategy, set_precision, set_seed
+from tfsft.training import compile_model, fit, is_chief, make_strategy, set_precision, set_seed
+
+
+XLA_PAD_MULTIPLE = 8
+"""XLA compiles once per input shape: padding to a multiple of 8 bounds the number of compiles."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,42 @@ def open_partial_dir(config: RunConfig, output_dir: Path) -> Path:
 def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1) -> FinetuneResult:
     """Fine-tune, evaluate and save one run; returns its metrics and directory.
 
+    Under `--strategy multiworker` every worker of the TF_CONFIG cluster runs this; only the
+    chief writes the run. The others train in a scratch dir that is removed, and return their
+    training metrics with the output dir they were given.
+    """
+    config, scratch = _worker_config(config.with_embedded_defaults())
+    if scratch is None:
+        return _finetune(config, callbacks, verbose)
+    output_dir = config.output_dir
+    try:
+        worker_config = config.replace(output_dir=str(scratch / "run"), overwrite_output_dir=False, export=False)
+        result = _finetune(worker_config, callbacks, verbose)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return FinetuneResult(metrics=result.metrics, run_dir=Path(output_dir) if output_dir else result.run_dir)
+
+
+def _worker_config(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
+    """(config, scratch dir of a non-chief worker or None).
+
+    Creates the multi-worker strategy first: it configures collective ops, which TF allows only
+    before anything else has run in the process.
+    """
+    if config.train.strategy != "multiworker":
+        return config, None
+    strategy = make_strategy("multiworker")
+    if is_chief(strategy):
+        return config, None
+    resolver = strategy.cluster_resolver
+    scratch = Path(tempfile.mkdtemp(prefix=f"tfsft-{resolver.task_type}-{resolver.task_id}-"))
+    _log(f"{resolver.task_type} {resolver.task_id} is not the chief: training in {scratch}, which is removed after")
+    return config, scratch
+
+
+def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1) -> FinetuneResult:
+    """The run itself, written to `config.output_dir` (see `finetune`).
+
     Inputs are read and validated before anything is written. If the run fails, its partial
     directory is removed, unless it was interrupted (Ctrl-C) after an epoch was backed up.
 
@@ -103,7 +144,7 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
         callbacks: extra Keras callbacks, run beside the built-in ones.
         verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
     """
-    config, output_dir = resolve_output_dir(config.with_embedded_defaults())
+    config, output_dir = resolve_output_dir(config)
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
     task = config.model.task
@@ -203,12 +244,14 @@ def _train_and_save(
         *encode(splits.train, labels["train"]), config.train.per_device_train_batch_size * replicas,
         shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
         sample_weights=None if weights is None else weights[labels["train"]],
+        pad_multiple=XLA_PAD_MULTIPLE if config.train.xla else 1,
     )
 
     def eval_data(examples: Examples, y: np.ndarray) -> LengthBatchedData:
         return LengthBatchedData(
             *encode(examples, y), config.train.per_device_eval_batch_size * replicas,
             shuffle=False, pad_id=encoder.pad_id, feature_names=names,
+            pad_multiple=XLA_PAD_MULTIPLE if config.train.xla else 1,
         )
 
     validation_data = eval_data(splits.validation, labels["validation"])
@@ -226,6 +269,8 @@ def _train_and_save(
         model, train_data, validation_data, config.train, partial, callbacks, verbose,
         validation_scores=None if task in KERAS_SCORED_TASKS else validation_scores,
     )
+    if not is_chief(strategy):
+        return _worker_metrics(history, epochs_run, seconds, replicas), model
 
     save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
     metrics, report = task_metrics(task, validation_data.labels, predict_logits(model, validation_data), label_map, "eval", decision)
@@ -255,6 +300,15 @@ def _train_and_save(
     (partial / artifacts.BEST_WEIGHTS).unlink(missing_ok=True)
     artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
     return metrics, model
+
+
+def _worker_metrics(history: list[dict[str, float]], epochs_run: int, seconds: float, replicas: int) -> dict[str, Any]:
+    """What a non-chief worker reports: evaluation needs no collectives, so only the chief runs it."""
+    losses = [row["loss"] for row in history if "loss" in row]
+    return {
+        "train_runtime_s": round(seconds, 3), "epochs": len(losses), "epochs_resumed": len(losses) - epochs_run,
+        "train_loss_last_epoch": float(losses[-1]) if losses else None, "replicas": replicas,
+    }
 
 
 def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> dict[str, Any]:

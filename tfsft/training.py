@@ -7,6 +7,7 @@ gradient clipping (the BERT recipe), trained by Keras `fit` on length-batched `t
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import sys
@@ -21,7 +22,7 @@ from tfsft.modeling import tf  # TensorFlow with the legacy-Keras switch already
 from tfsft import artifacts
 from tfsft.config import LOWER_IS_BETTER, TrainConfig
 from tfsft.data import IGNORED_LABEL, LengthBatchedData
-from tfsft.errors import ArtifactError
+from tfsft.errors import ArtifactError, ConfigError
 
 NO_DECAY = ("LayerNorm", "layer_norm", "bias")
 
@@ -70,15 +71,32 @@ def make_strategy(name: str):
     `mirrored` replicates over all GPUs, or over all logical CPU devices when there is no GPU
     (how the tests exercise it on a CPU-only machine).
     """
-    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multiworker":
+        return multiworker_strategy()
+    gpus = tf.config.list_logical_devices("GPU")  # starts TF's runtime: too late for multiworker
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
     if name == "mirrored":
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+@functools.lru_cache(maxsize=None)
+def multiworker_strategy():
+    """The process's one MultiWorkerMirroredStrategy, from TF_CONFIG.
+
+    It configures collective ops, which TF allows only before its runtime starts: create it
+    before any model or tensor exists, and reuse it (a second one cannot be made).
+    """
+    if not os.environ.get("TF_CONFIG"):
+        raise ConfigError("--strategy multiworker needs TF_CONFIG (the cluster and this worker's task); it is not set")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run: always, except on the non-chief workers of a cluster."""
+    return bool(strategy.extended.should_checkpoint)
 
 
 def set_seed(seed: int, deterministic: bool) -> None:
