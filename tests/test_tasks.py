@@ -491,6 +491,16 @@ def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
     with pytest.raises(ValueError, match="single texts"):
         predictor.predict([("a", "b")])
 
+    from starlette.testclient import TestClient
+
+    from tfsft.serving import create_app
+
+    with TestClient(create_app(predictor)) as client:
+        body = client.post("/predict", json={"texts": sentences[:2]}).json()
+        assert body["predictions"] == [json.loads(json.dumps(p.to_dict())) for p in predictions[:2]]
+        rejected = client.post("/predict", json={"pairs": [["a", "b"]]})
+        assert rejected.status_code == 400 and "send \"texts\"" in rejected.json()["error"]
+
 
 def test_search_keeps_the_best_validation_trial_and_tests_only_it(tiny_checkpoint, sst2_slices, tmp_path):
     import csv

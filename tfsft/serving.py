@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import AnyPrediction, Predictor, TextInput
+from tfsft.inference import TOKEN_TASKS, AnyPrediction, Predictor, TextInput
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,8 @@ def create_app(predictor: Predictor, limits: Optional[Limits] = None, batching: 
     async def predict(request: Request) -> JSONResponse:
         try:
             inputs = parse_request(await request.body(), limits)
+            if bundle.task in TOKEN_TASKS and not isinstance(inputs[0], str):
+                raise RequestError(f'a {bundle.task} model tags single texts: send "texts", not "pairs"')
         except RequestError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         try:
