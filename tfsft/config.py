@@ -98,6 +98,15 @@ class DataConfig:
     validation_split_percentage: int = _field(
         10, "Percent of the training file held out (stratified) when no --validation_file is given."
     )
+    streaming: bool = _field(
+        False,
+        "Corpora larger than memory (classification): tokenize --train_file once into a sharded TFRecord "
+        "cache (keyed by the file's hash, tokenizer, max length and columns) and stream it in "
+        "length-bucketed, shuffled batches; needs --validation_file, no --max_train_samples.",
+    )
+    cache_dir: Optional[str] = _field(
+        None, "--streaming: where token caches are kept; default ~/.cache/tfsft/streaming."
+    )
 
     def __post_init__(self) -> None:
         _require(len(self.label_delimiter) > 0, "label_delimiter", self.label_delimiter, "a non-empty string")
@@ -239,6 +248,20 @@ class RunConfig:
             self.train.class_weights is None or self.model.task in WEIGHTED_TASKS,
             "class_weights", self.train.class_weights, f"no value: --task {self.model.task} has no classes to weigh",
         )
+        if self.data.streaming:
+            self._check_streaming()
+
+    def _check_streaming(self) -> None:
+        """--streaming reads the training file once, in order: what needs it whole is refused."""
+        data = self.data
+        _require(self.model.task == "classification", "streaming", True, f"--task classification (not {self.model.task})")
+        _require(data.train_file is not None, "train_file", data.train_file, "a CSV, TSV or JSONL file with --streaming")
+        _require(
+            data.validation_file is not None, "validation_file", data.validation_file,
+            "a file with --streaming (a hold-out would need the whole training file in memory)",
+        )
+        _require(data.max_train_samples is None, "max_train_samples", data.max_train_samples, "no value with --streaming")
+        _require(self.train.strategy != "multiworker", "strategy", self.train.strategy, "not multiworker with --streaming")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -151,7 +151,8 @@ def _token_records(records: Sequence[tuple[int, dict[str, Any]]], tokens: str, t
 
 @dataclass(frozen=True)
 class Splits:
-    train: Examples
+    train: Optional[Examples]
+    """None under --streaming: the training file is streamed from its token cache, never held."""
     validation: Examples
     test: Optional[Examples] = None
 

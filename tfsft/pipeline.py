@@ -23,10 +23,12 @@ from tfsft.data import (
     Examples,
     LabelMap,
     LengthBatchedData,
+    Splits,
     class_weights,
     encode_labels,
     example_reader,
     load_splits,
+    sample,
     task_label_map,
 )
 from tfsft.errors import ArtifactError, ConfigError, RunInterrupted, TfsftError
@@ -40,6 +42,7 @@ from tfsft.modeling import (
     save_pretrained,
     text_encoder,
 )
+from tfsft.streaming import StreamCache, StreamingData, open_cache
 from tfsft.training import compile_model, fit, is_chief, make_strategy, set_precision, set_seed
 
 
@@ -148,30 +151,42 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
     task = config.model.task
-    splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
     delimiter = config.data.label_delimiter
-    label_map = task_label_map(task, splits.train, delimiter)
+    stream = None
+    if config.data.streaming:
+        checkpoint = resolve_checkpoint(config.model.model_name_or_path)
+        tokenizer = load_tokenizer(checkpoint)
+        encoder = text_encoder(tokenizer, config.data.max_seq_length)
+        stream, splits = _streaming_splits(config, encoder)
+        label_map = stream.label_map
+        train_labels = stream.label_ids()
+    else:
+        splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
+        label_map = task_label_map(task, splits.train, delimiter)
+        train_labels = encode_labels(task, label_map, splits.train, delimiter)
     labels = {
-        "train": encode_labels(task, label_map, splits.train, delimiter),
+        "train": train_labels,
         "validation": encode_labels(task, label_map, splits.validation, delimiter),
         "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
     }
     weight_spec = parse_class_weights(config.train.class_weights)
     weights = None if weight_spec is None else class_weights(weight_spec, label_map, labels["train"])
     _log(
-        f"data: {len(splits.train)} train / {len(splits.validation)} validation"
+        f"data: {len(train_labels)} train / {len(splits.validation)} validation"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
         + f" examples, labels {list(label_map.names)}"
+        + (" (training data streamed)" if stream is not None else "")
     )
-    checkpoint = resolve_checkpoint(config.model.model_name_or_path)
-    tokenizer = load_tokenizer(checkpoint)
-    encoder = text_encoder(tokenizer, config.data.max_seq_length)
+    if stream is None:
+        checkpoint = resolve_checkpoint(config.model.model_name_or_path)
+        tokenizer = load_tokenizer(checkpoint)
+        encoder = text_encoder(tokenizer, config.data.max_seq_length)
 
     partial = open_partial_dir(config, output_dir)
     _log(f"writing the run to {output_dir} (in progress: {partial})")
     try:
         metrics, model = _train_and_save(
-            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights
+            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights, stream
         )
     except KeyboardInterrupt:
         if (partial / artifacts.BACKUP_DIR).exists():
@@ -216,12 +231,24 @@ def _write_failure(partial: Path, output_dir: Path, error: OSError) -> str:
     return f"{where}: cannot write the run ({error.strerror or error}); nothing was published{kept}"
 
 
+def _streaming_splits(config: RunConfig, encoder) -> tuple[StreamCache, Splits]:
+    """The training file's token cache (written on first use) and the in-memory validation and
+    test examples; `Splits.train` is None, since training examples are only ever streamed."""
+    data = config.data
+    reader = example_reader(config.model.task)
+    stream = open_cache(data.train_file, encoder, data, data.cache_dir)
+    validation = sample(reader(data.validation_file, data), data.max_eval_samples, config.train.seed)
+    test = sample(reader(data.test_file, data), data.max_eval_samples, config.train.seed) if data.test_file else None
+    return stream, Splits(train=None, validation=validation, test=test)
+
+
 def _train_and_save(
-    config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights=None
+    config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights=None, stream=None
 ):
     """Build, fit, evaluate and save into `partial`; returns (metrics, model).
 
     `weights`: per-class loss weights by label id (--class_weights), fed as sample weights.
+    `stream`: the training file's StreamCache under --streaming (then `splits.train` is None).
     """
     task = config.model.task
 
@@ -240,12 +267,20 @@ def _train_and_save(
         f"{list(load_report.newly_initialized)}; {replicas} replica(s) under {type(strategy).__name__}"
     )
     names = feature_names(model)
-    train_data = LengthBatchedData(
-        *encode(splits.train, labels["train"]), config.train.per_device_train_batch_size * replicas,
-        shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
-        sample_weights=None if weights is None else weights[labels["train"]],
-        pad_multiple=XLA_PAD_MULTIPLE if config.train.xla else 1,
-    )
+    if stream is not None:
+        train_data = StreamingData(
+            stream, config.train.per_device_train_batch_size * replicas, seed=config.train.seed,
+            pad_id=encoder.pad_id, feature_names=names, class_weights=weights,
+        )
+        train_samples = len(stream)
+    else:
+        train_data = LengthBatchedData(
+            *encode(splits.train, labels["train"]), config.train.per_device_train_batch_size * replicas,
+            shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
+            sample_weights=None if weights is None else weights[labels["train"]],
+            pad_multiple=XLA_PAD_MULTIPLE if config.train.xla else 1,
+        )
+        train_samples = len(splits.train)
 
     def eval_data(examples: Examples, y: np.ndarray) -> LengthBatchedData:
         return LengthBatchedData(
@@ -284,8 +319,8 @@ def _train_and_save(
     losses = [row["loss"] for row in history if "loss" in row]
     metrics.update(
         train_runtime_s=round(seconds, 3),
-        train_examples_per_s=round(len(splits.train) * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
-        train_samples=len(splits.train),
+        train_examples_per_s=round(train_samples * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
+        train_samples=train_samples,
         train_loss_first_epoch=float(losses[0]) if losses else None,
         train_loss_last_epoch=float(losses[-1]) if losses else None,
         epochs=len(losses),
