@@ -430,7 +430,9 @@ def fit(
     seconds spent training in this call). The backup and best weights stay in `run_dir` until
     the caller has saved the model, so a run killed after `fit` still resumes correctly.
     A one-epoch run skips validation inside `fit`: there is no epoch to choose, and the
-    caller evaluates the final model anyway.
+    caller evaluates the final model anyway. `validation_scores(model)` adds metrics Keras
+    cannot stream (Spearman, thresholded F1, entity F1) as `val_<name>` after each epoch, so
+    the best epoch can be chosen by them.
     """
     best_weights = run_dir / artifacts.BEST_WEIGHTS
     validate = config.num_train_epochs > 1
