@@ -204,18 +204,24 @@ def read_records(path: str, no_header: bool = False) -> tuple[list[str], list[tu
     return records
 
 
+def parse_json_record(path: str, number: int, line: str) -> dict[str, Any]:
+    """One JSONL line as an object, or a DataError naming the file and row."""
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise DataError(f"{path}: row {number}: malformed JSON ({error.args[0].split(':')[0]})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _read_jsonl(path: str, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     records: list[tuple[int, dict[str, Any]]] = []
     columns: dict[str, None] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise DataError(f"{path}: row {number}: malformed JSON ({error.args[0].split(':')[0]})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
+        record = parse_json_record(path, number, line)
         columns.update(dict.fromkeys(record))
         records.append((number, record))
     if not records:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from tfsft.config import DataConfig
-from tfsft.data import LabelMap, file_format, records_to_examples, resolve_columns
+from tfsft.data import LabelMap, file_format, parse_json_record, records_to_examples, resolve_columns
 from tfsft.errors import DataError
 from tfsft.tokenize import TextEncoder
 
@@ -113,13 +113,7 @@ def _jsonl_rows(path: str, handle) -> Iterator[tuple[int, dict[str, Any]]]:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except ValueError as error:
-                    raise DataError(f"{path}: row {number}: malformed JSON ({error.args[0].split(':')[0]})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
-                yield number, record
+                yield number, parse_json_record(path, number, line)
         except UnicodeDecodeError:
             raise DataError(f"{path}: row {number + 1}: not valid UTF-8; re-save the file as UTF-8") from None
 
