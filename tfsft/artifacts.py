@@ -127,21 +127,22 @@ def is_finished_run(directory: str | os.PathLike) -> bool:
     return (Path(directory) / METRICS_FILE).is_file() and (Path(directory) / CONFIG_FILE).is_file()
 
 
-def publish_run(partial: Path, output_dir: Path) -> None:
-    """Rename the completed partial directory into place, replacing an older run only now."""
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old"
+def publish_dir(partial: Path, target: Path) -> None:
+    """Rename a completed work directory (a run, a bundle) into place, replacing an older one
+    only now; if the rename fails, the older one is put back."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old"
         if old.exists():
             shutil.rmtree(old)
-        os.replace(output_dir, old)
+        os.replace(target, old)
         try:
-            os.replace(partial, output_dir)
+            os.replace(partial, target)
         except OSError:
-            os.replace(old, output_dir)
+            os.replace(old, target)
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(partial, output_dir)
+        os.replace(partial, target)
 
 
 def run_model_dir(run_dir: str | os.PathLike) -> Path:

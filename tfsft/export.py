@@ -680,7 +680,8 @@ def export_bundle(
         shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
         shutil.copy(run_dir / artifacts.CONFIG_FILE, work / artifacts.CONFIG_FILE)
         artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
-        _publish(work, run_dir / artifacts.ONNX_DIR)
+        os.chmod(work, 0o755)
+        artifacts.publish_dir(work, run_dir / artifacts.ONNX_DIR)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
@@ -732,19 +733,6 @@ def _build_bundle(
     report["sizes_bytes"] = {name: (work / name).stat().st_size for name in files.values()}
     artifacts.write_json(work / artifacts.BUNDLE_FILE, _bundle_metadata(model, config, names, encoder.pad_id, files, decision))
     return report
-
-
-def _publish(work: Path, target: Path) -> None:
-    """Rename the finished bundle into place, replacing an older one only now."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(work, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, target)
-    os.chmod(target, 0o755)
 
 
 def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:

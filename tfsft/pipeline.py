@@ -211,7 +211,7 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
                 export_bundle(model, partial, validation_data=(splits.validation, labels["validation"]))
             except TfsftError as error:
                 export_error = error
-        artifacts.publish_run(partial, output_dir)
+        artifacts.publish_dir(partial, output_dir)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise ArtifactError(_write_failure(partial, output_dir, error)) from None
