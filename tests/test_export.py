@@ -4,7 +4,6 @@ export at the end of `finetune` and `scripts/export.py`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

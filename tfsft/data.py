@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -234,40 +234,64 @@ CSV_FIELD_LIMIT = 1 << 30
 tokenizer with a warning instead, so the reader takes any field the file holds in memory."""
 
 
-def _read_delimited(path: str, text: str, fmt: str, no_header: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-    if fmt == "tsv":
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    records: list[tuple[int, dict[str, Any]]] = []
-    columns: Optional[list[str]] = None
-    try:
-        for values in reader:
-            number = reader.line_num
-            if not values or (len(values) == 1 and not values[0].strip()):
-                continue
-            if columns is None:
-                if no_header:
-                    columns = [str(i) for i in range(len(values))]
-                else:
-                    columns = [v.strip() for v in values]
-                    duplicated = sorted({c for c in columns if columns.count(c) > 1})
-                    if duplicated:
-                        raise DataError(f"{path}: row {number}: duplicated column name(s) {duplicated} in the header")
+class DelimitedRecords:
+    """Rows of a CSV or TSV stream as (row number, record), checked against the header.
+
+    Lazy, so the in-memory reader and the streaming reader share one set of checks;
+    `columns` is known once the header has been read.
+    """
+
+    def __init__(self, path: str, stream: Any, fmt: str, no_header: bool):
+        self.path, self.stream, self.fmt, self.no_header = path, stream, fmt, no_header
+        self.columns: Optional[list[str]] = None
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        path = self.path
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+        if self.fmt == "tsv":
+            reader = csv.reader(self.stream, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+        else:
+            reader = csv.reader(self.stream, strict=True)
+        rows = 0
+        try:
+            for values in reader:
+                number = reader.line_num
+                if not values or (len(values) == 1 and not values[0].strip()):
                     continue
-            if len(values) != len(columns):
-                raise DataError(
-                    f"{path}: row {number}: expected {len(columns)} fields like the header, found {len(values)}"
-                )
-            records.append((number, dict(zip(columns, values))))
-    except csv.Error as error:
-        raise DataError(f"{path}: row {reader.line_num}: malformed {fmt.upper()} ({error})") from None
-    if columns is None:
+                if self.columns is None:
+                    if self.no_header:
+                        self.columns = [str(i) for i in range(len(values))]
+                    else:
+                        self.columns = _header(path, number, values)
+                        continue
+                if len(values) != len(self.columns):
+                    raise DataError(
+                        f"{path}: row {number}: expected {len(self.columns)} fields like the header, found {len(values)}"
+                    )
+                rows += 1
+                yield number, dict(zip(self.columns, values))
+        except csv.Error as error:
+            raise DataError(f"{path}: row {reader.line_num}: malformed {self.fmt.upper()} ({error})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: row {reader.line_num + 1}: not valid UTF-8; re-save the file as UTF-8") from None
+        if self.columns is not None and not rows:
+            raise DataError(f"{path}: header only, no data rows")
+
+
+def _header(path: str, number: int, values: list[str]) -> list[str]:
+    columns = [v.strip() for v in values]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise DataError(f"{path}: row {number}: duplicated column name(s) {duplicated} in the header")
+    return columns
+
+
+def _read_delimited(path: str, text: str, fmt: str, no_header: bool) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    rows = DelimitedRecords(path, io.StringIO(text, newline=""), fmt, no_header)
+    records = list(rows)
+    if rows.columns is None:
         raise DataError(f"{path}: file is empty")
-    if not records:
-        raise DataError(f"{path}: header only, no data rows")
-    return columns, records
+    return rows.columns, records
 
 
 # ----------------------------------------------------------------------------------- validation

@@ -12,7 +12,6 @@ memory stays flat however large the corpus is.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -27,7 +26,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from tfsft.config import DataConfig
-from tfsft.data import LabelMap, file_format, parse_json_record, records_to_examples, resolve_columns
+from tfsft.data import DelimitedRecords, LabelMap, file_format, parse_json_record, records_to_examples, resolve_columns
 from tfsft.errors import DataError
 from tfsft.tokenize import TextEncoder
 
@@ -120,40 +119,15 @@ def _jsonl_rows(path: str, handle) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _delimited_rows(path: str, handle, fmt: str, no_header: bool) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields a header pseudo-record {"__columns__": names} first, then data rows."""
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    if fmt == "tsv":
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
-    else:
-        reader = csv.reader(handle, strict=True)
-    columns: Optional[list[str]] = None
-    data_rows = 0
+    records = DelimitedRecords(path, handle, fmt, no_header)
     with handle:
-        try:
-            for values in reader:
-                number = reader.line_num
-                if not values or (len(values) == 1 and not values[0].strip()):
-                    continue
-                if columns is None:
-                    if no_header:
-                        columns = [str(i) for i in range(len(values))]
-                        yield 0, {"__columns__": columns}
-                    else:
-                        columns = [v.strip() for v in values]
-                        duplicated = sorted({c for c in columns if columns.count(c) > 1})
-                        if duplicated:
-                            raise DataError(f"{path}: row {number}: duplicated column name(s) {duplicated} in the header")
-                        yield 0, {"__columns__": columns}
-                        continue
-                if len(values) != len(columns):
-                    raise DataError(f"{path}: row {number}: expected {len(columns)} fields like the header, found {len(values)}")
-                data_rows += 1
-                yield number, dict(zip(columns, values))
-        except csv.Error as error:
-            raise DataError(f"{path}: row {reader.line_num}: malformed {fmt.upper()} ({error})") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: row {reader.line_num + 1}: not valid UTF-8; re-save the file as UTF-8") from None
-    if columns is not None and not data_rows:
-        raise DataError(f"{path}: header only, no data rows")
+        rows = iter(records)
+        first = next(rows, None)
+        if records.columns is not None:
+            yield 0, {"__columns__": records.columns}
+        if first is not None:
+            yield first
+            yield from rows
 
 
 @dataclass(frozen=True)
