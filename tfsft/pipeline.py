@@ -267,6 +267,7 @@ def _train_and_save(
         f"{list(load_report.newly_initialized)}; {replicas} replica(s) under {type(strategy).__name__}"
     )
     names = feature_names(model)
+    pad_multiple = XLA_PAD_MULTIPLE if config.train.xla else 1
     if stream is not None:
         train_data = StreamingData(
             stream, config.train.per_device_train_batch_size * replicas, seed=config.train.seed,
@@ -278,7 +279,7 @@ def _train_and_save(
             *encode(splits.train, labels["train"]), config.train.per_device_train_batch_size * replicas,
             shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
             sample_weights=None if weights is None else weights[labels["train"]],
-            pad_multiple=XLA_PAD_MULTIPLE if config.train.xla else 1,
+            pad_multiple=pad_multiple,
         )
         train_samples = len(splits.train)
 
@@ -286,7 +287,7 @@ def _train_and_save(
         return LengthBatchedData(
             *encode(examples, y), config.train.per_device_eval_batch_size * replicas,
             shuffle=False, pad_id=encoder.pad_id, feature_names=names,
-            pad_multiple=XLA_PAD_MULTIPLE if config.train.xla else 1,
+            pad_multiple=pad_multiple,
         )
 
     validation_data = eval_data(splits.validation, labels["validation"])
