@@ -20,7 +20,7 @@ import numpy as np
 
 from tfsft import artifacts
 from tfsft.errors import ArtifactError, DataError
-from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch
+from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, plan_batches
 
 TextInput = Union[str, Sequence[str]]
 """A single text, or a (text, text pair) sequence of two strings."""
@@ -196,12 +196,15 @@ class Predictor:
         if len(inputs) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         encoded = self.encode(inputs)
-        order = np.argsort(encoded.lengths, kind="stable")
         out = np.empty((len(encoded), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
+        for indices in self._batches(encoded):
             out[indices] = self._run(pad_batch(encoded, indices, self.encoder.pad_id))
         return out
+
+    def _batches(self, encoded: EncodedTexts) -> list[np.ndarray]:
+        """Indices of each model call: sorted by length, split where padding would cost more than a call."""
+        order = np.argsort(encoded.lengths, kind="stable")
+        return [order[start:end] for start, end in plan_batches(encoded.lengths[order], self.batch_size)]
 
     def predict(self, inputs: Sequence[TextInput]) -> list[AnyPrediction]:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
@@ -218,10 +221,8 @@ class Predictor:
             raise ValueError("a tagging model takes single texts, not pairs")
         words = [[(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)] for text in texts]
         encoded, word_ids = self.encoder.encode_words([[w for w, _, _ in ws] or [""] for ws in words])
-        order = np.argsort(encoded.lengths, kind="stable")
         results: list[Optional[Entities]] = [None] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            indices = order[start : start + self.batch_size]
+        for indices in self._batches(encoded):
             probabilities = softmax(self._run(pad_batch(encoded, indices, self.encoder.pad_id)))
             for row, i in enumerate(indices):
                 tags, scores = _word_tags(probabilities[row], word_ids[i], len(words[i]), self.labels)
