@@ -543,15 +543,22 @@ def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
     assert bad.returncode == 2 and "error: --tasks must name some of" in bad.stderr
     result = run_script(
         "benchmark.py", "--model_name_or_path", str(tiny_checkpoint), "--tasks", "stsb",
-        "--max_train_samples", "48", "--max_eval_samples", "24", "--num_train_epochs", "1",
+        "--max_train_samples", "60", "--max_eval_samples", "24", "--num_train_epochs", "2",
         "--learning_rate", "2e-3", "--max_seq_length", "48", "--output_dir", str(tmp_path / "bench"), timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "bench" / "results.md").read_text().splitlines()
     assert table[0].startswith("Command: `python scripts/benchmark.py --model_name_or_path")
-    assert table[2].startswith("| task | metric | score | train examples | train examples/s | wall time (s) | int8 ONNX")
+    assert table[2].startswith("| task | metric | score | train examples | epochs, lr | best epoch | train examples/s |")
     cells = [c.strip() for c in table[4].strip("|").split("|")]
-    assert cells[:2] == ["stsb", "STS-B dev Spearman"] and cells[3] == "48"
-    metrics = json.loads((tmp_path / "bench" / "stsb" / "metrics.json").read_text())
-    assert float(cells[2]) == pytest.approx(metrics["eval_spearman"], abs=1e-4)
-    assert cells[6].startswith("spearman ")
+    assert cells[:2] == ["stsb", "STS-B dev Spearman"] and cells[4] == "2, 0.002"
+    run_dir = tmp_path / "bench" / "stsb"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # dev is the test split, scored once; the best epoch was chosen on a held-out slice of train
+    assert metrics["test_samples"] == 24 and metrics["eval_samples"] <= 24
+    assert float(cells[2]) == pytest.approx(metrics["test_spearman"], abs=1e-4)
+    assert int(cells[3]) == metrics["train_samples"] == 60
+    history = (run_dir / "history.csv").read_text().splitlines()
+    spearman = [float(row.split(",")[history[0].split(",").index("val_spearman")]) for row in history[1:]]
+    assert cells[5].startswith(f"{spearman.index(max(spearman)) + 1} (spearman: ")
+    assert cells[8].startswith("spearman ")
