@@ -2,7 +2,7 @@
 
 (a) every example padded to max_seq_length, random batches;
 (b) random batches padded to their longest member (what the transformers TF examples do);
-(c) tfsft: length-sorted windows, per-batch padding to a multiple of 8.
+(c) tfsft: length-sorted windows, exact per-batch padding (a multiple of 8 with --xla).
 
 All three train the same model from the same weights with the same seed in this one process,
 then score SST-2 dev, so the ratios compare like with like on whatever load the machine has.
@@ -44,14 +44,15 @@ class RandomBatches(LengthBatchedData):
 def run_pipeline(name, checkpoint, label_map, encoded, labels, dev, dev_labels, args):
     set_seed(args.seed, deterministic=True)
     model, _ = build_classifier(checkpoint, label_map)
-    config = TrainConfig(per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+    config = TrainConfig(per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+                         xla=args.xla)
     common = dict(shuffle=True, seed=args.seed, pad_id=0)
     if name == "a":
         data = RandomBatches(encoded, labels, args.batch_size, pad_multiple=args.max_seq_length, **common)
     elif name == "b":
         data = RandomBatches(encoded, labels, args.batch_size, pad_multiple=1, **common)
     else:
-        data = LengthBatchedData(encoded, labels, args.batch_size, **common)
+        data = LengthBatchedData(encoded, labels, args.batch_size, pad_multiple=8 if args.xla else 1, **common)
     compile_classifier(model, config, len(data) * args.epochs)
     dataset = data.to_tf_dataset()
     total = 0.0
@@ -81,8 +82,17 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--xla", action="store_true", help="jit_compile the train step (c pads to a multiple of 8).")
+    parser.add_argument("--threads", default=None, metavar="INTER,INTRA",
+                        help="TensorFlow inter-op and intra-op thread pool sizes (default: TensorFlow's choice).")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        import tensorflow as tf
+
+        inter, intra = (int(n) for n in args.threads.split(","))
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
 
     checkpoint = embedded_checkpoint()
     encoder = text_encoder(load_tokenizer(checkpoint), args.max_seq_length)
