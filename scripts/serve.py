@@ -1,7 +1,7 @@
 """Serve an ONNX bundle over HTTP: POST /predict, GET /health, GET /metadata.
 
-`--micro_batching` collects concurrent requests into one model call (`--max_batch_texts`,
-`--max_wait_ms`); by default each request gets its own model call.
+Concurrent requests are collected into one model call (`--max_batch_texts`, `--max_wait_ms`);
+`--no_micro_batching` gives each request its own model call, run concurrently in a thread pool.
 """
 
 import argparse
@@ -24,8 +24,12 @@ def main() -> None:
     parser.add_argument("--max_batch_texts", type=int, default=batching.max_texts,
                         help="Most inputs in one micro-batch of concurrent requests.")
     parser.add_argument("--max_wait_ms", type=float, default=batching.max_wait_ms,
-                        help="How long a micro-batch waits for more requests after its first.")
-    parser.add_argument("--micro_batching", action="store_true", help="Batch concurrent requests into one model call.")
+                        help="How long a micro-batch waits for more requests after its first (0: only "
+                             "requests already queued are batched; no added latency).")
+    parser.add_argument("--micro_batching", action="store_true", default=True,
+                        help="Batch concurrent requests into one model call (the default).")
+    parser.add_argument("--no_micro_batching", dest="micro_batching", action="store_false",
+                        help="Give each request its own model call, run concurrently in a thread pool.")
     parser.add_argument("--access_log", action="store_true", help="Log every request.")
     args = parser.parse_args()
     limits = Limits(max_texts=args.max_texts, max_chars=args.max_chars)

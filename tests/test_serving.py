@@ -198,7 +198,7 @@ def served(bundle_dir):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "serve.py"), str(bundle_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--max_texts", "4", "--max_chars", "200", "--micro_batching", "--max_wait_ms", "5"],
+         "--port", str(port), "--max_texts", "4", "--max_chars", "200", "--max_wait_ms", "5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -237,7 +237,7 @@ def test_serve_script_answers_over_http(served, server):
     assert got[1]["probabilities"] == pytest.approx(expected[1].probabilities, abs=1e-5)
     meta = httpx.get(f"{base}/metadata", timeout=10).json()
     assert meta["limits"] == {"max_texts": 4, "max_chars": 200}
-    assert meta["batching"]["max_wait_ms"] == 5
+    assert meta["batching"] == {"max_texts": 64, "max_wait_ms": 5}  # micro-batching is on by default
 
 
 def mixed_requests(texts: list[str], count: int, seed: int = 0) -> list[tuple[bytes, object]]:

@@ -4,11 +4,12 @@ Every client mistake (bad JSON, missing or mistyped fields, empty or oversized r
 a 4xx with a one-line message; inference runs in Starlette's threadpool so the event loop
 keeps answering (health checks included) while a batch is computed.
 
-Concurrent requests can be batched together (`MicroBatcher`, opt-in): one Predictor call per
-micro-batch instead of one per request. It is off by default because on the 2-core machine it
-was measured on (bench/serve_load.py, MiniLM, SST-2 texts) it lowered throughput: the model is
-compute-bound already at ~25 tokens, a batch pads every text to its longest, and concurrent
-single-text calls keep both cores busy just as well.
+Concurrent requests are batched together (`MicroBatcher`, on by default): one worker takes
+every request waiting when it is free and makes one Predictor call of them, which splits them
+into length-homogeneous model calls. Measured on 2 CPU cores (bench/serve_load.py, MiniLM, 16
+clients): 1.46x the requests/s of one call per request on short texts and 1.04x on SST-2
+sentences, with a lower p99 latency in both. With the default wait of 0 ms a request never
+waits for others: batches form only from requests that queued while the previous one ran.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ class Limits:
 @dataclass(frozen=True)
 class Batching:
     """Dynamic micro-batching: a batch closes at `max_texts` inputs or `max_wait_ms` after its
-    first request, whichever comes first. The wait bounds the latency added at low load."""
+    first request, whichever comes first. The wait is the latency added at low load; 0 batches only
+    what queued while the previous batch ran (best on CPUs, where a busy worker is never idle)."""
 
     max_texts: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_texts < 1:
@@ -268,10 +270,11 @@ def serve(
     int8: bool = False,
     limits: Optional[Limits] = None,
     num_threads: Optional[int] = None,
-    batching: Optional[Batching] = None,
+    batching: Optional[Batching] = Batching(),
     access_log: bool = False,
 ) -> None:
-    """Load the bundle and serve it with uvicorn until interrupted (access log off: it costs CPU per request)."""
+    """Load the bundle and serve it with uvicorn until interrupted (access log off: it costs CPU per request).
+    `batching=None` gives every request its own model call, run concurrently in a thread pool."""
     import uvicorn
 
     app = create_app(Predictor(bundle_dir, int8=int8, num_threads=num_threads), limits, batching)
