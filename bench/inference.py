@@ -1,9 +1,10 @@
 """Inference benchmark: Keras (tf.function) vs ONNX fp32 unfused / fused / int8, in one run.
 
-Prints Markdown tables: median latency (variants measured round-robin, spinning off) at batch 1 (lengths 8, 32, 128), throughput at batch 32
-(lengths 32, 128), each with ratios against the baselines measured here; and the Predictor on a
-real evaluation file (length-sorted, per-batch padding) against padding every text to
-max_seq_length. Pass a run directory to include the Keras model (a bare bundle skips it).
+Prints Markdown tables: median latency (variants measured round-robin, spinning off) at batch 1
+(lengths 8, 32, 128), throughput at batch 32 (lengths 32, 128), each with ratios against the
+baselines measured here; the Predictor on a real evaluation file (length-sorted, per-batch
+padding) against padding every text to max_seq_length; and, for a classifier, fp32 and int8
+accuracy on that file. Pass a run directory to include the Keras model (a bare bundle skips it).
 
     python bench/inference.py RUN_DIR_OR_BUNDLE [--eval_file F] [--repeats N]
 """
@@ -128,6 +129,25 @@ def predictor_table(bundle: Path, eval_file: str, limit: int) -> list[str]:
     ]
 
 
+def int8_accuracy_table(bundle: Path, eval_file: str) -> list[str]:
+    """Accuracy of the fused fp32 and the int8 model on a labelled evaluation file (classification)."""
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    examples = read_examples(eval_file, DataConfig())
+    if not set(examples.labels) <= set(Predictor(bundle).labels):
+        return [f"({Path(eval_file).name}'s labels are not the model's: no int8 accuracy)"]
+    inputs = list(zip(examples.texts, examples.pairs)) if examples.pairs else examples.texts
+    rows = [f"| {Path(eval_file).name} ({len(examples)} labelled examples) | accuracy |", "|---|---|"]
+    accuracies = {}
+    for name, int8 in (("fp32 fused", False), ("int8", True)):
+        predictions = Predictor(bundle, int8=int8).predict(inputs)
+        accuracies[name] = float(np.mean([p.label == y for p, y in zip(predictions, examples.labels)]))
+        rows.append(f"| {name} | {accuracies[name]:.4f} |")
+    rows.append(f"| int8 drop | {(accuracies['fp32 fused'] - accuracies['int8']) * 100:.2f} points |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="A run directory (with onnx/) or a bundle directory.")
@@ -155,6 +175,9 @@ def main() -> None:
               f"(label agreement {report['int8']['label_agreement']:.4f})\n")
     if os.path.isfile(args.eval_file):
         print("\n".join(predictor_table(bundle, args.eval_file, args.eval_limit)))
+        if "int8" in meta.files and meta.task == "classification":
+            print()
+            print("\n".join(int8_accuracy_table(bundle, args.eval_file)))
 
 
 if __name__ == "__main__":
