@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tfsft.tokenize import TextEncoder, pad_batch, plan_batches
+from tfsft.tokenize import TextEncoder, pad_batch, split_into_calls
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +66,21 @@ def _brute_force_cost(lengths, max_batch, call_cost):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_plan_batches_is_the_cheapest_contiguous_split(seed):
+def test_split_into_calls_is_the_cheapest_contiguous_split(seed):
     rng = np.random.default_rng(seed)
     lengths = sorted(rng.integers(3, 80, size=int(rng.integers(1, 40))).tolist())
-    ranges = plan_batches(lengths, max_batch=8, call_cost_tokens=40)
+    ranges = split_into_calls(lengths, max_batch=8, call_cost_tokens=40)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(lengths)
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert all(0 < end - start <= 8 for start, end in ranges)
     assert _split_cost(lengths, ranges, 40) == _brute_force_cost(lengths, 8, 40)
 
 
-def test_plan_batches_splits_mixed_lengths_and_keeps_short_texts_together():
-    assert plan_batches([8] * 16, max_batch=32) == [(0, 16)]
+def test_split_into_calls_splits_mixed_lengths_and_keeps_short_texts_together():
+    assert split_into_calls([8] * 16, max_batch=32) == [(0, 16)]
     short_and_long = [6, 7, 7, 8, 60, 62, 64]
-    assert plan_batches(short_and_long, max_batch=32, call_cost_tokens=64) == [(0, 4), (4, 7)]
-    assert plan_batches([10, 10, 10], max_batch=1) == [(0, 1), (1, 2), (2, 3)]
-    assert plan_batches([], max_batch=4) == []
+    assert split_into_calls(short_and_long, max_batch=32, call_cost_tokens=64) == [(0, 4), (4, 7)]
+    assert split_into_calls([10, 10, 10], max_batch=1) == [(0, 1), (1, 2), (2, 3)]
+    assert split_into_calls([], max_batch=4) == []
     with pytest.raises(ValueError, match="sorted"):
-        plan_batches([5, 3], max_batch=4)
+        split_into_calls([5, 3], max_batch=4)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tfsft import artifacts
 from tfsft.errors import ArtifactError, DataError
-from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, plan_batches
+from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
 TextInput = Union[str, Sequence[str]]
 """A single text, or a (text, text pair) sequence of two strings."""
@@ -204,7 +204,7 @@ class Predictor:
     def _batches(self, encoded: EncodedTexts) -> list[np.ndarray]:
         """Indices of each model call: sorted by length, split where padding would cost more than a call."""
         order = np.argsort(encoded.lengths, kind="stable")
-        return [order[start:end] for start, end in plan_batches(encoded.lengths[order], self.batch_size)]
+        return [order[start:end] for start, end in split_into_calls(encoded.lengths[order], self.batch_size)]
 
     def predict(self, inputs: Sequence[TextInput]) -> list[AnyPrediction]:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:

@@ -128,7 +128,7 @@ CALL_COST_TOKENS = 64
 is split where the padding saved outweighs that cost."""
 
 
-def plan_batches(
+def split_into_calls(
     sorted_lengths: Sequence[int], max_batch: int, call_cost_tokens: int = CALL_COST_TOKENS
 ) -> list[tuple[int, int]]:
     """Split length-sorted examples into contiguous batches of at most `max_batch` that minimise
@@ -143,7 +143,7 @@ def plan_batches(
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive. Received: max_batch={max_batch}")
     if n and np.any(np.diff(lengths) < 0):
-        raise ValueError("plan_batches needs lengths sorted in ascending order")
+        raise ValueError("split_into_calls needs lengths sorted in ascending order")
     best = np.zeros(n + 1, dtype=np.int64)
     start_of = np.zeros(n + 1, dtype=np.int64)
     for end in range(1, n + 1):
