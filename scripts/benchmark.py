@@ -8,7 +8,9 @@ epoch is picked on a held-out slice of train (SST-2, MRPC, STS-B) or on CoNLL's 
 reported split is scored once, at the end. The int8 column is the quantized ONNX model on the
 validation split, beside the Keras model on the same examples, so the two are comparable.
 Each task has its own learning rate and epoch count (see TASKS); the flags override them.
-The table is rewritten after every task, so a long run shows its progress.
+The table (and its rows as JSON beside it) is rewritten after every task, so a long run shows
+its progress; rows of tasks run earlier into the same table are kept, so a task can be rerun
+alone.
 
 Example (small caps, minutes on 2 CPU cores):
     python scripts/benchmark.py --tasks sst2,stsb --max_train_samples 2000 --max_eval_samples 500
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
     "sst2": dict(
         folder="glue/SST-2", files=dict(train_file="train.tsv", test_file="dev.tsv"),
-        flags=dict(task="classification", validation_split_percentage=5, num_train_epochs=3, learning_rate=5e-5),
+        flags=dict(task="classification", validation_split_percentage=5, num_train_epochs=2, learning_rate=5e-5),
         metric="test_accuracy", name="SST-2 dev accuracy",
     ),
     "mrpc": dict(
@@ -43,12 +45,12 @@ TASKS = {
     ),
     "stsb": dict(
         folder="glue/STS-B", files=dict(train_file="train.tsv", test_file="dev.tsv"),
-        flags=dict(task="regression", label_column="score", num_train_epochs=5, learning_rate=1e-4),
+        flags=dict(task="regression", label_column="score", num_train_epochs=4, learning_rate=1e-4),
         metric="test_spearman", name="STS-B dev Spearman",
     ),
     "conll": dict(
         folder="conll2003", files=dict(train_file="train.txt", validation_file="dev.txt", test_file="test.txt"),
-        flags=dict(task="ner", num_train_epochs=5, learning_rate=1e-4),
+        flags=dict(task="ner", num_train_epochs=3, learning_rate=1e-4),
         metric="test_f1", name="CoNLL-2003 test entity F1",
     ),
 }
@@ -83,10 +85,9 @@ def task_config(args: argparse.Namespace, task: str) -> RunConfig:
     ))
 
 
-def table(rows: list[dict], command: str) -> str:
+def table(rows: list[dict]) -> str:
+    """The results table, then the command that produced each row."""
     lines = [
-        f"Command: `{command}`",
-        "",
         "| task | metric | score | train examples | epochs, lr | best epoch | train examples/s | wall time (s) | int8 ONNX (validation) | Keras (validation) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -95,7 +96,15 @@ def table(rows: list[dict], command: str) -> str:
             f"| {r['task']} | {r['metric']} | {r['score']:.4f} | {r['train_samples']} | {r['schedule']} | {r['best_epoch']} | "
             f"{r['examples_per_s']:.1f} | {r['wall_s']:.0f} | {r['int8']} | {r['keras']} |"
         )
+    lines.append("")
+    lines += [f"- {r['task']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def merged(previous: list[dict], row: dict) -> list[dict]:
+    """Earlier rows of other tasks kept (a task can be rerun alone), in TASKS order."""
+    rows = [r for r in previous if r.get("task") != row["task"] and r.get("task") in TASKS] + [row]
+    return sorted(rows, key=lambda r: list(TASKS).index(r["task"]))
 
 
 def main() -> None:
@@ -106,7 +115,10 @@ def main() -> None:
         raise ConfigError(f"--tasks must name some of {list(TASKS)}. Received: tasks={args.tasks!r}")
     from tfsft.pipeline import finetune
 
-    rows = []
+    output = Path(args.output or Path(args.output_dir) / "results.md")
+    rows_file = output.with_suffix(".json")
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
     for task in tasks:
         config = task_config(args, task)
         start = time.perf_counter()
@@ -115,18 +127,17 @@ def main() -> None:
         report = json.loads((result.run_dir / "onnx" / "export_report.json").read_text())
         score_name = next(k[len("keras_"):] for k in report if k.startswith("keras_"))
         int8 = report.get("int8", {}).get(score_name)
-        rows.append(dict(
-            task=task, metric=TASKS[task]["name"], score=result.metrics[TASKS[task]["metric"]],
+        rows = merged(rows, dict(
+            task=task, command=command.strip(), metric=TASKS[task]["name"], score=result.metrics[TASKS[task]["metric"]],
             train_samples=result.metrics["train_samples"], examples_per_s=result.metrics["train_examples_per_s"] or 0.0,
             schedule=f"{config.train.num_train_epochs}, {config.train.learning_rate:g}",
             best_epoch=best_epoch(result.run_dir, f"val_{config.train.metric_for_best_model}"),
             wall_s=wall, int8="n/a" if int8 is None else f"{score_name} {int8:.4f}",
             keras=f"{score_name} {report['keras_' + score_name]:.4f}",
         ))
-        command = "python scripts/benchmark.py " + " ".join(sys.argv[1:])
-        markdown = table(rows, command.strip())
-        output = Path(args.output or Path(args.output_dir) / "results.md")
+        markdown = table(rows)
         output.parent.mkdir(parents=True, exist_ok=True)
+        write_text(rows_file, json.dumps(rows, indent=2) + "\n")
         write_text(output, markdown)
         print(markdown, flush=True)
         print(f"Table written to {output}", flush=True)

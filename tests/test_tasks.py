@@ -541,6 +541,15 @@ def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
     shared_path("glue", "STS-B", "train.tsv")
     bad = run_script("benchmark.py", "--tasks", "stsb,imdb", timeout=120)
     assert bad.returncode == 2 and "error: --tasks must name some of" in bad.stderr
+    earlier = [  # rows of an earlier run into the same table: conll is kept, the stale stsb replaced
+        dict(task="conll", command="python scripts/benchmark.py --tasks conll", metric="CoNLL-2003 test entity F1",
+             score=0.5, train_samples=10, schedule="1, 0.001", best_epoch="last", examples_per_s=1.0, wall_s=1.0,
+             int8="n/a", keras="f1 0.5"),
+        dict(task="stsb", command="stale", metric="STS-B dev Spearman", score=0.1, train_samples=1, schedule="1, 1",
+             best_epoch="last", examples_per_s=1.0, wall_s=1.0, int8="n/a", keras="n/a"),
+    ]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text(json.dumps(earlier))
     result = run_script(
         "benchmark.py", "--model_name_or_path", str(tiny_checkpoint), "--tasks", "stsb",
         "--max_train_samples", "60", "--max_eval_samples", "24", "--num_train_epochs", "2",
@@ -548,9 +557,11 @@ def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "bench" / "results.md").read_text().splitlines()
-    assert table[0].startswith("Command: `python scripts/benchmark.py --model_name_or_path")
-    assert table[2].startswith("| task | metric | score | train examples | epochs, lr | best epoch | train examples/s |")
-    cells = [c.strip() for c in table[4].strip("|").split("|")]
+    assert table[0].startswith("| task | metric | score | train examples | epochs, lr | best epoch | train examples/s |")
+    assert [row.split("|")[1].strip() for row in table[2:4]] == ["stsb", "conll"] and table[4] == ""
+    assert table[5].startswith("- stsb: `python scripts/benchmark.py --model_name_or_path")
+    assert table[6] == "- conll: `python scripts/benchmark.py --tasks conll`"
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[:2] == ["stsb", "STS-B dev Spearman"] and cells[4] == "2, 0.002"
     run_dir = tmp_path / "bench" / "stsb"
     metrics = json.loads((run_dir / "metrics.json").read_text())
