@@ -123,24 +123,29 @@ def main() -> None:
         config = task_config(args, task)
         start = time.perf_counter()
         result = finetune(config, verbose=2)
-        wall = time.perf_counter() - start
-        report = json.loads((result.run_dir / "onnx" / "export_report.json").read_text())
-        score_name = next(k[len("keras_"):] for k in report if k.startswith("keras_"))
-        int8 = report.get("int8", {}).get(score_name)
-        rows = merged(rows, dict(
-            task=task, command=command.strip(), metric=TASKS[task]["name"], score=result.metrics[TASKS[task]["metric"]],
-            train_samples=result.metrics["train_samples"], examples_per_s=result.metrics["train_examples_per_s"] or 0.0,
-            schedule=f"{config.train.num_train_epochs}, {config.train.learning_rate:g}",
-            best_epoch=best_epoch(result.run_dir, f"val_{config.train.metric_for_best_model}"),
-            wall_s=wall, int8="n/a" if int8 is None else f"{score_name} {int8:.4f}",
-            keras=f"{score_name} {report['keras_' + score_name]:.4f}",
-        ))
+        rows = merged(rows, result_row(task, config, result.run_dir, time.perf_counter() - start, command.strip()))
         markdown = table(rows)
         output.parent.mkdir(parents=True, exist_ok=True)
         write_text(rows_file, json.dumps(rows, indent=2) + "\n")
         write_text(output, markdown)
         print(markdown, flush=True)
         print(f"Table written to {output}", flush=True)
+
+
+def result_row(task: str, config: RunConfig, run_dir: Path, wall_s: float, command: str) -> dict:
+    """One table row, read from the finished run directory's metrics, export report and history."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    report = json.loads((run_dir / "onnx" / "export_report.json").read_text())
+    score_name = next(k[len("keras_"):] for k in report if k.startswith("keras_"))
+    int8 = report.get("int8", {}).get(score_name)
+    return dict(
+        task=task, command=command, metric=TASKS[task]["name"], score=metrics[TASKS[task]["metric"]],
+        train_samples=metrics["train_samples"], examples_per_s=metrics["train_examples_per_s"] or 0.0,
+        schedule=f"{config.train.num_train_epochs}, {config.train.learning_rate:g}",
+        best_epoch=best_epoch(run_dir, f"val_{config.train.metric_for_best_model}"),
+        wall_s=wall_s, int8="n/a" if int8 is None else f"{score_name} {int8:.4f}",
+        keras=f"{score_name} {report['keras_' + score_name]:.4f}",
+    )
 
 
 def best_epoch(run_dir: Path, monitor: str) -> str:
