@@ -58,8 +58,24 @@ class FusedAdamW(tf.keras.optimizers.AdamW):
     at about a quarter of a training step on 2 CPU cores. The fused kernel makes one
     multithreaded pass with the same formula (m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
     w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)); sparse gradients are densified
-    first, which is what Keras' dense moment decay amounts to. Weight decay stays Keras' own.
+    first, which is what Keras' dense moment decay amounts to. Weight decay is Keras' decoupled
+    decay, w -= w * (wd * lr), with the two scalars multiplied first: one pass fewer per variable.
     """
+
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None:
+            return
+
+        def decay(variable):
+            if self._use_weight_decay(variable):
+                rate = tf.cast(self.weight_decay, variable.dtype) * tf.cast(self.learning_rate, variable.dtype)
+                variable.assign_sub(variable * rate)
+
+        def apply(distribution, variables, **kwargs):
+            for variable in variables:
+                distribution.extended.update(variable, decay, group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
 
     def update_step(self, gradient, variable):
         if self.amsgrad:
