@@ -50,7 +50,7 @@ TASKS = {
     ),
     "conll": dict(
         folder="conll2003", files=dict(train_file="train.txt", validation_file="dev.txt", test_file="test.txt"),
-        flags=dict(task="ner", num_train_epochs=3, learning_rate=1e-4),
+        flags=dict(task="ner", num_train_epochs=5, learning_rate=1e-4, early_stopping_patience=1),
         metric="test_f1", name="CoNLL-2003 test entity F1",
     ),
 }
