@@ -129,13 +129,13 @@ def predictor_table(bundle: Path, eval_file: str, limit: int) -> list[str]:
     ]
 
 
-def int8_accuracy_table(bundle: Path, eval_file: str) -> list[str]:
+def int8_accuracy_table(bundle: Path, labels, eval_file: str) -> list[str]:
     """Accuracy of the fused fp32 and the int8 model on a labelled evaluation file (classification)."""
     from tfsft.config import DataConfig
     from tfsft.data import read_examples
 
     examples = read_examples(eval_file, DataConfig())
-    if not set(examples.labels) <= set(Predictor(bundle).labels):
+    if not set(examples.labels) <= set(labels):
         return [f"({Path(eval_file).name}'s labels are not the model's: no int8 accuracy)"]
     inputs = list(zip(examples.texts, examples.pairs)) if examples.pairs else examples.texts
     rows = [f"| {Path(eval_file).name} ({len(examples)} labelled examples) | accuracy |", "|---|---|"]
@@ -177,7 +177,7 @@ def main() -> None:
         print("\n".join(predictor_table(bundle, args.eval_file, args.eval_limit)))
         if "int8" in meta.files and meta.task == "classification":
             print()
-            print("\n".join(int8_accuracy_table(bundle, args.eval_file)))
+            print("\n".join(int8_accuracy_table(bundle, meta.labels, args.eval_file)))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tfsft.config import DataConfig, TrainConfig
 from tfsft.data import LabelMap, LengthBatchedData, read_examples, sample
 from tfsft.evaluation import classification_metrics, predict_logits
 from tfsft.modeling import build_classifier, embedded_checkpoint, load_tokenizer, text_encoder
+from tfsft.pipeline import XLA_PAD_MULTIPLE
 from tfsft.training import compile_classifier, set_seed
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue" / "SST-2"
@@ -52,7 +53,7 @@ def run_pipeline(name, checkpoint, label_map, encoded, labels, dev, dev_labels, 
     elif name == "b":
         data = RandomBatches(encoded, labels, args.batch_size, pad_multiple=1, **common)
     else:
-        data = LengthBatchedData(encoded, labels, args.batch_size, pad_multiple=8 if args.xla else 1, **common)
+        data = LengthBatchedData(encoded, labels, args.batch_size, pad_multiple=XLA_PAD_MULTIPLE if args.xla else 1, **common)
     compile_classifier(model, config, len(data) * args.epochs)
     dataset = data.to_tf_dataset()
     total = 0.0
