@@ -102,6 +102,24 @@ def test_int8_is_smaller_and_agrees(exported):
     assert abs(int8["accuracy_drop"] - (report["keras_accuracy"] - int8["accuracy"])) < 1e-9
 
 
+def test_mean_pooled_head_exports_with_parity_and_predicts_like_keras(tmp_path, tiny_checkpoint, sst2_slices):
+    from tfsft.data import LengthBatchedData
+    from tfsft.evaluation import predict_logits
+    from tfsft.export import export_bundle
+    from tfsft.inference import Predictor
+
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], pooling="mean")
+    report = export_bundle(model, run_dir, validation_data=(examples.subset(range(64)), labels[:64]))
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        for batch in ("batch_1", "batch_8"):
+            assert report["parity"][name][batch]["max_abs_logit_diff"] <= 1e-4, (name, batch)
+    assert report["fusion"]["fused_operators"].get("Attention") == 2
+    predictor = Predictor(run_dir / artifacts.ONNX_DIR)
+    texts = examples.texts[:16]
+    data = LengthBatchedData(predictor.encoder.encode(texts), None, 16, shuffle=False, pad_id=predictor.encoder.pad_id)
+    np.testing.assert_allclose(predictor.logits(texts), predict_logits(model, data), atol=1e-4)
+
+
 def test_parity_failure_leaves_no_model(tmp_path, tiny_checkpoint, sst2_slices, monkeypatch):
     """A conversion that changes the function must fail loudly and publish nothing."""
     import onnx

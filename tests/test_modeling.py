@@ -16,15 +16,18 @@ def test_tiny_checkpoint_gets_a_fresh_head_only(tiny_checkpoint):
 
 @pytest.mark.slow
 def test_embedded_minilm_loads_every_encoder_weight_from_safetensors():
+    """Its pooler was never trained (it pooled by mean), so the default head leaves it out."""
     from safetensors.numpy import load_file
 
     checkpoint = embedded_checkpoint()
     model, report = build_classifier(checkpoint, LabelMap(("a", "b", "c")))
     assert report.weights_file == "model.safetensors"
+    assert report.pooling == "mean"
     assert set(report.newly_initialized) == {"classifier.weight", "classifier.bias"}
+    assert set(report.unused) == {"embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias"}
     state = load_file(str(checkpoint / "model.safetensors"))
     encoder_weights = [w for w in model.weights if "classifier" not in w.name]
-    assert len(encoder_weights) == len([k for k in state if k != "embeddings.position_ids"])
+    assert len(encoder_weights) == len(state) - len(report.unused)
     by_name = {w.name: w.numpy() for w in model.weights}
     query = next(v for k, v in by_name.items() if "layer_._5/attention/self/query/kernel" in k)
     np.testing.assert_array_equal(query, state["encoder.layer.5.attention.self.query.weight"].T)
@@ -89,3 +92,134 @@ def test_bert_family_architectures_train_through_the_same_path(model_type, tiny_
     new = result.metrics["newly_initialized"]
     assert any("classifier" in name for name in new)
     assert not [name for name in new if any(part in name for part in ("embeddings", "encoder", "transformer", "layer_"))]
+
+
+def sentence_transformers_checkpoint(source, target, **modes):
+    """A copy of `source` laid out as a sentence-transformers model whose Pooling module has `modes`."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
+    return target
+
+
+def test_checkpoint_pooling_follows_the_sentence_transformers_pooling_module(tiny_checkpoint, tmp_path):
+    from tfsft.modeling import checkpoint_pooling
+
+    assert checkpoint_pooling(tiny_checkpoint) == "cls"
+    mean = sentence_transformers_checkpoint(tiny_checkpoint, tmp_path / "mean", pooling_mode_mean_tokens=True,
+                                            pooling_mode_cls_token=False)
+    assert checkpoint_pooling(mean) == "mean"
+    both = sentence_transformers_checkpoint(tiny_checkpoint, tmp_path / "both", pooling_mode_mean_tokens=True,
+                                            pooling_mode_max_tokens=True)
+    assert checkpoint_pooling(both) == "cls"
+    (mean / "1_Pooling" / "config.json").write_text("{not json")
+    assert checkpoint_pooling(mean) == "cls"
+
+
+def test_a_model_fine_tuned_by_tfsft_keeps_its_pooling_as_a_checkpoint(tiny_checkpoint, tmp_path):
+    """Fine-tuning again from a finished run (say STS-B, then MRPC) keeps the head's pooling."""
+    from tfsft.modeling import checkpoint_pooling, load_tokenizer, save_pretrained
+
+    model = mean_pooled(tiny_checkpoint)
+    save_pretrained(model, load_tokenizer(tiny_checkpoint), tmp_path / "stage1")
+    assert checkpoint_pooling(tmp_path / "stage1") == "mean"
+    again, report = build_classifier(tmp_path / "stage1", LabelMap(("a", "b", "c")))
+    assert report.pooling == "mean"
+    assert report.newly_initialized == ("classifier/bias:0", "classifier/kernel:0")
+    encoder = {w.name.split("/", 1)[1]: w.numpy() for w in model.weights if "classifier" not in w.name}
+    for weight in again.weights:
+        if "classifier" not in weight.name:
+            np.testing.assert_array_equal(weight.numpy(), encoder[weight.name.split("/", 1)[1]])
+
+
+def test_auto_pooling_is_mean_for_the_embedded_minilm_and_cls_for_tagging():
+    from tfsft.modeling import resolve_pooling
+
+    checkpoint = embedded_checkpoint()
+    assert resolve_pooling("auto", checkpoint, "bert", "classification") == "mean"
+    assert resolve_pooling("auto", checkpoint, "bert", "regression") == "mean"
+    assert resolve_pooling("auto", checkpoint, "bert", "ner") == "cls"
+    assert resolve_pooling("auto", checkpoint, "distilbert", "classification") == "cls"
+    assert resolve_pooling("cls", checkpoint, "bert", "classification") == "cls"
+
+
+def test_mean_pooling_is_refused_where_it_cannot_apply(tiny_checkpoint):
+    from tfsft.config import RunConfig
+    from tfsft.errors import ConfigError
+    from tfsft.modeling import resolve_pooling
+
+    with pytest.raises(ConfigError, match="model_type=distilbert"):
+        resolve_pooling("mean", tiny_checkpoint, "distilbert", "classification")
+    with pytest.raises(ConfigError, match="--pooling"):
+        RunConfig.from_flat(dict(task="ner", pooling="mean", train_file="x.conll"))
+    with pytest.raises(ConfigError, match="--pooling"):
+        RunConfig.from_flat(dict(pooling="max"))
+
+
+def mean_pooled(tiny_checkpoint):
+    model, report = build_classifier(tiny_checkpoint, LabelMap(("neg", "pos")), pooling="mean")
+    assert report.pooling == "mean"
+    assert report.newly_initialized == ("classifier",)
+    assert not [w.name for w in model.weights if "pooler" in w.name]
+    return model
+
+
+def test_mean_pooled_head_reads_the_masked_mean_of_the_last_hidden_states(tiny_checkpoint):
+    import tensorflow as tf
+
+    model = mean_pooled(tiny_checkpoint)
+    ids = np.array([[101, 2204, 3185, 102, 0, 0], [101, 2919, 102, 0, 0, 0]], dtype=np.int32)
+    inputs = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32), "token_type_ids": np.zeros_like(ids)}
+    hidden = model.bert(**inputs, training=False).last_hidden_state.numpy()
+    lengths = inputs["attention_mask"].sum(axis=1)
+    expected_pooled = np.stack([hidden[i, :n].mean(axis=0) for i, n in enumerate(lengths)])
+    kernel, bias = (w.numpy() for w in model.classifier.weights)
+    logits = model(inputs, training=False).logits.numpy()
+    np.testing.assert_allclose(logits, expected_pooled @ kernel + bias, atol=1e-5)
+
+    shorter = {name: value[:1, :4] for name, value in inputs.items()}
+    np.testing.assert_allclose(model(shorter, training=False).logits.numpy(), logits[:1], atol=1e-5)
+    assert tf.reduce_any(tf.abs(model(inputs, training=True).logits - logits) > 1e-6)
+
+
+def test_mean_pooled_model_saves_and_reloads_with_its_pooling(tiny_checkpoint, tmp_path):
+    import json
+
+    from tfsft.modeling import POOLING_ATTRIBUTE, load_finetuned, load_tokenizer, save_pretrained
+
+    model = mean_pooled(tiny_checkpoint)
+    save_pretrained(model, load_tokenizer(tiny_checkpoint), tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())[POOLING_ATTRIBUTE] == "mean"
+    reloaded = load_finetuned(tmp_path / "model")
+    assert type(reloaded) is type(model)
+    inputs = {name: np.array([[101, 2204, 3185, 102, 0]], dtype=np.int32) for name in ("input_ids",)}
+    inputs["attention_mask"] = (inputs["input_ids"] > 0).astype(np.int32)
+    inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
+    np.testing.assert_allclose(reloaded(inputs).logits.numpy(), model(inputs).logits.numpy(), atol=1e-6)
+
+
+def test_finetune_records_the_pooling_it_resolved(tiny_checkpoint, sst2_slices, tmp_path):
+    import json
+
+    from tfsft import RunConfig, finetune
+    from tfsft.modeling import POOLING_ATTRIBUTE
+
+    checkpoint = sentence_transformers_checkpoint(tiny_checkpoint, tmp_path / "st", pooling_mode_mean_tokens=True)
+    result = finetune(
+        RunConfig.from_flat(dict(
+            model_name_or_path=str(checkpoint), train_file=str(sst2_slices["train"]),
+            validation_file=str(sst2_slices["dev"]), max_train_samples=64, max_eval_samples=32,
+            output_dir=str(tmp_path / "run"), export=False,
+        )),
+        verbose=0,
+    )
+    saved = json.loads((result.run_dir / "model" / "config.json").read_text())
+    assert saved[POOLING_ATTRIBUTE] == "mean"
+    assert json.loads((result.run_dir / "config.json").read_text())["model"]["pooling"] == "auto"

@@ -151,6 +151,37 @@ def test_regression_run_reevaluates_with_its_task(regression_run, stsb_slices):
     assert metrics["eval_mse"] == pytest.approx(regression_run.metrics["eval_mse"], abs=1e-4)
 
 
+def test_pair_classification_keeps_the_epoch_with_the_best_validation_f1(tiny_checkpoint, mrpc_slices, tmp_path):
+    from tfsft import finetune
+
+    result = finetune(RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(mrpc_slices["train"]),
+        validation_file=str(mrpc_slices["test"]), text_column="#1 String", text_pair_column="#2 String",
+        label_column="Quality", num_train_epochs=3, learning_rate=2e-3, warmup_ratio=0.0,
+        per_device_train_batch_size=16, max_seq_length=64, metric_for_best_model="f1",
+        output_dir=str(tmp_path / "run"), export=False,
+    )), verbose=0)
+    lines = (result.run_dir / "history.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), map(float, row.split(",")))) for row in lines[1:]]
+    assert len(rows) == 3 and {"val_f1", "val_mcc", "val_accuracy", "val_loss"} <= set(rows[0])
+    assert result.metrics["eval_f1"] == pytest.approx(max(r["val_f1"] for r in rows), abs=1e-6)
+
+
+def test_f1_as_best_model_metric_needs_two_labels(tiny_checkpoint, tmp_path):
+    from conftest import write_csv
+    from tfsft import finetune
+
+    rows = [[f"text number {i}", "abc"[i % 3]] for i in range(30)]
+    data = write_csv(tmp_path / "three.csv", ["text", "label"], rows)
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(data), metric_for_best_model="f1",
+        num_train_epochs=2, output_dir=str(tmp_path / "run"), export=False,
+    ))
+    with pytest.raises(ConfigError, match="has 3: use f1_macro"):
+        finetune(config, verbose=0)
+    assert not (tmp_path / "run").exists()
+
+
 def test_class_weights_balanced_and_explicit():
     from tfsft.data import class_weights
 
@@ -550,18 +581,23 @@ def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
     ]
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "results.json").write_text(json.dumps(earlier))
-    result = run_script(
-        "benchmark.py", "--model_name_or_path", str(tiny_checkpoint), "--tasks", "stsb",
+    result = run_script(  # mrpc starts from the stsb run, which is made first
+        "benchmark.py", "--model_name_or_path", str(tiny_checkpoint), "--tasks", "mrpc",
         "--max_train_samples", "60", "--max_eval_samples", "24", "--num_train_epochs", "2",
         "--learning_rate", "2e-3", "--max_seq_length", "48", "--output_dir", str(tmp_path / "bench"), timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "bench" / "results.md").read_text().splitlines()
     assert table[0].startswith("| task | metric | score | train examples | epochs, lr | best epoch | train examples/s |")
-    assert [row.split("|")[1].strip() for row in table[2:4]] == ["stsb", "conll"] and table[4] == ""
-    assert table[5].startswith("- stsb: `python scripts/benchmark.py --model_name_or_path")
-    assert table[6] == "- conll: `python scripts/benchmark.py --tasks conll`"
-    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert [row.split("|")[1].strip() for row in table[2:5]] == ["mrpc", "stsb", "conll"] and table[5] == ""
+    assert table[6].startswith("- mrpc: `python scripts/benchmark.py --model_name_or_path")
+    assert table[8] == "- conll: `python scripts/benchmark.py --tasks conll`"
+    mrpc_cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert mrpc_cells[1] == "MRPC test F1" and mrpc_cells[4] == "2, 0.002, from the stsb run"
+    assert mrpc_cells[5].startswith(("1 (f1: ", "2 (f1: "))
+    mrpc_config = json.loads((tmp_path / "bench" / "mrpc" / "config.json").read_text())
+    assert mrpc_config["model"]["model_name_or_path"] == str(tmp_path / "bench" / "stsb" / "model")
+    cells = [c.strip() for c in table[3].strip("|").split("|")]
     assert cells[:2] == ["stsb", "STS-B dev Spearman"] and cells[4] == "2, 0.002"
     run_dir = tmp_path / "bench" / "stsb"
     metrics = json.loads((run_dir / "metrics.json").read_text())

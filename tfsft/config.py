@@ -27,12 +27,15 @@ that it finishes within 15 minutes on 2 CPU cores; --max_train_samples overrides
 
 TASKS = frozenset({"classification", "regression", "multilabel", "ner"})
 STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
+POOLINGS = frozenset({"auto", "cls", "mean"})
 TASK_METRICS = {
-    "classification": ("accuracy", "loss"),
+    "classification": ("accuracy", "f1", "f1_macro", "mcc", "loss"),
     "regression": ("spearman", "pearson", "mse", "loss"),
     "multilabel": ("f1_micro", "f1_macro", "loss"),
     "ner": ("f1", "precision", "recall", "loss"),
 }
+TOKEN_TASKS = frozenset({"ner"})
+"""Tasks that label each word rather than the whole text."""
 FILE_ONLY_TASKS = frozenset({"ner"})
 """Tasks that need --train_file (no embedded default data set, no Hub loader)."""
 """Validation metrics each task can select the best epoch by; the first is its default."""
@@ -60,10 +63,21 @@ class ModelConfig:
         f"or '{DEFAULT_MODEL}' for the embedded MiniLM-L6-H384.",
     )
     task: str = _field("classification", f"Task head to train. One of {sorted(TASKS)}.")
+    pooling: str = _field(
+        "auto",
+        "What a sequence head reads: 'cls' (the pooler over [CLS], transformers' default), 'mean' (masked mean "
+        "of the last hidden states; BERT checkpoints), or 'auto': 'mean' for sentence-transformers checkpoints "
+        "that pooled by mean (the embedded MiniLM), else 'cls'.",
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.model_name_or_path.strip()), "model_name_or_path", self.model_name_or_path, "a path or name")
         _require(self.task in TASKS, "task", self.task, f"one of {sorted(TASKS)}")
+        _require(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {sorted(POOLINGS)}")
+        _require(
+            self.pooling != "mean" or self.task not in TOKEN_TASKS, "pooling", self.pooling,
+            f"'auto' or 'cls': --task {self.task} tags tokens and pools nothing",
+        )
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,8 @@ class TrainConfig:
     metric_for_best_model: Optional[str] = _field(
         None,
         "Validation metric whose best epoch is kept; default: the task's main one. "
-        + "; ".join(f"{task}: {', '.join(metrics)}" for task, metrics in sorted(TASK_METRICS.items())) + ".",
+        + "; ".join(f"{task}: {', '.join(metrics)}" for task, metrics in sorted(TASK_METRICS.items()))
+        + ". Classification 'f1' is the second label's F1, as GLUE reports it (two labels only).",
     )
     class_weights: Optional[str] = _field(
         None,
@@ -391,7 +406,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field; defaults are None so files can fill in."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file whose keys are these flag names; flags override it.")
     defaults = RunConfig()
     flat_defaults = _flatten(defaults.to_dict())
@@ -404,7 +419,10 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
             else:
                 parser.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=None, help=help_text)
         else:
-            parser.add_argument(f"--{name}", dest=name, type=str, default=None, metavar=base.__name__.upper(), help=f"{help_text} (default: {flat_defaults[name]})")
+            shown = "" if flat_defaults[name] is None else f" (default: {flat_defaults[name]})"
+            parser.add_argument(
+                f"--{name}", dest=name, type=str, default=None, metavar=base.__name__.upper(), help=help_text + shown
+            )
     return parser
 
 

@@ -215,9 +215,14 @@ TASK_METRICS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] 
 """Task -> f(labels, logits, label map, prefix, decision) -> (metrics, report). `decision` holds
 settings fixed by the user or chosen on validation (multilabel: the threshold); a report's
 "decision" is what the test set and the exported bundle must use."""
-KERAS_SCORED_TASKS = frozenset({"classification"})
-"""Tasks whose best-epoch metrics Keras computes during `fit`; the others are scored by
-TASK_METRICS after each epoch (correlations, thresholds and entity spans do not stream)."""
+KERAS_SCORED_METRICS = {"classification": frozenset({"accuracy", "loss"})}
+"""Best-epoch metrics Keras computes during `fit`, by task; any other is scored by TASK_METRICS
+after each epoch (F1, MCC, correlations, thresholds and entity spans do not stream)."""
+
+
+def keras_scores(task: str, metric: str) -> bool:
+    """Whether Keras' own validation pass yields `val_<metric>` for this task."""
+    return metric in KERAS_SCORED_METRICS.get(task, frozenset())
 
 
 def task_metrics(

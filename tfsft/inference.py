@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
 import numpy as np
 
 from tfsft import artifacts
+from tfsft.config import TOKEN_TASKS
 from tfsft.errors import ArtifactError, DataError
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
@@ -259,8 +260,6 @@ def _label_sets(logits: np.ndarray, bundle: Bundle) -> list[LabelSet]:
 
 
 _DECODERS = {"classification": _classify, "regression": _scores, "multilabel": _label_sets}
-TOKEN_TASKS = frozenset({"ner"})
-"""Tasks predicted per word (Predictor.predict_entities) rather than per text."""
 
 
 def _word_tags(

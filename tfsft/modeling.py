@@ -10,7 +10,9 @@ Hub names are downloaded to a local snapshot first, then take the same path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import tensorflow as tf  # noqa: E402
 
-from tfsft.config import DEFAULT_MODEL  # noqa: E402
+from tfsft.config import DEFAULT_MODEL, TOKEN_TASKS  # noqa: E402
 from tfsft.data import LabelMap  # noqa: E402
 from tfsft.errors import ArtifactError, ConfigError  # noqa: E402
 from tfsft.tokenize import TextEncoder  # noqa: E402
@@ -45,6 +47,7 @@ class LoadReport:
     newly_initialized: tuple[str, ...]
     unused: tuple[str, ...]
     loaded: int
+    pooling: str = "cls"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +56,7 @@ class LoadReport:
             "newly_initialized": list(self.newly_initialized),
             "unused": list(self.unused),
             "loaded": self.loaded,
+            "pooling": self.pooling,
         }
 
 
@@ -139,6 +143,12 @@ def quiet_transformers():
 MODEL_CLASSES = {"ner": "TFAutoModelForTokenClassification"}
 """Task -> transformers auto class of its head; the others are sequence-level heads."""
 
+POOLING_ATTRIBUTE = "tfsft_pooling"
+"""Key in a saved model's config.json recording how its sequence head pools (absent: 'cls')."""
+
+MEAN_POOLING_MODEL_TYPES = frozenset({"bert"})
+"""Architectures that get a mean-pooled head (it is built on transformers' BERT main layer)."""
+
 
 def model_class(task: str):
     import transformers
@@ -146,15 +156,130 @@ def model_class(task: str):
     return getattr(transformers, MODEL_CLASSES.get(task, "TFAutoModelForSequenceClassification"))
 
 
+def checkpoint_pooling(checkpoint: Path) -> str:
+    """How the checkpoint pooled: its tfsft pooling if tfsft fine-tuned it, 'mean' for a
+    sentence-transformers checkpoint that pooled by masked mean, else 'cls'.
+
+    Sentence-transformers checkpoints (the embedded all-MiniLM-L6-v2 among them) never trained
+    the pooler that transformers' head reads (the embedded one's bias is all zeros); their
+    `modules.json` names a Pooling module whose config says how they did pool.
+    """
+    try:
+        recorded = json.loads((checkpoint / "config.json").read_text()).get(POOLING_ATTRIBUTE)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded in ("cls", "mean"):
+        return recorded
+    try:
+        modules = json.loads((checkpoint / "modules.json").read_text())
+        pooling_dir = next(m["path"] for m in modules if m.get("type", "").endswith("models.Pooling"))
+        pooling = json.loads((checkpoint / pooling_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError, KeyError, StopIteration, AttributeError):
+        return "cls"
+    modes = [key for key, on in pooling.items() if key.startswith("pooling_mode_") and on is True]
+    return "mean" if modes == ["pooling_mode_mean_tokens"] else "cls"
+
+
+def resolve_pooling(requested: str, checkpoint: Path, model_type: str, task: str) -> str:
+    """The pooling a new sequence head gets: `requested`, or under 'auto' what the checkpoint was trained with."""
+    if task in TOKEN_TASKS:
+        return "cls"
+    if requested == "auto":
+        pooling = checkpoint_pooling(checkpoint)
+        return pooling if model_type in MEAN_POOLING_MODEL_TYPES else "cls"
+    if requested == "mean" and model_type not in MEAN_POOLING_MODEL_TYPES:
+        raise ConfigError(
+            f"--pooling mean is built for {sorted(MEAN_POOLING_MODEL_TYPES)} checkpoints; use --pooling cls. "
+            f"Received: pooling=mean, model_type={model_type}"
+        )
+    return requested
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_pooled_class():
+    """TFBertMeanPooledForSequenceClassification, defined on first use so transformers loads lazily."""
+    from transformers.modeling_tf_outputs import TFSequenceClassifierOutput
+    from transformers.modeling_tf_utils import TFSequenceClassificationLoss, get_initializer, unpack_inputs
+    from transformers.models.bert.modeling_tf_bert import TFBertMainLayer, TFBertPreTrainedModel
+
+    class TFBertMeanPooledForSequenceClassification(TFBertPreTrainedModel, TFSequenceClassificationLoss):
+        """`TFBertForSequenceClassification` with its head over the masked mean of the last hidden
+        states instead of the pooler's [CLS]: how sentence-transformers checkpoints were trained.
+
+        Layer names match transformers' class (`bert`, `classifier`), so checkpoints load the same way.
+        """
+
+        _keys_to_ignore_on_load_unexpected = [r"mlm___cls", r"nsp___cls", r"cls.predictions", r"cls.seq_relationship"]
+        _keys_to_ignore_on_load_missing = [r"dropout"]
+
+        def __init__(self, config, *inputs, **kwargs):
+            super().__init__(config, *inputs, **kwargs)
+            self.num_labels = config.num_labels
+            self.bert = TFBertMainLayer(config, add_pooling_layer=False, name="bert")
+            rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+            self.dropout = tf.keras.layers.Dropout(rate=rate)
+            self.classifier = tf.keras.layers.Dense(
+                units=config.num_labels, kernel_initializer=get_initializer(config.initializer_range), name="classifier"
+            )
+
+        @unpack_inputs
+        def call(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            token_type_ids=None,
+            position_ids=None,
+            head_mask=None,
+            inputs_embeds=None,
+            output_attentions=None,
+            output_hidden_states=None,
+            return_dict=None,
+            labels=None,
+            training=False,
+        ):
+            outputs = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=True, training=training,
+            )
+            hidden = outputs.last_hidden_state
+            if attention_mask is None:
+                attention_mask = tf.ones(tf.shape(hidden)[:2], dtype=hidden.dtype)
+            mask = tf.cast(attention_mask, hidden.dtype)[:, :, None]
+            pooled = tf.reduce_sum(hidden * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1e-9)
+            logits = self.classifier(self.dropout(pooled, training=training))
+            loss = None if labels is None else self.hf_compute_loss(labels=labels, logits=logits)
+            return TFSequenceClassifierOutput(
+                loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            )
+
+        def build(self, input_shape=None):
+            if self.built:
+                return
+            self.built = True
+            with tf.name_scope(self.bert.name):
+                self.bert.build(None)
+            with tf.name_scope(self.classifier.name):
+                self.classifier.build([None, None, self.config.hidden_size])
+
+    return TFBertMeanPooledForSequenceClassification
+
+
 def build_classifier(
-    checkpoint: Path, label_map: LabelMap, name: str = "", task: str = "classification"
+    checkpoint: Path, label_map: LabelMap, name: str = "", task: str = "classification", pooling: str = "auto"
 ) -> tuple[Any, LoadReport]:
-    """A classifier for the task with a fresh head for `label_map`, encoder weights from `checkpoint`."""
+    """A classifier for the task with a fresh head for `label_map`, encoder weights from `checkpoint`.
+
+    `pooling`: 'cls' (the pooler over [CLS]), 'mean', or 'auto' (what the checkpoint was trained with).
+    """
     with quiet_transformers():
-        return _build_classifier(checkpoint, label_map, name, model_class(task))
+        return _build_classifier(checkpoint, label_map, name, task, pooling)
 
 
-def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str, auto_class) -> tuple[Any, LoadReport]:
+def _build_classifier(
+    checkpoint: Path, label_map: LabelMap, name: str, task: str, pooling: str
+) -> tuple[Any, LoadReport]:
     from transformers import AutoConfig
 
     try:
@@ -166,6 +291,9 @@ def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str, auto_cla
         )
     except Exception as error:
         raise ArtifactError(f"{checkpoint}: unreadable config.json ({str(error).splitlines()[0]})") from None
+    pooling = resolve_pooling(pooling, checkpoint, config.model_type, task)
+    setattr(config, POOLING_ATTRIBUTE, pooling)
+    model_builder = _mean_pooled_class() if pooling == "mean" else model_class(task)
     weights = next((checkpoint / f for f in WEIGHT_FILES if (checkpoint / f).is_file()), None)
     if weights is None:
         found = sorted(p.name for p in checkpoint.iterdir())
@@ -175,14 +303,14 @@ def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str, auto_cla
         )
     try:
         if weights.name == "tf_model.h5":
-            model, info = auto_class.from_pretrained(
+            model, info = model_builder.from_pretrained(
                 str(checkpoint), config=config, output_loading_info=True, ignore_mismatched_sizes=True
             )
         else:
             from safetensors.numpy import load_file
             from transformers.modeling_tf_pytorch_utils import load_pytorch_state_dict_in_tf2_model
 
-            model = auto_class.from_config(config)
+            model = model_builder(config) if pooling == "mean" else model_builder.from_config(config)
             model(model.dummy_inputs, training=False)
             state = load_file(str(weights))
             model, info = load_pytorch_state_dict_in_tf2_model(
@@ -199,6 +327,7 @@ def _build_classifier(checkpoint: Path, label_map: LabelMap, name: str, auto_cla
         newly_initialized=tuple(sorted(missing)),
         unused=tuple(sorted(info.get("unexpected_keys", ()))),
         loaded=len(model.weights) - len(missing),
+        pooling=pooling,
     )
     return model, report
 
@@ -221,7 +350,9 @@ def load_finetuned(directory: Path, task: str = "classification"):
     if not (directory / "tf_model.h5").is_file():
         raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
     try:
+        pooling = json.loads((directory / "config.json").read_text()).get(POOLING_ATTRIBUTE, "cls")
         with quiet_transformers():
-            return model_class(task).from_pretrained(str(directory))
+            builder = _mean_pooled_class() if pooling == "mean" else model_class(task)
+            return builder.from_pretrained(str(directory))
     except Exception as error:
         raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None

@@ -32,7 +32,7 @@ from tfsft.data import (
     task_label_map,
 )
 from tfsft.errors import ArtifactError, ConfigError, RunInterrupted, TfsftError
-from tfsft.evaluation import KERAS_SCORED_TASKS, predict_logits, task_metrics, write_evaluation
+from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
 from tfsft.modeling import (
     build_classifier,
     feature_names,
@@ -169,6 +169,11 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
         "validation": encode_labels(task, label_map, splits.validation, delimiter),
         "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
     }
+    if task == "classification" and config.train.metric_for_best_model == "f1" and len(label_map.names) != 2:
+        raise ConfigError(
+            f"--metric_for_best_model f1 is the F1 of the second of two labels; {config.data.train_file or 'the data'} "
+            f"has {len(label_map.names)}: use f1_macro. Received: metric_for_best_model=f1"
+        )
     weight_spec = parse_class_weights(config.train.class_weights)
     weights = None if weight_spec is None else class_weights(weight_spec, label_map, labels["train"])
     _log(
@@ -261,10 +266,13 @@ def _train_and_save(
     strategy = make_strategy(config.train.strategy)
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
-        model, load_report = build_classifier(checkpoint, label_map, config.model.model_name_or_path, task)
+        model, load_report = build_classifier(
+            checkpoint, label_map, config.model.model_name_or_path, task, config.model.pooling
+        )
     _log(
         f"model: {load_report.loaded} weights from {checkpoint / load_report.weights_file}; newly initialised: "
-        f"{list(load_report.newly_initialized)}; {replicas} replica(s) under {type(strategy).__name__}"
+        f"{list(load_report.newly_initialized)}; pooling: {load_report.pooling}; "
+        f"{replicas} replica(s) under {type(strategy).__name__}"
     )
     names = feature_names(model)
     pad_multiple = XLA_PAD_MULTIPLE if config.train.xla else 1
@@ -303,7 +311,7 @@ def _train_and_save(
 
     history, epochs_run, seconds = fit(
         model, train_data, validation_data, config.train, partial, callbacks, verbose,
-        validation_scores=None if task in KERAS_SCORED_TASKS else validation_scores,
+        validation_scores=None if keras_scores(task, config.train.metric_for_best_model) else validation_scores,
     )
     if not is_chief(strategy):
         return _worker_metrics(history, epochs_run, seconds, replicas), model
