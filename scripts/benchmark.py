@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
     "sst2": dict(
         folder="glue/SST-2", files=dict(train_file="train.tsv", test_file="dev.tsv"),
-        flags=dict(task="classification", validation_split_percentage=5, num_train_epochs=2, learning_rate=5e-5),
+        flags=dict(task="classification", validation_split_percentage=5, num_train_epochs=3, learning_rate=1e-4,
+                   pooling="cls"),
         metric="test_accuracy", name="SST-2 dev accuracy",
     ),
     "mrpc": dict(
