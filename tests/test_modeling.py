@@ -64,6 +64,20 @@ ARCHITECTURES = {
 }
 
 
+def finetune_briefly(checkpoint, sst2_slices, output_dir):
+    """A short `finetune` of `checkpoint` on 64 SST-2 examples, without export."""
+    from tfsft import RunConfig, finetune
+
+    return finetune(
+        RunConfig.from_flat(dict(
+            model_name_or_path=str(checkpoint), train_file=str(sst2_slices["train"]),
+            validation_file=str(sst2_slices["dev"]), max_train_samples=64, max_eval_samples=32,
+            output_dir=str(output_dir), export=False,
+        )),
+        verbose=0,
+    )
+
+
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_bert_family_architectures_train_through_the_same_path(model_type, tiny_checkpoint, sst2_slices, tmp_path):
     import shutil
@@ -71,7 +85,6 @@ def test_bert_family_architectures_train_through_the_same_path(model_type, tiny_
     from transformers import AutoConfig, TFAutoModel
 
     from conftest import TOKENIZER_FILES
-    from tfsft import RunConfig, finetune
 
     checkpoint = tmp_path / model_type
     config = AutoConfig.for_model(model_type, vocab_size=30522, max_position_embeddings=512, **ARCHITECTURES[model_type])
@@ -80,14 +93,7 @@ def test_bert_family_architectures_train_through_the_same_path(model_type, tiny_
     encoder.save_pretrained(str(checkpoint))
     for name in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / name, checkpoint / name)
-    result = finetune(
-        RunConfig.from_flat(dict(
-            model_name_or_path=str(checkpoint), train_file=str(sst2_slices["train"]),
-            validation_file=str(sst2_slices["dev"]), max_train_samples=64, max_eval_samples=32,
-            output_dir=str(tmp_path / "run"), export=False,
-        )),
-        verbose=0,
-    )
+    result = finetune_briefly(checkpoint, sst2_slices, tmp_path / "run")
     assert result.metrics["eval_samples"] == 32
     new = result.metrics["newly_initialized"]
     assert any("classifier" in name for name in new)
@@ -208,18 +214,10 @@ def test_mean_pooled_model_saves_and_reloads_with_its_pooling(tiny_checkpoint, t
 def test_finetune_records_the_pooling_it_resolved(tiny_checkpoint, sst2_slices, tmp_path):
     import json
 
-    from tfsft import RunConfig, finetune
     from tfsft.modeling import POOLING_ATTRIBUTE
 
     checkpoint = sentence_transformers_checkpoint(tiny_checkpoint, tmp_path / "st", pooling_mode_mean_tokens=True)
-    result = finetune(
-        RunConfig.from_flat(dict(
-            model_name_or_path=str(checkpoint), train_file=str(sst2_slices["train"]),
-            validation_file=str(sst2_slices["dev"]), max_train_samples=64, max_eval_samples=32,
-            output_dir=str(tmp_path / "run"), export=False,
-        )),
-        verbose=0,
-    )
+    result = finetune_briefly(checkpoint, sst2_slices, tmp_path / "run")
     saved = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert saved[POOLING_ATTRIBUTE] == "mean"
     assert json.loads((result.run_dir / "config.json").read_text())["model"]["pooling"] == "auto"
