@@ -164,11 +164,8 @@ def checkpoint_pooling(checkpoint: Path) -> str:
     the pooler that transformers' head reads (the embedded one's bias is all zeros); their
     `modules.json` names a Pooling module whose config says how they did pool.
     """
-    try:
-        recorded = json.loads((checkpoint / "config.json").read_text()).get(POOLING_ATTRIBUTE)
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if recorded in ("cls", "mean"):
+    recorded = recorded_pooling(checkpoint)
+    if recorded is not None:
         return recorded
     try:
         modules = json.loads((checkpoint / "modules.json").read_text())
@@ -178,6 +175,20 @@ def checkpoint_pooling(checkpoint: Path) -> str:
         return "cls"
     modes = [key for key, on in pooling.items() if key.startswith("pooling_mode_") and on is True]
     return "mean" if modes == ["pooling_mode_mean_tokens"] else "cls"
+
+
+def recorded_pooling(directory: Path) -> str | None:
+    """The pooling a tfsft-saved model's config.json records, or None (not saved by tfsft, unreadable)."""
+    try:
+        recorded = json.loads((directory / "config.json").read_text()).get(POOLING_ATTRIBUTE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if recorded in ("cls", "mean") else None
+
+
+def head_class(task: str, pooling: str):
+    """The model class of a task's head with the given (resolved) pooling."""
+    return _mean_pooled_class() if pooling == "mean" else model_class(task)
 
 
 def resolve_pooling(requested: str, checkpoint: Path, model_type: str, task: str) -> str:
@@ -254,6 +265,11 @@ def _mean_pooled_class():
                 loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
             )
 
+        @classmethod
+        def from_config(cls, config):
+            """A fresh model, as transformers' auto classes build one."""
+            return cls(config)
+
         def build(self, input_shape=None):
             if self.built:
                 return
@@ -293,7 +309,7 @@ def _build_classifier(
         raise ArtifactError(f"{checkpoint}: unreadable config.json ({str(error).splitlines()[0]})") from None
     pooling = resolve_pooling(pooling, checkpoint, config.model_type, task)
     setattr(config, POOLING_ATTRIBUTE, pooling)
-    model_builder = _mean_pooled_class() if pooling == "mean" else model_class(task)
+    model_builder = head_class(task, pooling)
     weights = next((checkpoint / f for f in WEIGHT_FILES if (checkpoint / f).is_file()), None)
     if weights is None:
         found = sorted(p.name for p in checkpoint.iterdir())
@@ -310,7 +326,7 @@ def _build_classifier(
             from safetensors.numpy import load_file
             from transformers.modeling_tf_pytorch_utils import load_pytorch_state_dict_in_tf2_model
 
-            model = model_builder(config) if pooling == "mean" else model_builder.from_config(config)
+            model = model_builder.from_config(config)
             model(model.dummy_inputs, training=False)
             state = load_file(str(weights))
             model, info = load_pytorch_state_dict_in_tf2_model(
@@ -350,9 +366,7 @@ def load_finetuned(directory: Path, task: str = "classification"):
     if not (directory / "tf_model.h5").is_file():
         raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
     try:
-        pooling = json.loads((directory / "config.json").read_text()).get(POOLING_ATTRIBUTE, "cls")
         with quiet_transformers():
-            builder = _mean_pooled_class() if pooling == "mean" else model_class(task)
-            return builder.from_pretrained(str(directory))
+            return head_class(task, recorded_pooling(directory) or "cls").from_pretrained(str(directory))
     except Exception as error:
         raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None
