@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Validation/test sample cap (default: all).")
     parser.add_argument("--num_train_epochs", type=int, default=None, help="Epochs for every task (default: per task).")
     parser.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate for every task (default: per task).")
+    parser.add_argument("--layer_lr_decay", type=float, default=None,
+                        help="Layer-wise learning-rate decay for every task (default: per task).")
+    parser.add_argument("--seed", type=int, default=None, help="Random seed for every task (default: 42).")
     parser.add_argument("--direct", action="store_true", help="Start every task from --model_name_or_path (MRPC too).")
     parser.add_argument("--pooling", default=None,
                         help="Sequence head pooling for every task: auto, cls or mean (default: per task).")
@@ -86,7 +89,8 @@ def task_config(args: argparse.Namespace, task: str) -> RunConfig:
     files = {flag: str(folder / name) for flag, name in spec["files"].items()}
     overrides = {
         name: getattr(args, name)
-        for name in ("num_train_epochs", "learning_rate", "pooling") if getattr(args, name) is not None
+        for name in ("num_train_epochs", "learning_rate", "layer_lr_decay", "pooling", "seed")
+        if getattr(args, name) is not None
     }
     source = start_from(args, task)
     model = str(Path(args.output_dir) / source / MODEL_DIR) if source else args.model_name_or_path
@@ -177,6 +181,7 @@ def result_row(
         task=task, command=command, metric=TASKS[task]["name"], score=metrics[TASKS[task]["metric"]],
         train_samples=metrics["train_samples"], examples_per_s=metrics["train_examples_per_s"] or 0.0,
         schedule=f"{config.train.num_train_epochs}, {config.train.learning_rate:g}"
+        + (f", layer decay {config.train.layer_lr_decay:g}" if config.train.layer_lr_decay != 1.0 else "")
         + (f", from the {source} run" if source else ""),
         best_epoch=best_epoch(run_dir, f"val_{config.train.metric_for_best_model}"),
         wall_s=wall_s, int8="n/a" if int8 is None else f"{score_name} {int8:.4f}",

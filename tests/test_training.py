@@ -106,3 +106,67 @@ def test_xla_train_step_with_fused_adamw_matches_keras_adamw(tiny_checkpoint):
     tf.keras.backend.clear_session()
     for a, b in zip(fused, keras):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_lr_scale_decays_from_the_head_down_to_the_embeddings(tiny_checkpoint):
+    from tfsft.data import LabelMap
+    from tfsft.modeling import build_classifier
+    from tfsft.training import compile_model, encoder_layer_count, layer_lr_scale
+
+    model, _ = build_classifier(tiny_checkpoint, LabelMap.from_labels(["0", "1"]))
+    names = [variable.name for variable in model.trainable_variables]
+    assert encoder_layer_count(names) == 2
+    scales = {name: layer_lr_scale(name, 2, 0.5) for name in names}
+    by_part = {}
+    for name, scale in scales.items():
+        part = ("embeddings" if "/embeddings/" in name else "layer 0" if "layer_._0/" in name
+                else "layer 1" if "layer_._1/" in name else "head")
+        by_part.setdefault(part, set()).add(scale)
+    assert by_part == {"embeddings": {0.125}, "layer 0": {0.25}, "layer 1": {0.5}, "head": {1.0}}
+    assert any("classifier" in name for name in names if scales[name] == 1.0)
+    assert all(layer_lr_scale(name, 2, 1.0) == 1.0 for name in names)
+    assert encoder_layer_count(["dense/kernel:0", "embeddings/word:0"]) == 0
+    compile_model(model, TrainConfig(layer_lr_decay=0.5), total_steps=10, task="classification")
+    assert (model.optimizer.num_layers, model.optimizer.layer_lr_decay) == (2, 0.5)
+
+
+def test_fused_adamw_with_layer_decay_moves_each_layer_at_its_own_rate():
+    """Each variable follows Keras' AdamW run at its scaled peak rate, weight decay included
+    (clipping is off so that the variables' trajectories are independent)."""
+    from tfsft.modeling import tf
+    from tfsft.training import NO_DECAY
+
+    config = TrainConfig(weight_decay=0.1, learning_rate=1e-2, warmup_ratio=0.2, layer_lr_decay=0.5,
+                         max_grad_norm=1e9)
+    rng = np.random.default_rng(0)
+    scales = {"m/embeddings/word": 0.125, "m/encoder/layer_._0/kernel": 0.25, "m/encoder/layer_._1/kernel": 0.5,
+              "m/classifier/kernel": 1.0}
+    start = {name: rng.normal(size=(4, 3)).astype(np.float32) for name in scales}
+
+    def trajectory(name, optimizer) -> np.ndarray:
+        variable = tf.Variable(start[name], name=name)
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY))
+        optimizer.build([variable])
+        for step in range(6):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.tanh(variable * (step + 1.0)) ** 2)
+            optimizer.apply_gradients([(tape.gradient(loss, variable), variable)])
+        return variable.numpy()
+
+    for name, scale in scales.items():
+        got = trajectory(name, make_optimizer(config, total_steps=6, num_layers=2))
+        expected = trajectory(name, tf.keras.optimizers.AdamW(
+            learning_rate=WarmupLinearDecay(1e-2 * scale, 1, 6), weight_decay=0.1, epsilon=1e-6, global_clipnorm=1e9))
+        assert not np.allclose(got, start[name])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_layer_decay_needs_a_layered_encoder_and_a_factor_in_range():
+    from tfsft.errors import ConfigError
+
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="layer_lr_decay"):
+            TrainConfig(layer_lr_decay=bad)
+    with pytest.raises(ConfigError, match="layer_lr_decay 0.8: the model has no encoder layers"):
+        make_optimizer(TrainConfig(layer_lr_decay=0.8), total_steps=10, num_layers=0)
+    assert make_optimizer(TrainConfig(), total_steps=10, num_layers=0).layer_lr_decay == 1.0

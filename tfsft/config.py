@@ -151,6 +151,12 @@ class TrainConfig:
     num_train_epochs: int = _field(1, "Number of passes over the training data.")
     warmup_ratio: float = _field(0.1, "Fraction of training steps spent warming the learning rate up from 0.")
     weight_decay: float = _field(0.01, "Decoupled weight decay (not applied to LayerNorm and bias).")
+    layer_lr_decay: float = _field(
+        1.0,
+        "Layer-wise learning-rate decay: the head trains at --learning_rate, each encoder layer below "
+        "at this factor times the rate of the one above, the embeddings lowest (0.8 to 0.95 is usual; "
+        "1.0: one rate for all).",
+    )
     max_grad_norm: float = _field(1.0, "Global gradient-norm clipping threshold.")
     seed: int = _field(42, "Random seed for splits, shuffling, initialisation and dropout.")
     strategy: str = _field("auto", f"tf.distribute strategy: one of {sorted(STRATEGIES)}.")
@@ -186,6 +192,7 @@ class TrainConfig:
         _require(0 < self.learning_rate < 1, "learning_rate", self.learning_rate, "a float in (0, 1)")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a float in [0, 1)")
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
+        _require(0 < self.layer_lr_decay <= 1, "layer_lr_decay", self.layer_lr_decay, "a float in (0, 1]")
         _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a float > 0")
         _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {sorted(STRATEGIES)}")
         _require(

@@ -10,6 +10,7 @@ import csv
 import functools
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,30 @@ from tfsft.data import IGNORED_LABEL, LengthBatchedData
 from tfsft.errors import ArtifactError, ConfigError
 
 NO_DECAY = ("LayerNorm", "layer_norm", "bias")
+ENCODER_LAYER = re.compile(r"/layer_\._(\d+)/")
+"""How transformers' TF encoders name the variables of layer i (`.../encoder/layer_._3/...`)."""
+
+
+def encoder_layer_count(variable_names: Sequence[str]) -> int:
+    """Number of encoder layers among these variables (0 when none is named like one)."""
+    indices = [int(match.group(1)) for name in variable_names if (match := ENCODER_LAYER.search(name))]
+    return max(indices) + 1 if indices else 0
+
+
+def layer_lr_scale(variable_name: str, num_layers: int, decay: float) -> float:
+    """Learning-rate factor of one variable under layer-wise decay (ULMFiT, ELECTRA, DeBERTa).
+
+    The head (and pooler) trains at the full rate, encoder layer i at decay ** (num_layers - i),
+    the embeddings at decay ** (num_layers + 1): the lower a layer, the more general what it
+    learned in pretraining and the less it should move.
+    """
+    if decay == 1.0:
+        return 1.0
+    if match := ENCODER_LAYER.search(variable_name):
+        return decay ** (num_layers - int(match.group(1)))
+    if "/embeddings/" in variable_name:
+        return decay ** (num_layers + 1)
+    return 1.0
 
 
 class WarmupLinearDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -60,7 +85,19 @@ class FusedAdamW(tf.keras.optimizers.AdamW):
     w -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)); sparse gradients are densified
     first, which is what Keras' dense moment decay amounts to. Weight decay is Keras' decoupled
     decay, w -= w * (wd * lr), with the two scalars multiplied first: one pass fewer per variable.
+    With `layer_lr_decay` below 1, each variable's lr (for the update and the decay alike) is
+    scaled by `layer_lr_scale`, fixed per variable when its update is traced.
     """
+
+    def __init__(self, *args, layer_lr_decay: float = 1.0, num_layers: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_lr_decay = float(layer_lr_decay)
+        self.num_layers = int(num_layers)
+
+    def _learning_rate_of(self, variable):
+        rate = tf.cast(self.learning_rate, variable.dtype)
+        scale = layer_lr_scale(variable.name, self.num_layers, self.layer_lr_decay)
+        return rate if scale == 1.0 else rate * tf.cast(scale, variable.dtype)
 
     def _apply_weight_decay(self, variables):
         if self.weight_decay is None:
@@ -68,7 +105,7 @@ class FusedAdamW(tf.keras.optimizers.AdamW):
 
         def decay(variable):
             if self._use_weight_decay(variable):
-                rate = tf.cast(self.weight_decay, variable.dtype) * tf.cast(self.learning_rate, variable.dtype)
+                rate = tf.cast(self.weight_decay, variable.dtype) * self._learning_rate_of(variable)
                 variable.assign_sub(variable * rate)
 
         def apply(distribution, variables, **kwargs):
@@ -92,7 +129,7 @@ class FusedAdamW(tf.keras.optimizers.AdamW):
             v=self._velocities[index].handle,
             beta1_power=tf.pow(beta_1, local_step),
             beta2_power=tf.pow(beta_2, local_step),
-            lr=tf.cast(self.learning_rate, dtype),
+            lr=self._learning_rate_of(variable),
             beta1=beta_1,
             beta2=beta_2,
             epsilon=tf.cast(self.epsilon, dtype),
@@ -101,10 +138,19 @@ class FusedAdamW(tf.keras.optimizers.AdamW):
         )
 
 
-def make_optimizer(config: TrainConfig, total_steps: int):
-    """AdamW (fused update) over the warmup/decay schedule; call inside the strategy scope."""
+def make_optimizer(config: TrainConfig, total_steps: int, num_layers: int = 0):
+    """AdamW (fused update) over the warmup/decay schedule; call inside the strategy scope.
+
+    `num_layers` is the encoder's depth, which --layer_lr_decay below 1 needs.
+    """
+    if config.layer_lr_decay != 1.0 and num_layers < 1:
+        raise ConfigError(
+            f"--layer_lr_decay {config.layer_lr_decay}: the model has no encoder layers named like "
+            "transformers' (.../layer_._N/...), so there is nothing to decay by depth; use 1.0")
     schedule = WarmupLinearDecay(config.learning_rate, round(total_steps * config.warmup_ratio), total_steps)
     optimizer = FusedAdamW(
+        layer_lr_decay=config.layer_lr_decay,
+        num_layers=num_layers,
         learning_rate=schedule,
         weight_decay=config.weight_decay,
         epsilon=1e-6,
@@ -217,7 +263,9 @@ TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
 def compile_model(model, config: TrainConfig, total_steps: int, task: str) -> None:
     """Compile with AdamW and the task's loss on the logits; call inside the strategy scope."""
     loss, metrics = TASK_OBJECTIVES[task]()
-    model.compile(optimizer=make_optimizer(config, total_steps), loss=loss, metrics=metrics, jit_compile=config.xla)
+    num_layers = encoder_layer_count([variable.name for variable in model.trainable_variables])
+    optimizer = make_optimizer(config, total_steps, num_layers)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=config.xla)
 
 
 class ValidationScores(tf.keras.callbacks.Callback):
