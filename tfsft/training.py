@@ -43,8 +43,6 @@ def layer_lr_scale(variable_name: str, num_layers: int, decay: float) -> float:
     the embeddings at decay ** (num_layers + 1): the lower a layer, the more general what it
     learned in pretraining and the less it should move.
     """
-    if decay == 1.0:
-        return 1.0
     if match := ENCODER_LAYER.search(variable_name):
         return decay ** (num_layers - int(match.group(1)))
     if "/embeddings/" in variable_name:
