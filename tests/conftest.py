@@ -93,9 +93,10 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True, pooling: str = "auto"):
+def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True, **flags):
     """A run directory with config.json and model/ (a tiny classifier), as `finetune` leaves it
-    before exporting; returns (model, run_dir, validation examples, label ids).
+    before exporting; returns (model, run_dir, validation examples, label ids). `flags`: more
+    run settings (pooling, metric_for_best_model, ...).
 
     Export, inference and serving tests build their bundles from it, without paying for training.
     """
@@ -108,11 +109,11 @@ def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True
     run_dir.mkdir(parents=True)
     config = RunConfig.from_flat(dict(
         model_name_or_path=str(checkpoint), train_file=str(dev), validation_file=str(dev),
-        max_seq_length=64, output_dir=str(run_dir), quantize_int8=quantize, pooling=pooling,
+        max_seq_length=64, output_dir=str(run_dir), quantize_int8=quantize, **flags,
     ))
     artifacts.save_config(config, run_dir)
     label_map = LabelMap(RUN_LABELS)
-    model, _ = build_classifier(checkpoint, label_map, pooling=pooling)
+    model, _ = build_classifier(checkpoint, label_map, pooling=config.model.pooling)
     # A random head gives near-tied logits; widen the margins so label comparisons are meaningful.
     model.classifier.kernel.assign(model.classifier.kernel * 30.0)
     save_pretrained(model, load_tokenizer(checkpoint), run_dir / artifacts.MODEL_DIR)

@@ -11,6 +11,7 @@ import pytest
 from conftest import RUN_LABELS, make_run, run_script
 from tfsft import artifacts
 from tfsft.errors import ArtifactError
+from tfsft.tokenize import TextEncoder
 
 LABELS = RUN_LABELS
 
@@ -100,6 +101,29 @@ def test_int8_is_smaller_and_agrees(exported):
     assert (bundle / artifacts.BUNDLE_MODEL).stat().st_size > 3 * (bundle / artifacts.BUNDLE_MODEL_INT8).stat().st_size
     assert int8["label_agreement"] >= 0.9
     assert abs(int8["accuracy_drop"] - (report["keras_accuracy"] - int8["accuracy"])) < 1e-9
+
+
+def test_int8_is_scored_in_the_runs_best_model_metric(tmp_path, tiny_checkpoint, sst2_slices):
+    """A run that keeps its best epoch by F1 (MRPC) reports its int8 model's F1, not accuracy."""
+    from sklearn.metrics import f1_score
+
+    from tfsft.data import LengthBatchedData
+    from tfsft.evaluation import predict_logits
+    from tfsft.export import export_bundle, parity_score_name
+
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"],
+                                                metric_for_best_model="f1")
+    subset, subset_labels = examples.subset(range(64)), np.asarray(labels[:64])
+    report = export_bundle(model, run_dir, validation_data=(subset, subset_labels))
+    encoder = TextEncoder.from_file(run_dir / artifacts.ONNX_DIR / artifacts.BUNDLE_TOKENIZER, 64)
+    data = LengthBatchedData(subset.encode(encoder, subset_labels)[0], None, 8, shuffle=False, pad_id=encoder.pad_id)
+    expected = f1_score(subset_labels, predict_logits(model, data).argmax(-1))
+    assert "keras_accuracy" not in report
+    assert report["keras_f1"] == pytest.approx(expected, abs=1e-9)
+    assert report["int8"]["f1_drop"] == pytest.approx(report["keras_f1"] - report["int8"]["f1"], abs=1e-9)
+    assert report["parity"][artifacts.BUNDLE_MODEL]["batch_8"]["f1"] == pytest.approx(expected, abs=1e-9)
+    assert [parity_score_name("classification", m) for m in ("f1", "mcc", "loss")] == ["f1", "mcc", "accuracy"]
+    assert parity_score_name("regression", "mse") == "spearman"
 
 
 def test_mean_pooled_head_exports_with_parity_and_predicts_like_keras(tmp_path, tiny_checkpoint, sst2_slices):

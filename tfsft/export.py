@@ -26,10 +26,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import RunConfig
-from tfsft.data import Examples, LengthBatchedData
+from tfsft.config import LOWER_IS_BETTER, TASK_METRICS, RunConfig
+from tfsft.data import Examples, LabelMap, LengthBatchedData
 from tfsft.errors import ArtifactError
-from tfsft.evaluation import concat_padded, predict_logits, token_tags
+from tfsft.evaluation import concat_padded, predict_logits, task_metrics
 from tfsft.modeling import feature_names, tf
 from tfsft.tokenize import EncodedTexts, TextEncoder
 
@@ -48,7 +48,7 @@ FORMAT_VERSION = 1
 class ParityResult:
     """How one ONNX model compares with the Keras model on the evaluation examples.
 
-    `score` is the task's parity score (`score_name`: accuracy, Spearman) against the labels.
+    `score` is the run's parity score (`score_name`: accuracy, F1, Spearman, ...) against the labels.
     """
 
     max_abs_diff: float
@@ -66,42 +66,10 @@ class ParityResult:
         }
 
 
-def _accuracy(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
-    return float((logits.argmax(-1) == labels).mean())
-
-
-def _f1_micro(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
-    from sklearn.metrics import f1_score
-
-    predicted = 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) >= decision.get("threshold", 0.5)
-    return float(f1_score(labels.astype(np.int64), predicted.astype(np.int64), average="micro", zero_division=0))
-
-
-def _spearman(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
-    from scipy.stats import spearmanr
-
-    scores = logits.reshape(len(labels), -1)[:, 0]
-    if len(labels) < 2 or np.ptp(scores) == 0 or np.ptp(labels) == 0:
-        return 0.0
-    return float(spearmanr(scores, labels)[0])
-
-
-def _entity_f1(logits: np.ndarray, labels: np.ndarray, decision: dict[str, Any], names: Sequence[str]) -> float:
-    from seqeval.metrics import f1_score
-
-    from tfsft.data import LabelMap
-
-    true, predicted = token_tags(labels, logits, LabelMap(tuple(names)))
-    return float(f1_score(true, predicted, zero_division=0))
-
-
-PARITY_SCORES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray, dict[str, Any], Sequence[str]], float]]] = {
-    "classification": ("accuracy", _accuracy),
-    "regression": ("spearman", _spearman),
-    "multilabel": ("f1_micro", _f1_micro),
-    "ner": ("f1", _entity_f1),
-}
-"""Task -> (name, f(logits, labels, decision, label names)): how much an int8 model loses, in the task's own terms."""
+def parity_score_name(task: str, metric: str) -> str:
+    """The score the int8 model is compared in: the run's --metric_for_best_model (MRPC's F1, say),
+    or the task's main metric when that is a loss, where a "drop" would read backwards."""
+    return TASK_METRICS[task][0] if metric in LOWER_IS_BETTER else metric
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -564,9 +532,13 @@ class _ParitySet:
     task: str = "classification"
     decision: Optional[dict[str, Any]] = None
     names: tuple[str, ...] = ()
+    score_name: str = "accuracy"
 
     def score(self, logits: np.ndarray, batch_size: int) -> float:
-        return PARITY_SCORES[self.task][1](logits, self.labels[batch_size], self.decision or {}, self.names)
+        """The `score_name` metric, computed as the run's evaluation computes it."""
+        metrics, _ = task_metrics(
+            self.task, self.labels[batch_size], logits, LabelMap(self.names), "parity", self.decision)
+        return metrics[f"parity_{self.score_name}"]
 
 
 def _parity_set(
@@ -577,6 +549,7 @@ def _parity_set(
     names: Sequence[str],
     task: str = "classification",
     decision: Optional[dict[str, Any]] = None,
+    score_name: str = "accuracy",
 ) -> _ParitySet:
     data, keras, subsets = {}, {}, {}
     for batch_size in PARITY_BATCH_SIZES:
@@ -586,7 +559,7 @@ def _parity_set(
         keras[batch_size] = predict_logits(model, data[batch_size])
         subsets[batch_size] = labels[indices]
     label_names = tuple(str(model.config.id2label[i]) for i in range(int(model.config.num_labels)))
-    return _ParitySet(data, keras, subsets, task, decision, label_names)
+    return _ParitySet(data, keras, subsets, task, decision, label_names, score_name)
 
 
 def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
@@ -600,7 +573,7 @@ def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
             label_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
             score=parity.score(logits, batch_size),
             examples=len(logits),
-            score_name=PARITY_SCORES[parity.task][0],
+            score_name=parity.score_name,
         )
     return results
 
@@ -701,8 +674,8 @@ def _build_bundle(
     names, convert_s = _timed(lambda: convert_to_onnx(model, plain, config.export.opset))
     heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
     fusion, optimize_s = _timed(lambda: optimize(plain, fused, heads, hidden, config.export.opset))
-    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names, config.model.task, decision)
-    score_name = PARITY_SCORES[config.model.task][0]
+    score_name = parity_score_name(config.model.task, config.train.metric_for_best_model)
+    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names, config.model.task, decision, score_name)
     keras_score = parity_set.score(parity_set.keras[8], 8)
     parity: dict[str, Any] = {}
     for path in (plain, fused):
