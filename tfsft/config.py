@@ -34,11 +34,11 @@ TASK_METRICS = {
     "multilabel": ("f1_micro", "f1_macro", "loss"),
     "ner": ("f1", "precision", "recall", "loss"),
 }
+"""Validation metrics each task can select the best epoch by; the first is its default."""
 TOKEN_TASKS = frozenset({"ner"})
 """Tasks that label each word rather than the whole text."""
 FILE_ONLY_TASKS = frozenset({"ner"})
 """Tasks that need --train_file (no embedded default data set, no Hub loader)."""
-"""Validation metrics each task can select the best epoch by; the first is its default."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
 CLASS_WEIGHT_MODES = frozenset({"balanced"})
