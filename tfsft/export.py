@@ -714,7 +714,7 @@ def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     The validation examples are re-read exactly as training read them (same files, sample
     caps and seed), so the report of a later export matches the one written by `finetune`.
     """
-    from tfsft.data import STRATIFIED_TASKS, LabelMap, encode_labels, example_reader, load_splits
+    from tfsft.data import STRATIFIED_TASKS, encode_labels, example_reader, load_splits
     from tfsft.modeling import load_finetuned
 
     run = artifacts.require_run_dir(run_dir)
