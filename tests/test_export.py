@@ -230,3 +230,18 @@ def test_export_script_rejects_a_directory_that_is_not_a_run(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0], result.stderr
     assert "not a finished tfsft run" in lines[0]
     assert not (tmp_path / artifacts.ONNX_DIR).exists()
+
+
+def test_multilabel_parity_score_uses_the_predictors_threshold():
+    """With no threshold recorded, the int8 score is taken at the Predictor's default one, not at
+    a threshold tuned on the parity examples."""
+    from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD
+    from tfsft.export import _ParitySet
+
+    labels = np.ones((4, 2), dtype=np.int64)
+    logits = np.full((4, 2), np.log(0.3 / 0.7))
+    assert DEFAULT_MULTILABEL_THRESHOLD > 0.3
+    unrecorded = _ParitySet({}, {}, {8: labels}, "multilabel", None, ("a", "b"), "f1_micro")
+    recorded = _ParitySet({}, {}, {8: labels}, "multilabel", {"threshold": 0.2}, ("a", "b"), "f1_micro")
+    assert unrecorded.score(logits, 8) == 0.0
+    assert recorded.score(logits, 8) == 1.0

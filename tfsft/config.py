@@ -41,6 +41,8 @@ FILE_ONLY_TASKS = frozenset({"ner"})
 """Tasks that need --train_file (no embedded default data set, no Hub loader)."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
+DEFAULT_MULTILABEL_THRESHOLD = 0.5
+"""Probability at which a multilabel bundle that recorded no threshold predicts a label."""
 CLASS_WEIGHT_MODES = frozenset({"balanced"})
 WEIGHTED_TASKS = frozenset({"classification"})
 """Tasks whose examples --class_weights can weigh."""

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import LOWER_IS_BETTER, TASK_METRICS, RunConfig
+from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, LOWER_IS_BETTER, TASK_METRICS, RunConfig
 from tfsft.data import Examples, LabelMap, LengthBatchedData
 from tfsft.errors import ArtifactError
 from tfsft.evaluation import concat_padded, predict_logits, task_metrics
@@ -535,9 +535,11 @@ class _ParitySet:
     score_name: str = "accuracy"
 
     def score(self, logits: np.ndarray, batch_size: int) -> float:
-        """The `score_name` metric, computed as the run's evaluation computes it."""
+        """The `score_name` metric, computed as the run's evaluation computes it, at the
+        threshold the Predictor will use (the default one when the run recorded none)."""
+        decision = {"threshold": DEFAULT_MULTILABEL_THRESHOLD, **(self.decision or {})}
         metrics, _ = task_metrics(
-            self.task, self.labels[batch_size], logits, LabelMap(self.names), "parity", self.decision)
+            self.task, self.labels[batch_size], logits, LabelMap(self.names), "parity", decision)
         return metrics[f"parity_{self.score_name}"]
 
 

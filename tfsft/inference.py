@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import TOKEN_TASKS
+from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, TOKEN_TASKS
 from tfsft.errors import ArtifactError, DataError
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
@@ -248,7 +248,7 @@ def _scores(logits: np.ndarray, bundle: Bundle) -> list[Score]:
 
 def _label_sets(logits: np.ndarray, bundle: Bundle) -> list[LabelSet]:
     """Labels whose sigmoid probability reaches the threshold chosen on validation (bundle.json)."""
-    threshold = float((bundle.metadata.get("decision") or {}).get("threshold", 0.5))
+    threshold = float((bundle.metadata.get("decision") or {}).get("threshold", DEFAULT_MULTILABEL_THRESHOLD))
     probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     return [
         LabelSet(
