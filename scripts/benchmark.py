@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from tfsft.artifacts import HISTORY_FILE, MODEL_DIR, is_finished_run, write_text
-from tfsft.cli import run_cli
+from tfsft.cli import ArgumentParser, positive_int, run_cli
 from tfsft.config import DEFAULT_MODEL, LOWER_IS_BETTER, RunConfig
 from tfsft.errors import ConfigError
 
@@ -62,13 +62,13 @@ TASKS = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="Checkpoint to fine-tune.")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"Comma-separated subset of {list(TASKS)}.")
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"), help="The shared data folder.")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="Training sample cap per task (default: all).")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="Validation/test sample cap (default: all).")
-    parser.add_argument("--num_train_epochs", type=int, default=None, help="Epochs for every task (default: per task).")
+    parser.add_argument("--max_train_samples", type=positive_int, default=None, help="Training sample cap per task (default: all).")
+    parser.add_argument("--max_eval_samples", type=positive_int, default=None, help="Validation/test sample cap (default: all).")
+    parser.add_argument("--num_train_epochs", type=positive_int, default=None, help="Epochs for every task (default: per task).")
     parser.add_argument("--learning_rate", type=float, default=None, help="Peak learning rate for every task (default: per task).")
     parser.add_argument("--layer_lr_decay", type=float, default=None,
                         help="Layer-wise learning-rate decay for every task (default: per task).")
@@ -76,8 +76,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--direct", action="store_true", help="Start every task from --model_name_or_path (MRPC too).")
     parser.add_argument("--pooling", default=None,
                         help="Sequence head pooling for every task: auto, cls or mean (default: per task).")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=32)
-    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--per_device_train_batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_seq_length", type=positive_int, default=128)
     parser.add_argument("--output_dir", default="saved_models/benchmark", help="Run directories go here, one per task.")
     parser.add_argument("--output", default=None, help="Markdown table file (default: OUTPUT_DIR/results.md).")
     return parser.parse_args()

@@ -1,16 +1,15 @@
 """Evaluate a saved fine-tuning run on another labeled file (same columns as the run's config)."""
 
-import argparse
 import json
 
-from tfsft.cli import run_cli
+from tfsft.cli import ArgumentParser, positive_int, run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", help="A finished run directory written by scripts/finetune.py.")
     parser.add_argument("--file", required=True, help="Labeled CSV, TSV or JSONL file to evaluate on.")
-    parser.add_argument("--batch_size", type=int, default=None, help="Evaluation batch size (default: the run's).")
+    parser.add_argument("--batch_size", type=positive_int, default=None, help="Evaluation batch size (default: the run's).")
     args = parser.parse_args()
     from tfsft.pipeline import evaluate_run
 

@@ -5,12 +5,12 @@ With no arguments it fine-tunes the embedded MiniLM on the embedded tweet-sentim
 
 import json
 
-from tfsft.cli import run_cli
+from tfsft.cli import ArgumentParser, run_cli
 from tfsft.config import RunConfig, build_arg_parser, collect_args, search_trials, wants_search
 
 
 def main() -> None:
-    parser = build_arg_parser(__doc__)
+    parser = build_arg_parser(__doc__, ArgumentParser)
     args = parser.parse_args()
     values = collect_args(args)
     if wants_search(values):

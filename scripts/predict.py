@@ -4,27 +4,26 @@ Predictions are written in input order as they are computed (JSONL objects with 
 `probabilities`, or CSV rows), so large files stream in bounded memory.
 """
 
-import argparse
 import json
 import sys
 from contextlib import ExitStack
 
-from tfsft.cli import run_cli
+from tfsft.cli import ArgumentParser, positive_int, run_cli
 
 CHUNK = 1024
 """Inputs read, predicted and written at a time: large enough to sort by length, small enough to stream."""
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
     parser.add_argument("--input", required=True, help="CSV, TSV or JSONL file with a text column, or - for stdin.")
     parser.add_argument("--input_format", choices=("csv", "tsv", "jsonl"), help="Default: from the suffix (stdin: jsonl).")
     parser.add_argument("--output", default="-", help="Where to write predictions (default: stdout).")
     parser.add_argument("--output_format", choices=("jsonl", "csv"), default="jsonl")
     parser.add_argument("--int8", action="store_true", help="Use the int8-quantized model.")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--num_threads", type=int, default=None, help="onnxruntime intra-op threads.")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--num_threads", type=positive_int, default=None, help="onnxruntime intra-op threads.")
     args = parser.parse_args()
     from tqdm import tqdm
 

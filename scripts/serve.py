@@ -4,26 +4,24 @@ Concurrent requests are collected into one model call (`--max_batch_texts`, `--m
 `--no_micro_batching` gives each request its own model call, run concurrently in a thread pool.
 """
 
-import argparse
-
-from tfsft.cli import run_cli
+from tfsft.cli import ArgumentParser, non_negative_float, port_number, positive_int, run_cli
 
 
 def main() -> None:
     from tfsft.serving import Batching, Limits, serve
 
     defaults, batching = Limits(), Batching()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=port_number, default=8080)
     parser.add_argument("--int8", action="store_true", help="Serve the int8-quantized model.")
-    parser.add_argument("--max_texts", type=int, default=defaults.max_texts, help="Most inputs per request.")
-    parser.add_argument("--max_chars", type=int, default=defaults.max_chars, help="Most characters per text.")
-    parser.add_argument("--num_threads", type=int, default=None, help="onnxruntime intra-op threads.")
-    parser.add_argument("--max_batch_texts", type=int, default=batching.max_texts,
+    parser.add_argument("--max_texts", type=positive_int, default=defaults.max_texts, help="Most inputs per request.")
+    parser.add_argument("--max_chars", type=positive_int, default=defaults.max_chars, help="Most characters per text.")
+    parser.add_argument("--num_threads", type=positive_int, default=None, help="onnxruntime intra-op threads.")
+    parser.add_argument("--max_batch_texts", type=positive_int, default=batching.max_texts,
                         help="Most inputs in one micro-batch of concurrent requests.")
-    parser.add_argument("--max_wait_ms", type=float, default=batching.max_wait_ms,
+    parser.add_argument("--max_wait_ms", type=non_negative_float, default=batching.max_wait_ms,
                         help="How long a micro-batch waits for more requests after its first (0: only "
                              "requests already queued are batched; no added latency).")
     parser.add_argument("--micro_batching", action="store_true", default=True,

@@ -1,9 +1,11 @@
 """End-to-end runs of the fine-tuning job on the tiny BERT and slices of SST-2 / MRPC."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +158,114 @@ def test_refuses_to_overwrite_a_finished_run(tiny_checkpoint, sst2_slices, tmp_p
     result = run_script("finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(sst2_slices["train"]), "--output_dir", str(out), timeout=120)
     assert result.returncode == 2 and "--overwrite_output_dir" in result.stderr
     assert (out / "metrics.json").read_text() == "{}"
+
+
+EXPORT_FAULT_DRIVER = """
+import os, runpy, signal, sys
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+fault, script = sys.argv[1], sys.argv[2]
+if fault == "optimizer":
+    import onnxruntime.transformers.optimizer as optimizer
+
+    def broken_optimize_model(*args, **kwargs):
+        raise RuntimeError("injected failure inside the ONNX optimizer")
+
+    optimizer.optimize_model = broken_optimize_model
+elif fault == "quantizer":
+    import onnxruntime.quantization as quantization
+
+    def broken_quantize_dynamic(*args, **kwargs):
+        raise MemoryError("injected failure inside the int8 quantizer")
+
+    quantization.quantize_dynamic = broken_quantize_dynamic
+elif fault == "sigkill":
+    from tfsft import export
+
+    export.quantize_int8 = lambda source, target: os.kill(os.getpid(), signal.SIGKILL)
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+RUN_FILES = ("config.json", "metrics.json", "eval_report.json", "history.csv", "model/config.json", "model/tokenizer.json")
+
+
+def finetune_with_fault(fault, args, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-c", EXPORT_FAULT_DRIVER, fault, str(ROOT / "scripts" / "finetune.py"), *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "TFSFT_LOG_DIR": str(tmp_path / "logs")},
+    )
+
+
+def snapshot(run_dir):
+    """Every file of a run outside onnx/, with its bytes: what a later export must not touch."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "onnx" not in p.relative_to(run_dir).parts[0]}
+
+
+def export_args(tiny_checkpoint, sst2_slices, out):
+    return [
+        "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(sst2_slices["train"]),
+        "--validation_file", str(sst2_slices["dev"]), "--max_train_samples", "64", "--max_eval_samples", "48",
+        "--max_seq_length", "32", "--per_device_train_batch_size", "16", "--output_dir", str(out),
+    ]
+
+
+def assert_export_failure(result, out, kind, tmp_path):
+    """One line (no traceback) saying what failed and how to retry, with the traceback in a log."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in ("ONNX export failed", kind, f"python scripts/export.py {out}", str(tmp_path / "logs")):
+        assert fragment in errors[0], errors[0]
+    log = Path(errors[0].rsplit("full traceback in ", 1)[1])
+    assert "Traceback (most recent call last)" in log.read_text() and kind in log.read_text()
+
+
+def assert_complete_without_bundle(out, tmp_path):
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert "eval_accuracy" in json.loads((out / "metrics.json").read_text())
+    assert not (out / "onnx").exists() and not list(tmp_path.glob(".run.*"))
+
+
+def test_a_failed_or_killed_export_never_costs_the_finished_run(tiny_checkpoint, sst2_slices, tmp_path):
+    """One training, then four exports of it: failing inside the ONNX optimizer (at the end of
+    training), SIGKILLed (rerun of the same command), failing inside the int8 quantizer
+    (scripts/export.py), and the same command again, which finishes the export. The run's own
+    files never change."""
+    out = tmp_path / "run"
+    args = export_args(tiny_checkpoint, sst2_slices, out)
+
+    failed = finetune_with_fault("optimizer", args, tmp_path)
+    assert_export_failure(failed, out, "RuntimeError", tmp_path)
+    assert f"the run was saved to {out}" in failed.stderr
+    assert_complete_without_bundle(out, tmp_path)
+    assert not list(out.glob(".onnx.*"))
+    before = snapshot(out)
+
+    killed = finetune_with_fault("sigkill", args, tmp_path)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "finishing its ONNX export" in killed.stderr
+    assert_complete_without_bundle(out, tmp_path)
+    assert list(out.glob(".onnx.*.partial")), "the kill should have hit a half-built bundle"
+    assert snapshot(out) == before
+
+    quantizer = subprocess.run(
+        [sys.executable, "-c", EXPORT_FAULT_DRIVER, "quantizer", str(ROOT / "scripts" / "export.py"), str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "TFSFT_LOG_DIR": str(tmp_path / "logs")},
+    )
+    assert_export_failure(quantizer, out, "MemoryError", tmp_path)
+    assert_complete_without_bundle(out, tmp_path)
+    assert not list(out.glob(".onnx.*.partial"))
+    assert snapshot(out) == before
+
+    rerun = run_script("finetune.py", *args, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "finishing its ONNX export" in rerun.stderr
+    bundle = json.loads((out / "onnx" / "bundle.json").read_text())
+    assert set(bundle["files"]) == {"model", "fused", "int8"}
+    assert (out / "onnx" / "model.int8.onnx").is_file()
+    assert snapshot(out) == before
+    assert not list(tmp_path.glob(".run.*"))

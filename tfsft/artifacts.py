@@ -11,8 +11,11 @@ A run directory::
     logs/                TensorBoard event files
     onnx/                the production bundle (see BUNDLE_* below)
 
-A run is built in a sibling `.NAME.partial` directory and renamed into place when complete,
-so a directory named like a run is always a finished one.
+A run is built in a sibling `.NAME.partial` directory and renamed into place once trained,
+evaluated and saved, so a directory named like a run is always a finished one. Its `onnx/` comes
+after, built in a hidden `.onnx.*.partial` directory inside the run and renamed into place when
+every model passed parity: a run without `onnx/` (an export that failed or was killed) is still
+complete, and `scripts/export.py RUN_DIR` adds the bundle.
 """
 
 from __future__ import annotations
@@ -143,6 +146,19 @@ def publish_dir(partial: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, target)
+
+
+def has_bundle(run_dir: str | os.PathLike) -> bool:
+    """Whether the run's ONNX export finished (a bundle is renamed into place only when complete)."""
+    return (Path(run_dir) / ONNX_DIR / BUNDLE_FILE).is_file()
+
+
+def remove_stale_work_dirs(directory: str | os.PathLike, name: str) -> list[Path]:
+    """Remove `.NAME.*.partial` work directories a killed process left in `directory`."""
+    stale = [p for p in Path(directory).glob(f".{name}.*.partial") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def run_model_dir(run_dir: str | os.PathLike) -> Path:

@@ -413,9 +413,14 @@ def load_config_file(path: str) -> dict[str, Any]:
     return _flatten(values)
 
 
-def build_arg_parser(description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field; defaults are None so files can fill in."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_arg_parser(
+    description: str, parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field; defaults are None so files can fill in.
+
+    Scripts pass `tfsft.cli.ArgumentParser` (one-line flag errors); the library never imports the CLI.
+    """
+    parser = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file whose keys are these flag names; flags override it.")
     defaults = RunConfig()
     flat_defaults = _flatten(defaults.to_dict())

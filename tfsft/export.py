@@ -648,6 +648,7 @@ def export_bundle(
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
     encoded, labels = examples.encode(encoder, labels)
+    artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
         decision = artifacts.read_decision(run_dir)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tfsft import artifacts
 from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, TOKEN_TASKS
-from tfsft.errors import ArtifactError, DataError
+from tfsft.errors import ArtifactError, ConfigError, DataError
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
 TextInput = Union[str, Sequence[str]]
@@ -161,8 +161,10 @@ class Predictor:
         num_threads: Optional[int] = None,
         spinning: bool = False,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive. Received: batch_size={batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+            raise ConfigError(f"num_threads must be a positive integer or None. Received: num_threads={num_threads!r}")
         self.bundle = Bundle.load(bundle_dir)
         self.labels = self.bundle.labels
         self.batch_size = batch_size

@@ -1,7 +1,10 @@
 """The whole job as library calls: data -> model -> fit -> evaluate -> save (-> export).
 
 `finetune(config)` is what `scripts/finetune.py` runs; `evaluate_run` is `scripts/evaluate.py`.
-The run is written into a `.NAME.partial` directory and renamed into place only when complete.
+The run is written into a `.NAME.partial` directory and renamed into place once trained, evaluated
+and saved; only then is it exported to ONNX, into the published run. A failed or killed export
+never costs the training: the run stays complete, and `scripts/export.py RUN_DIR` or the same
+finetune command again finishes the export.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tfsft.data import (
     sample,
     task_label_map,
 )
-from tfsft.errors import ArtifactError, ConfigError, RunInterrupted, TfsftError
+from tfsft.errors import ArtifactError, ConfigError, ExportFailed, RunInterrupted, TfsftError, stage
 from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
 from tfsft.modeling import (
     build_classifier,
@@ -65,9 +68,13 @@ def _log(message: str) -> None:
 
 
 def resolve_output_dir(config: RunConfig) -> tuple[RunConfig, Path]:
-    """Fix the output dir in the config, and refuse to clobber an existing run or other files."""
+    """Fix the output dir in the config, and refuse to clobber an existing run or other files
+    (a finished run of this same config still waiting for its export is not refused: see
+    `awaits_export`)."""
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
     config = config.replace(output_dir=str(output_dir))
+    if awaits_export(config, output_dir):
+        return config, output_dir
     if output_dir.exists():
         if not output_dir.is_dir():
             raise ConfigError(f"--output_dir {output_dir} is a file. Received: output_dir={str(output_dir)!r}")
@@ -78,6 +85,19 @@ def resolve_output_dir(config: RunConfig) -> tuple[RunConfig, Path]:
                 f"Received: output_dir={str(output_dir)!r}"
             )
     return config, output_dir
+
+
+def awaits_export(config: RunConfig, output_dir: Path) -> bool:
+    """Whether `output_dir` holds a finished run of this same config whose ONNX export never
+    completed (it failed, or the process was killed during it): rerunning the command then
+    finishes the export instead of training again or refusing."""
+    if not config.export.export or not artifacts.is_finished_run(output_dir) or artifacts.has_bundle(output_dir):
+        return False
+    try:
+        saved = artifacts.read_config(output_dir)
+    except TfsftError:
+        return False
+    return saved.replace(overwrite_output_dir=False) == config.replace(overwrite_output_dir=False)
 
 
 def open_partial_dir(config: RunConfig, output_dir: Path) -> Path:
@@ -148,27 +168,35 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
         verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
     """
     config, output_dir = resolve_output_dir(config)
+    if awaits_export(config, output_dir):
+        _log(f"{output_dir} holds this run, trained, evaluated and saved, but not exported: finishing its ONNX export")
+        _export_published(output_dir, lambda: _export_saved_run(output_dir), just_trained=False)
+        return FinetuneResult(metrics=artifacts.read_json(output_dir / artifacts.METRICS_FILE, "metrics"), run_dir=output_dir)
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
     task = config.model.task
     delimiter = config.data.label_delimiter
     stream = None
     if config.data.streaming:
-        checkpoint = resolve_checkpoint(config.model.model_name_or_path)
-        tokenizer = load_tokenizer(checkpoint)
-        encoder = text_encoder(tokenizer, config.data.max_seq_length)
-        stream, splits = _streaming_splits(config, encoder)
-        label_map = stream.label_map
-        train_labels = stream.label_ids()
+        with stage("model"):
+            checkpoint = resolve_checkpoint(config.model.model_name_or_path)
+            tokenizer = load_tokenizer(checkpoint)
+            encoder = text_encoder(tokenizer, config.data.max_seq_length)
+        with stage("data"):
+            stream, splits = _streaming_splits(config, encoder)
+            label_map = stream.label_map
+            train_labels = stream.label_ids()
     else:
-        splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
-        label_map = task_label_map(task, splits.train, delimiter)
-        train_labels = encode_labels(task, label_map, splits.train, delimiter)
-    labels = {
-        "train": train_labels,
-        "validation": encode_labels(task, label_map, splits.validation, delimiter),
-        "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
-    }
+        with stage("data"):
+            splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
+            label_map = task_label_map(task, splits.train, delimiter)
+            train_labels = encode_labels(task, label_map, splits.train, delimiter)
+    with stage("data"):
+        labels = {
+            "train": train_labels,
+            "validation": encode_labels(task, label_map, splits.validation, delimiter),
+            "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
+        }
     if task == "classification" and config.train.metric_for_best_model == "f1" and len(label_map.names) != 2:
         raise ConfigError(
             f"--metric_for_best_model f1 is the F1 of the second of two labels; {config.data.train_file or 'the data'} "
@@ -183,9 +211,10 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
         + (" (training data streamed)" if stream is not None else "")
     )
     if stream is None:
-        checkpoint = resolve_checkpoint(config.model.model_name_or_path)
-        tokenizer = load_tokenizer(checkpoint)
-        encoder = text_encoder(tokenizer, config.data.max_seq_length)
+        with stage("model"):
+            checkpoint = resolve_checkpoint(config.model.model_name_or_path)
+            tokenizer = load_tokenizer(checkpoint)
+            encoder = text_encoder(tokenizer, config.data.max_seq_length)
 
     partial = open_partial_dir(config, output_dir)
     _log(f"writing the run to {output_dir} (in progress: {partial})")
@@ -207,26 +236,58 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    export_error = None
     try:
-        if config.export.export:
-            from tfsft.export import export_bundle
-
-            try:
-                export_bundle(model, partial, validation_data=(splits.validation, labels["validation"]))
-            except TfsftError as error:
-                export_error = error
         artifacts.publish_dir(partial, output_dir)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise ArtifactError(_write_failure(partial, output_dir, error)) from None
-    if export_error is not None:
-        raise ArtifactError(
-            f"the run was saved to {output_dir} but its ONNX export failed: {export_error}; "
-            f"retry with: python scripts/export.py {output_dir}"
-        )
+    if config.export.export:
+        _log(f"run saved to {output_dir}; exporting it to ONNX")
+        validation = (splits.validation, labels["validation"])
+        _export_published(output_dir, lambda: _export_trained(model, output_dir, validation))
     _log(f"done: {output_dir}")
     return FinetuneResult(metrics=metrics, run_dir=output_dir)
+
+
+def _export_trained(model, run_dir: Path, validation: tuple[Examples, np.ndarray]) -> None:
+    from tfsft.export import export_bundle
+
+    export_bundle(model, run_dir, validation_data=validation)
+
+
+def _export_saved_run(run_dir: Path) -> None:
+    from tfsft.export import export_run
+
+    export_run(run_dir)
+
+
+def export_finished_run(run_dir: str | Path) -> dict[str, Any]:
+    """(Re-)export a finished run (`scripts/export.py`); a failure leaves the run as it was
+    (an earlier bundle included) and says how to retry. Returns the export report."""
+    run = artifacts.require_run_dir(run_dir)
+    from tfsft.export import export_run
+
+    return _export_published(run, lambda: export_run(run), just_trained=False)
+
+
+def _export_published(run_dir: Path, export, just_trained: bool = True) -> Any:
+    """Run `export()` on a published run; whatever goes wrong, the run stays as it is and the
+    error says how to finish the export later."""
+    retry = f"python scripts/export.py {run_dir}"
+    had_bundle = artifacts.has_bundle(run_dir)
+    where = f"the run was saved to {run_dir} but its" if just_trained else f"the run in {run_dir} is unchanged but its"
+    kept = "its earlier ONNX bundle is kept" if had_bundle else "the run is complete without a bundle"
+    try:
+        with stage("export"):
+            return export()
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"{where} ONNX export was interrupted; {kept}: finish the export with: {retry}") from None
+    except Exception as error:
+        detail = str(error) if isinstance(error, TfsftError) else f"{type(error).__name__}: {error}"
+        raise ExportFailed(
+            f"{where} ONNX export failed: {' '.join(detail.split())}; {kept}: retry the export with: {retry}",
+            run_dir=str(run_dir),
+        ) from error
 
 
 def _write_failure(partial: Path, output_dir: Path, error: OSError) -> str:
@@ -263,12 +324,13 @@ def _train_and_save(
         encoder.warn_truncated(encoded, examples.source)
         return encoded, y
 
-    strategy = make_strategy(config.train.strategy)
-    replicas = strategy.num_replicas_in_sync
-    with strategy.scope():
-        model, load_report = build_classifier(
-            checkpoint, label_map, config.model.model_name_or_path, task, config.model.pooling
-        )
+    with stage("model"):
+        strategy = make_strategy(config.train.strategy)
+        replicas = strategy.num_replicas_in_sync
+        with strategy.scope():
+            model, load_report = build_classifier(
+                checkpoint, label_map, config.model.model_name_or_path, task, config.model.pooling
+            )
     _log(
         f"model: {load_report.loaded} weights from {checkpoint / load_report.weights_file}; newly initialised: "
         f"{list(load_report.newly_initialized)}; pooling: {load_report.pooling}; "
@@ -309,22 +371,27 @@ def _train_and_save(
         scores, _ = task_metrics(task, validation_data.labels, logits, label_map, "eval", decision)
         return {name[len("eval_"):]: value for name, value in scores.items() if name != "eval_samples"}
 
-    history, epochs_run, seconds = fit(
-        model, train_data, validation_data, config.train, partial, callbacks, verbose,
-        validation_scores=None if keras_scores(task, config.train.metric_for_best_model) else validation_scores,
-    )
+    with stage("training"):
+        history, epochs_run, seconds = fit(
+            model, train_data, validation_data, config.train, partial, callbacks, verbose,
+            validation_scores=None if keras_scores(task, config.train.metric_for_best_model) else validation_scores,
+        )
     if not is_chief(strategy):
         return _worker_metrics(history, epochs_run, seconds, replicas), model
 
-    save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
-    metrics, report = task_metrics(task, validation_data.labels, predict_logits(model, validation_data), label_map, "eval", decision)
-    write_evaluation(partial, metrics, report, "eval")
-    if splits.test is not None:
-        test_data = eval_data(splits.test, labels["test"])
-        test_logits = predict_logits(model, test_data)
-        test_metrics, test_report = task_metrics(task, test_data.labels, test_logits, label_map, "test", report.get("decision"))
-        write_evaluation(partial, test_metrics, test_report, "test")
-        metrics.update(test_metrics)
+    with stage("save"):
+        save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
+    with stage("evaluation"):
+        logits = predict_logits(model, validation_data)
+        metrics, report = task_metrics(task, validation_data.labels, logits, label_map, "eval", decision)
+        write_evaluation(partial, metrics, report, "eval")
+        if splits.test is not None:
+            test_data = eval_data(splits.test, labels["test"])
+            test_logits = predict_logits(model, test_data)
+            decided = report.get("decision")
+            test_metrics, test_report = task_metrics(task, test_data.labels, test_logits, label_map, "test", decided)
+            write_evaluation(partial, test_metrics, test_report, "test")
+            metrics.update(test_metrics)
     losses = [row["loss"] for row in history if "loss" in row]
     metrics.update(
         train_runtime_s=round(seconds, 3),

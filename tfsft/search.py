@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from tfsft import artifacts
 from tfsft.config import LOWER_IS_BETTER, SEARCH_FIELDS, RunConfig
-from tfsft.errors import ConfigError
+from tfsft.errors import ConfigError, stage
 
 SEARCH_JSON = "search.json"
 SEARCH_CSV = "search.csv"
@@ -78,10 +78,6 @@ def run_search(trials: Sequence[RunConfig], callbacks: Optional[Sequence] = None
     test_metrics = None
     if first.data.test_file:
         test_metrics = {k.replace("eval_", "test_", 1): v for k, v in evaluate_run(str(best_dir), first.data.test_file).items()}
-    if first.export.export:
-        from tfsft.export import export_run
-
-        export_run(best_dir)
     summary = {
         "metric": key,
         "mode": "min" if lower else "max",
@@ -91,6 +87,11 @@ def run_search(trials: Sequence[RunConfig], callbacks: Optional[Sequence] = None
     }
     artifacts.write_json(output_dir / SEARCH_JSON, summary)
     artifacts.write_text(output_dir / SEARCH_CSV, _csv(rows))
+    if first.export.export:
+        from tfsft.export import export_run
+
+        with stage("export"):
+            export_run(best_dir)
     _log(f"search: best {best['trial']} with {key}={best['score']:.4f}; its run: {best_dir}")
     return SearchResult(rows, summary["best"], test_metrics, output_dir)
 
