@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -190,37 +191,48 @@ def test_micro_batcher_fails_only_the_bad_request():
 START_TIMEOUT_S = 90
 
 
-@pytest.fixture(scope="module")
-def served(bundle_dir):
-    """Base URL of `scripts/serve.py` running in its own process on a free loopback port; always stopped."""
+def start_server(args, timeout=START_TIMEOUT_S):
     import httpx
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), str(bundle_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--max_texts", "4", "--max_chars", "200", "--max_wait_ms", "5"],
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), *args, "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"serve.py exited early: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"serve.py did not answer /health within {timeout} s"
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return base, process
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def stop_server(process):
+    process.terminate()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"serve.py exited early: {process.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, f"serve.py did not answer /health within {START_TIMEOUT_S} s"
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
+    stderr = process.stderr.read()
+    process.stderr.close()
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def served(bundle_dir):
+    """Base URL of `scripts/serve.py` running in its own process on a free loopback port; always stopped."""
+    base, process = start_server([str(bundle_dir), "--max_texts", "4", "--max_chars", "200", "--max_wait_ms", "5",
+                                  "--precision", "fp32"])
+    try:
         yield base, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-        process.stderr.close()
+        stop_server(process)
 
 
 def test_serve_script_answers_over_http(served, server):
@@ -237,7 +249,8 @@ def test_serve_script_answers_over_http(served, server):
     assert got[1]["probabilities"] == pytest.approx(expected[1].probabilities, abs=1e-5)
     meta = httpx.get(f"{base}/metadata", timeout=10).json()
     assert meta["limits"] == {"max_texts": 4, "max_chars": 200}
-    assert meta["batching"] == {"max_texts": 64, "max_wait_ms": 5}  # micro-batching is on by default
+    assert meta["batching"] == {"max_texts": 64, "max_wait_ms": 5, "concurrency": 2, "max_input_chars": 40}  # on by default
+    assert meta["precision"] == {"precision": "fp32", "requested": "fp32", "reason": "fp32 requested"}
 
 
 def mixed_requests(texts: list[str], count: int, seed: int = 0) -> list[tuple[bytes, object]]:
@@ -310,3 +323,207 @@ def test_mixed_load_from_16_threads(served, server, sst2_slices):
 
     assert process.poll() is None
     assert httpx.get(f"{base}/health", timeout=10).json() == {"status": "ok"}
+
+
+# ------------------------------------------------------------------- metrics, limits, health
+
+
+def scrape(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_count_requests_errors_latency_and_batch_sizes(bundle_dir):
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, create_app
+
+    app = create_app(Predictor(bundle_dir), batching=Batching(max_wait_ms=0))
+    with TestClient(app) as client:
+        for texts in (["a fine film"], ["dull", "bright and warm", "long"], ["ok"]):
+            assert client.post("/predict", json={"texts": texts}).status_code == 200
+        assert client.post("/predict", content=b"{not json").status_code == 400
+        assert client.post("/predict", json={"texts": ["x" * 20_000]}).status_code == 413
+        response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = scrape(response.text)
+    assert samples[("tfsft_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 3
+    assert samples[("tfsft_requests_total", (("endpoint", "/predict"), ("status", "400")))] == 1
+    assert samples[("tfsft_errors_total", (("endpoint", "/predict"), ("status", "413")))] == 1
+    assert samples[("tfsft_request_duration_seconds_count", (("endpoint", "/predict"),))] == 5
+    assert samples[("tfsft_texts_total", ())] == 5
+    assert samples[("tfsft_batch_texts_count", ())] == 3 and samples[("tfsft_batch_texts_sum", ())] == 5
+    assert samples[("tfsft_batch_texts_bucket", (("le", "1.0"),))] == 2  # two one-text requests, served one by one
+    assert samples[("tfsft_batch_texts_bucket", (("le", "4.0"),))] == 3
+    assert samples[("tfsft_queue_depth", ())] == 0
+    assert samples[("tfsft_texts_per_second", ())] == pytest.approx(0.5)
+
+
+def test_concurrent_requests_form_batches_that_metrics_show(bundle_dir):
+    """16 requests at once, one batch worker busy on a slow first call: the rest queue up and
+    are answered in (far) fewer model calls, as the batch-size histogram shows."""
+    import threading as th
+
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, create_app
+
+    predictor = Predictor(bundle_dir)
+    first_call = th.Event()
+    release = th.Event()
+    predict = predictor.predict
+
+    def slow_first_predict(inputs):
+        if not first_call.is_set():
+            first_call.set()
+            release.wait(10)
+        return predict(inputs)
+
+    predictor.predict = slow_first_predict
+    app = create_app(predictor, batching=Batching(concurrency=1))
+    with TestClient(app) as client, ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client.post, "/predict", json={"texts": [f"text number {i}"]}) for i in range(16)]
+        assert first_call.wait(10)
+        deadline = time.monotonic() + 10
+        while scrape(client.get("/metrics").text)[("tfsft_queue_depth", ())] < 15 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        release.set()
+        assert all(f.result().status_code == 200 for f in futures)
+        samples = scrape(client.get("/metrics").text)
+    assert samples[("tfsft_batch_texts_count", ())] == 2  # the slow one, then the 15 that queued behind it
+    assert samples[("tfsft_batch_requests_bucket", (("le", "16.0"),))] - samples[("tfsft_batch_requests_bucket", (("le", "8.0"),))] == 1
+
+
+def test_oversized_bodies_are_refused_without_reading_them(server):
+    """413 from Content-Length before the body is read, and while streaming a chunked body."""
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=20)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("content-type", "application/json")
+    conn.putheader("content-length", str(10_000_000))
+    conn.endheaders()
+    conn.send(b'{"texts": ["')  # the other 10 MB are never sent: the answer must not wait for them
+    response = conn.getresponse()
+    assert response.status == 413 and "exceeds" in json.loads(response.read())["error"]
+    conn.close()
+
+    def ten_megabytes():
+        yield b'{"texts": ["'
+        for _ in range(100):
+            yield b"x" * 100_000
+        yield b'"]}'
+
+    response = post(f"{base}/predict", content=ten_megabytes())
+    assert response.status_code == 413
+
+
+def test_health_fails_when_a_batch_worker_has_died(bundle_dir):
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, create_app
+
+    app = create_app(Predictor(bundle_dir), batching=Batching())
+    with TestClient(app) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        app.state.batcher._workers[0].cancel()
+        time.sleep(0.1)
+        response = client.get("/health")
+    assert response.status_code == 503 and response.json()["status"] == "error"
+
+
+# ---------------------------------------------------------------------------------- precision
+
+
+def bundle_with_int8_drop(bundle_dir, tmp_path, drop):
+    import shutil
+
+    copy = tmp_path / f"bundle-{drop}"
+    shutil.copytree(bundle_dir, copy)
+    report = json.loads((copy / artifacts.BUNDLE_REPORT).read_text())
+    report["keras_accuracy"] = 0.9
+    report["int8"] = {"accuracy": 0.9 - drop, "accuracy_drop": drop, "label_agreement": 0.99, "size_ratio": 3.9}
+    (copy / artifacts.BUNDLE_REPORT).write_text(json.dumps(report))
+    return copy
+
+
+@pytest.mark.parametrize("drop, int8", [(0.004, True), (0.01, True), (0.02, False)])
+def test_auto_precision_takes_int8_only_within_one_point(bundle_dir, tmp_path, drop, int8):
+    from tfsft.inference import Bundle, choose_precision
+
+    bundle = Bundle.load(bundle_with_int8_drop(bundle_dir, tmp_path, drop))
+    choice = choose_precision(bundle, "auto")
+    assert choice.int8 is int8
+    assert f"drop {drop:.4f}" in choice.reason
+    assert choose_precision(bundle, "fp32").int8 is False and choose_precision(bundle, "int8").int8 is True
+
+
+def test_auto_precision_without_an_int8_model_or_report_is_fp32(bundle_dir, tmp_path):
+    import shutil
+
+    from tfsft.errors import ArtifactError, ConfigError
+    from tfsft.inference import Bundle, choose_precision
+
+    copy = Path(shutil.copytree(bundle_dir, tmp_path / "no-int8"))
+    meta = json.loads((copy / artifacts.BUNDLE_FILE).read_text())
+    del meta["files"]["int8"]
+    (copy / artifacts.BUNDLE_FILE).write_text(json.dumps(meta))
+    assert choose_precision(Bundle.load(copy), "auto").reason == "the bundle has no int8 model"
+    with pytest.raises(ArtifactError, match="no int8 model"):
+        choose_precision(Bundle.load(copy), "int8")
+    with pytest.raises(ConfigError, match="precision"):
+        choose_precision(Bundle.load(copy), "fp16")
+
+
+def test_two_worker_processes_serve_one_port_with_summed_metrics(bundle_dir, tmp_path):
+    import httpx
+
+    bundle = bundle_with_int8_drop(bundle_dir, tmp_path, 0.003)
+    base, process = start_server([str(bundle), "--workers", "2"])
+    try:
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2, children
+        meta = httpx.get(f"{base}/metadata", timeout=10).json()
+        assert meta["precision"]["precision"] == "int8" and meta["model_file"] == "model.int8.onnx"
+        for i in range(20):
+            with httpx.Client(timeout=20) as client:  # a new connection each time: any worker may take it
+                assert client.post(f"{base}/predict", json={"texts": [f"text {i}"]}).status_code == 200
+        samples = scrape(httpx.get(f"{base}/metrics", timeout=10).text)
+        assert samples[("tfsft_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 20
+        assert samples[("tfsft_texts_total", ())] == 20
+    finally:
+        stderr = stop_server(process)
+    assert "int8 model model.int8.onnx (validation accuracy: int8 0.8970, Keras 0.9000 (drop 0.0030), within 0.01)" in stderr
+    assert "2 worker process(es)" in stderr
+
+
+def test_only_requests_of_short_texts_are_micro_batched(bundle_dir):
+    """Batching pays on short texts only; longer ones get their own call (and pairs count both texts)."""
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, create_app
+
+    assert Batching(max_input_chars=None).batches(["x" * 10_000])
+    app = create_app(Predictor(bundle_dir), batching=Batching(max_input_chars=12))
+    batched = []
+    with TestClient(app) as client:
+        batch_predict = app.state.batcher.predict
+
+        async def recording_predict(inputs):
+            batched.append(inputs)
+            return await batch_predict(inputs)
+
+        app.state.batcher.predict = recording_predict
+        for body in ({"texts": ["short one"]}, {"texts": ["short", "a text of more than twelve characters"]},
+                     {"pairs": [["ab", "cd"]]}, {"pairs": [["abcdefgh", "ijklmnop"]]}):
+            assert client.post("/predict", json=body).status_code == 200
+        samples = scrape(client.get("/metrics").text)
+    assert batched == [["short one"], [("ab", "cd")]]
+    assert samples[("tfsft_batch_texts_count", ())] == 4 and samples[("tfsft_texts_total", ())] == 5

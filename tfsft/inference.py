@@ -145,6 +145,52 @@ class Bundle:
         return artifacts.read_json(path, "export report") if path.is_file() else None
 
 
+PRECISIONS = ("auto", "fp32", "int8")
+INT8_MAX_SCORE_DROP = 0.01
+"""`auto` precision serves the int8 model when its validation score (accuracy, F1, Spearman...)
+is at most this far (1 point) below the Keras model's, as `export_report.json` recorded it."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    int8: bool
+    requested: str
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "int8" if self.int8 else "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.name, "requested": self.requested, "reason": self.reason}
+
+
+def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice:
+    """Which model to serve: `fp32`, `int8`, or `auto` (int8 when the export report shows its
+    score within INT8_MAX_SCORE_DROP of the Keras model's on validation, else fp32)."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"Invalid value for --precision: expected one of {list(PRECISIONS)}. Received: precision={requested!r}")
+    if requested == "fp32":
+        return PrecisionChoice(False, requested, "fp32 requested")
+    has_int8 = "int8" in bundle.files
+    if requested == "int8":
+        if not has_int8:
+            raise ArtifactError(f"{bundle.directory / artifacts.BUNDLE_FILE}: --precision int8, but the bundle has no int8 model")
+        return PrecisionChoice(True, requested, "int8 requested")
+    if not has_int8:
+        return PrecisionChoice(False, requested, "the bundle has no int8 model")
+    int8_report = (bundle.report() or {}).get("int8") or {}
+    drops = {key[: -len("_drop")]: value for key, value in int8_report.items() if key.endswith("_drop")}
+    if len(drops) != 1 or not isinstance(next(iter(drops.values())), (int, float)):
+        return PrecisionChoice(False, requested, "the export report records no int8 score drop")
+    score, drop = next(iter(drops.items()))
+    keras = (bundle.report() or {}).get(f"keras_{score}", float("nan"))
+    figure = f"validation {score}: int8 {int8_report.get(score, float('nan')):.4f}, Keras {keras:.4f} (drop {drop:.4f})"
+    if drop <= INT8_MAX_SCORE_DROP:
+        return PrecisionChoice(True, requested, f"{figure}, within {INT8_MAX_SCORE_DROP:g}")
+    return PrecisionChoice(False, requested, f"{figure}, more than {INT8_MAX_SCORE_DROP:g}")
+
+
 class Predictor:
     """Classify or score texts or text pairs with an exported bundle. Safe to share between threads.
 

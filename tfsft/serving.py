@@ -1,34 +1,40 @@
 """HTTP API around a Predictor: a Starlette app, served by uvicorn. No TensorFlow here.
 
 Every client mistake (bad JSON, missing or mistyped fields, empty or oversized requests) gets
-a 4xx with a one-line message; inference runs in Starlette's threadpool so the event loop
-keeps answering (health checks included) while a batch is computed.
+a 4xx with a one-line message; model calls run in worker threads so the event loop keeps
+reading requests (and answering health checks) while a batch is computed.
 
-Concurrent requests are batched together (`MicroBatcher`, on by default): one worker takes
-every request waiting when it is free and makes one Predictor call of them, which splits them
-into length-homogeneous model calls. Measured on 2 CPU cores (bench/serve_load.py, MiniLM, 16
-clients): against one call per request in a thread pool, 1.36x the requests/s on 4-word texts
-and 1.01x on SST-2 sentences, with a lower p99 latency in both (against one request at a time:
-1.97x and 1.25x). With the default wait of 0 ms a request never
-waits for others: batches form only from requests that queued while the previous one ran.
+Concurrent requests are batched together (`MicroBatcher`, on by default): `concurrency` batch
+workers each take every request waiting when they are free and make one Predictor call of
+them, which splits them into length-homogeneous model calls. With two workers a request that
+arrives while one batch computes starts at once on the other instead of waiting, and under load
+the queue that builds up while both compute becomes the next batches. bench/serve_load.py
+measures the modes against each other and against the in-process ceiling; /metrics shows the
+batch sizes that actually form.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import TOKEN_TASKS, AnyPrediction, Predictor, TextInput
+from tfsft.inference import TOKEN_TASKS, AnyPrediction, PrecisionChoice, Predictor, TextInput, choose_precision
 
 
 @dataclass(frozen=True)
@@ -39,21 +45,115 @@ class Limits:
     max_chars: int = 10_000
     max_body_bytes: int = 4_000_000
 
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_chars", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be a positive integer. Received: {name}={value!r}")
+
 
 @dataclass(frozen=True)
 class Batching:
     """Dynamic micro-batching: a batch closes at `max_texts` inputs or `max_wait_ms` after its
-    first request, whichever comes first. The wait is the latency added at low load; 0 batches only
-    what queued while the previous batch ran (best on CPUs, where a busy worker is never idle)."""
+    first request, whichever comes first; `concurrency` batches compute at once. The wait is the
+    latency added at low load; 0 batches only what queued while earlier batches ran (best on
+    CPUs, where a busy worker is never idle).
+
+    Only requests whose inputs all have at most `max_input_chars` characters (a pair counts both
+    texts) are batched; longer ones get their own model call in the thread pool. Batching pays
+    where the per-call overhead dominates (short texts); on longer texts the model's arithmetic
+    does, and concurrent calls keep both cores as busy without making short texts wait behind a
+    long batch (bench/serve_load.py measures both sides; the README has the figures). None
+    batches every request.
+    """
 
     max_texts: int = 64
     max_wait_ms: float = 0.0
+    concurrency: int = 2
+    max_input_chars: Optional[int] = 40
+
+    def batches(self, inputs: list[TextInput]) -> bool:
+        """Whether a request with these inputs goes to the micro-batcher (else its own call)."""
+        if self.max_input_chars is None:
+            return True
+        return all(_chars(item) <= self.max_input_chars for item in inputs)
 
     def __post_init__(self) -> None:
         if self.max_texts < 1:
             raise ConfigError(f"--max_batch_texts must be at least 1. Received: max_batch_texts={self.max_texts}")
         if not 0 <= self.max_wait_ms <= 1000:
             raise ConfigError(f"--max_wait_ms must be in [0, 1000]. Received: max_wait_ms={self.max_wait_ms}")
+        if not 1 <= self.concurrency <= 64:
+            raise ConfigError(f"--batch_concurrency must be in [1, 64]. Received: batch_concurrency={self.concurrency}")
+        if self.max_input_chars is not None and self.max_input_chars < 1:
+            raise ConfigError(f"--max_batched_chars must be positive. Received: max_batched_chars={self.max_input_chars}")
+
+
+def _chars(item: TextInput) -> int:
+    return len(item) if isinstance(item, str) else sum(len(text) for text in item)
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RATE_WINDOW_S = 10.0
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics (`GET /metrics`, text format 0.0.4).
+
+    With several worker processes (`--workers`), prometheus_client's multiprocess mode sums
+    them: `serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tfsft_requests", "HTTP requests answered, by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("tfsft_errors", "HTTP requests answered with a 4xx or 5xx status, by endpoint and status.",
+                              ["endpoint", "status"], registry=r)
+        self.latency = Histogram("tfsft_request_duration_seconds", "Time from request to response, by endpoint.",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("tfsft_queue_depth", "Requests waiting for a batch worker.",
+                                 multiprocess_mode="livesum", registry=r)
+        self.batch_texts = Histogram("tfsft_batch_texts", "Inputs per Predictor call (one micro-batch, or one "
+                                     "request without micro-batching).", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("tfsft_batch_requests", "Requests merged into one Predictor call.",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.texts = Counter("tfsft_texts", "Inputs predicted.", registry=r)
+        self.texts_per_second = Gauge("tfsft_texts_per_second", f"Inputs predicted per second over the last "
+                                      f"{RATE_WINDOW_S:g} s (rate(tfsft_texts_total[1m]) in Prometheus is the same "
+                                      "over a minute).", multiprocess_mode="livesum", registry=r)
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    def observe_call(self, texts: int, requests: int) -> None:
+        self.batch_texts.observe(texts)
+        self.batch_requests.observe(requests)
+        self.texts.inc(texts)
+        self._recent.append((time.monotonic(), texts))
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        now = time.monotonic()
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.popleft()
+        self.texts_per_second.set(sum(n for _, n in self._recent) / RATE_WINDOW_S)
+        if os.environ.get(MULTIPROCESS_ENV):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ------------------------------------------------------------------------------ micro-batching
 
 
 @dataclass
@@ -63,40 +163,52 @@ class _Pending:
 
 
 class MicroBatcher:
-    """Collects concurrent /predict requests into one Predictor call and splits the results back.
+    """Collects concurrent /predict requests into Predictor calls and splits the results back.
 
-    One worker task drains a queue: it takes the first waiting request, adds whatever else is
-    waiting (or arrives within the max wait) up to `max_texts` inputs, runs the Predictor once per
-    kind of input (texts, pairs) in a worker thread, and resolves each request's future with its
-    own predictions, in order. Requests arriving while a batch computes form the next batch.
+    `batching.concurrency` worker tasks drain one queue: each takes the first waiting request,
+    adds whatever else is waiting (or arrives within the max wait) up to `max_texts` inputs, runs
+    the Predictor once per kind of input (texts, pairs) in a worker thread, and resolves each
+    request's future with its own predictions, in order.
     """
 
-    def __init__(self, predictor: Predictor, batching: Batching):
+    def __init__(self, predictor: Predictor, batching: Batching, metrics: Optional[ServerMetrics] = None):
         self.predictor = predictor
         self.batching = batching
+        self.metrics = metrics
         self._queue: Optional[asyncio.Queue] = None
-        self._worker: Optional[asyncio.Task] = None
+        self._workers: list[asyncio.Task] = []
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._run_forever())
+        self._workers = [asyncio.create_task(self._run_forever()) for _ in range(self.batching.concurrency)]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        for worker in self._workers:
+            worker.cancel()
+        for worker in self._workers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await worker
         while self._queue is not None and not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the server is shutting down"))
+
+    @property
+    def healthy(self) -> bool:
+        """Whether every batch worker is still running (a dead one would leave requests hanging)."""
+        return bool(self._workers) and not any(worker.done() for worker in self._workers)
 
     async def predict(self, inputs: list[TextInput]) -> list[AnyPrediction]:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(inputs, future))
+        self._report_depth()
         return await future
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None and self._queue is not None:
+            self.metrics.queue_depth.set(self._queue.qsize())
 
     async def _run_forever(self) -> None:
         assert self._queue is not None
@@ -118,6 +230,7 @@ class MicroBatcher:
                         break
                 batch.append(pending)
                 size += len(pending.inputs)
+            self._report_depth()
             for group in _by_kind(batch):
                 await self._predict_group(group)
 
@@ -133,6 +246,8 @@ class MicroBatcher:
             for pending in group:
                 await self._predict_group([pending])
             return
+        if self.metrics is not None:
+            self.metrics.observe_call(len(inputs), len(group))
         start = 0
         for pending in group:
             _resolve(pending.future, predictions[start : start + len(pending.inputs)])
@@ -161,6 +276,26 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed the limit: from
+    Content-Length before reading anything, else while streaming it in (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise RequestError(f"invalid Content-Length header: {declared[:40]!r}") from None
+        if declared_bytes > limits.max_body_bytes:
+            raise RequestError(f"request body exceeds {limits.max_body_bytes} bytes", 413)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limits.max_body_bytes:
+            raise RequestError(f"request body exceeds {limits.max_body_bytes} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_request(body: bytes, limits: Limits) -> list[Any]:
@@ -206,43 +341,79 @@ def _check_item(key: str, index: int, item: Any, limits: Limits) -> None:
             raise RequestError(f'"{key}"[{index}] has {len(text)} characters; at most {limits.max_chars}', 413)
 
 
-def create_app(predictor: Predictor, limits: Optional[Limits] = None, batching: Optional[Batching] = None) -> Starlette:
-    """The ASGI app: POST /predict, GET /health, GET /metadata. `batching=None`: one call per request."""
+def create_app(
+    predictor: Predictor,
+    limits: Optional[Limits] = None,
+    batching: Optional[Batching] = None,
+    metrics: Optional[ServerMetrics] = None,
+    precision: Optional[PrecisionChoice] = None,
+) -> Starlette:
+    """The ASGI app: POST /predict, GET /health, GET /metadata, GET /metrics.
+
+    `batching=None`: one Predictor call per request, run concurrently in a thread pool.
+    `precision`: how the predictor's model was chosen (shown in /metadata).
+    """
     limits = limits or Limits()
+    metrics = metrics or ServerMetrics()
     bundle = predictor.bundle
-    batcher = MicroBatcher(predictor, batching) if batching is not None else None
+    batcher = MicroBatcher(predictor, batching, metrics) if batching is not None else None
     metadata = {
         "task": bundle.task,
         "labels": list(predictor.labels),
         "model": bundle.metadata.get("model_name"),
         "model_file": predictor.model_path.name,
+        "precision": precision.to_dict() if precision is not None else None,
         "max_seq_length": bundle.max_seq_length,
         "limits": {"max_texts": limits.max_texts, "max_chars": limits.max_chars},
-        "batching": None if batching is None else {"max_texts": batching.max_texts, "max_wait_ms": batching.max_wait_ms},
+        "batching": None if batching is None else asdict(batching),
         "export_report": bundle.report(),
     }
 
+    async def unbatched(inputs: list[TextInput]) -> list[AnyPrediction]:
+        predictions = await run_in_threadpool(predictor.predict, inputs)
+        metrics.observe_call(len(inputs), 1)
+        return predictions
+
     async def predict(request: Request) -> JSONResponse:
         try:
-            inputs = parse_request(await request.body(), limits)
+            inputs = parse_request(await read_body(request, limits), limits)
             if bundle.task in TOKEN_TASKS and not isinstance(inputs[0], str):
                 raise RequestError(f'a {bundle.task} model tags single texts: send "texts", not "pairs"')
         except RequestError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         try:
-            if batcher is not None:
-                predictions = await batcher.predict(inputs)
-            else:
-                predictions = await run_in_threadpool(predictor.predict, inputs)
+            batch_it = batcher is not None and batching is not None and batching.batches(inputs)
+            predictions = await (batcher.predict(inputs) if batch_it else unbatched(inputs))
         except (TfsftError, ValueError) as error:
             return JSONResponse({"error": " ".join(str(error).split())}, status_code=500)
         return JSONResponse({"predictions": [p.to_dict() for p in predictions]})
 
     async def health(request: Request) -> JSONResponse:
+        if batcher is not None and not batcher.healthy:
+            return JSONResponse({"status": "error", "error": "a micro-batching worker has stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def meta(request: Request) -> JSONResponse:
         return JSONResponse(metadata)
+
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def instrumented(endpoint: str, handler: Callable[[Request], Awaitable[Response]]):
+        async def handle(request: Request) -> Response:
+            begin, status = time.perf_counter(), 500
+            try:
+                response = await handler(request)
+                status = response.status_code
+                return response
+            finally:
+                metrics.requests.labels(endpoint, str(status)).inc()
+                if status >= 400:
+                    metrics.errors.labels(endpoint, str(status)).inc()
+                metrics.latency.labels(endpoint).observe(time.perf_counter() - begin)
+
+        return handle
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -254,29 +425,85 @@ def create_app(predictor: Predictor, limits: Optional[Limits] = None, batching: 
             if batcher is not None:
                 await batcher.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[
-            Route("/predict", predict, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metadata", meta, methods=["GET"]),
+            Route("/predict", instrumented("/predict", predict), methods=["POST"]),
+            Route("/health", instrumented("/health", health), methods=["GET"]),
+            Route("/metadata", instrumented("/metadata", meta), methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
         ],
         lifespan=lifespan,
     )
+    app.state.batcher, app.state.metrics = batcher, metrics
+    return app
 
 
-def serve(
-    bundle_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    int8: bool = False,
-    limits: Optional[Limits] = None,
-    num_threads: Optional[int] = None,
-    batching: Optional[Batching] = Batching(),
-    access_log: bool = False,
-) -> None:
+# -------------------------------------------------------------------------------- the server
+
+SETTINGS_ENV = "TFSFT_SERVE_SETTINGS"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything a server process needs to build its app; passed to `--workers` processes as JSON."""
+
+    bundle_dir: str
+    precision: str = "auto"
+    limits: Limits = Limits()
+    batching: Optional[Batching] = Batching()
+    num_threads: Optional[int] = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServeSettings":
+        values = json.loads(text)
+        batching = values.pop("batching")
+        return cls(limits=Limits(**values.pop("limits")), batching=Batching(**batching) if batching else None, **values)
+
+    def build_app(self) -> Starlette:
+        from tfsft.inference import Bundle
+
+        choice = choose_precision(Bundle.load(self.bundle_dir), self.precision)
+        predictor = Predictor(self.bundle_dir, int8=choice.int8, num_threads=self.num_threads)
+        return create_app(predictor, self.limits, self.batching, precision=choice)
+
+
+def app_from_environment() -> Starlette:
+    """The app of one `--workers` process (uvicorn's factory), from the settings `serve` left in the environment."""
+    return ServeSettings.from_json(os.environ[SETTINGS_ENV]).build_app()
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, workers: int = 1, access_log: bool = False) -> None:
     """Load the bundle and serve it with uvicorn until interrupted (access log off: it costs CPU per request).
-    `batching=None` gives every request its own model call, run concurrently in a thread pool."""
+
+    `workers > 1` starts that many server processes on one port (uvicorn's workers), each with its
+    own Predictor; each then gets cores / workers onnxruntime threads unless `num_threads` is set,
+    and /metrics sums all of them.
+    """
     import uvicorn
 
-    app = create_app(Predictor(bundle_dir, int8=int8, num_threads=num_threads), limits, batching)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    from tfsft.inference import Bundle
+
+    if not 1 <= workers <= 64:
+        raise ConfigError(f"--workers must be in [1, 64]. Received: workers={workers}")
+    bundle = Bundle.load(settings.bundle_dir)
+    choice = choose_precision(bundle, settings.precision)
+    batching = settings.batching
+    mode = "one call per request" if batching is None else (
+        f"micro-batching (<= {batching.max_texts} texts, {batching.max_wait_ms:g} ms wait, {batching.concurrency} in "
+        f"flight) of requests whose texts have at most {batching.max_input_chars or 'any number of'} characters")
+    print(f"[tfsft] serving {bundle.directory} on http://{host}:{port}: {choice.name} model "
+          f"{bundle.model_path(int8=choice.int8).name} ({choice.reason}); {mode}; {workers} worker process(es)",
+          file=sys.stderr, flush=True)
+    if workers == 1:
+        uvicorn.run(settings.build_app(), host=host, port=port, log_level="info", access_log=access_log)
+        return
+    if settings.num_threads is None:
+        settings = dataclasses.replace(settings, num_threads=max(1, (os.cpu_count() or 1) // workers))
+    with tempfile.TemporaryDirectory(prefix="tfsft-metrics-") as metrics_dir:
+        os.environ[MULTIPROCESS_ENV] = metrics_dir
+        os.environ[SETTINGS_ENV] = settings.to_json()
+        uvicorn.run("tfsft.serving:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                    log_level="info", access_log=access_log)
