@@ -4,13 +4,15 @@ Every client mistake (bad JSON, missing or mistyped fields, empty or oversized r
 a 4xx with a one-line message; model calls run in worker threads so the event loop keeps
 reading requests (and answering health checks) while a batch is computed.
 
-Concurrent requests are batched together (`MicroBatcher`, on by default): `concurrency` batch
-workers each take every request waiting when they are free and make one Predictor call of
-them, which splits them into length-homogeneous model calls. With two workers a request that
-arrives while one batch computes starts at once on the other instead of waiting, and under load
-the queue that builds up while both compute becomes the next batches. bench/serve_load.py
-measures the modes against each other and against the in-process ceiling; /metrics shows the
-batch sizes that actually form.
+Concurrent requests of short texts are batched together (`MicroBatcher`, on by default):
+`concurrency` batch workers each take every request waiting when they are free and make one
+Predictor call of them, which splits them into length-homogeneous model calls. With two workers
+a request that arrives while one batch computes starts at once on the other instead of waiting,
+and under load the queue that builds up while both compute becomes the next batches. Requests
+of longer texts get their own call in the thread pool (`Batching.max_input_chars`): there the
+model's arithmetic, not the per-call overhead, bounds a CPU. bench/serve_load.py measures the
+modes against each other and against the in-process ceiling; /metrics shows the batch sizes
+that actually form.
 """
 
 from __future__ import annotations
