@@ -190,9 +190,10 @@ runpy.run_path(script, run_name="__main__")
 RUN_FILES = ("config.json", "metrics.json", "eval_report.json", "history.csv", "model/config.json", "model/tokenizer.json")
 
 
-def finetune_with_fault(fault, args, tmp_path):
+def script_with_fault(fault, script, args, tmp_path):
+    """scripts/<script> with `fault` injected (see EXPORT_FAULT_DRIVER), logging to tmp_path/logs."""
     return subprocess.run(
-        [sys.executable, "-c", EXPORT_FAULT_DRIVER, fault, str(ROOT / "scripts" / "finetune.py"), *args],
+        [sys.executable, "-c", EXPORT_FAULT_DRIVER, fault, str(ROOT / "scripts" / script), *args],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "TFSFT_LOG_DIR": str(tmp_path / "logs")},
     )
 
@@ -238,24 +239,21 @@ def test_a_failed_or_killed_export_never_costs_the_finished_run(tiny_checkpoint,
     out = tmp_path / "run"
     args = export_args(tiny_checkpoint, sst2_slices, out)
 
-    failed = finetune_with_fault("optimizer", args, tmp_path)
+    failed = script_with_fault("optimizer", "finetune.py", args, tmp_path)
     assert_export_failure(failed, out, "RuntimeError", tmp_path)
     assert f"the run was saved to {out}" in failed.stderr
     assert_complete_without_bundle(out, tmp_path)
     assert not list(out.glob(".onnx.*"))
     before = snapshot(out)
 
-    killed = finetune_with_fault("sigkill", args, tmp_path)
+    killed = script_with_fault("sigkill", "finetune.py", args, tmp_path)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert "finishing its ONNX export" in killed.stderr
     assert_complete_without_bundle(out, tmp_path)
     assert list(out.glob(".onnx.*.partial")), "the kill should have hit a half-built bundle"
     assert snapshot(out) == before
 
-    quantizer = subprocess.run(
-        [sys.executable, "-c", EXPORT_FAULT_DRIVER, "quantizer", str(ROOT / "scripts" / "export.py"), str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "TFSFT_LOG_DIR": str(tmp_path / "logs")},
-    )
+    quantizer = script_with_fault("quantizer", "export.py", [str(out)], tmp_path)
     assert_export_failure(quantizer, out, "MemoryError", tmp_path)
     assert_complete_without_bundle(out, tmp_path)
     assert not list(out.glob(".onnx.*.partial"))

@@ -179,12 +179,13 @@ def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice
         return PrecisionChoice(True, requested, "int8 requested")
     if not has_int8:
         return PrecisionChoice(False, requested, "the bundle has no int8 model")
-    int8_report = (bundle.report() or {}).get("int8") or {}
+    report = bundle.report() or {}
+    int8_report = report.get("int8") or {}
     drops = {key[: -len("_drop")]: value for key, value in int8_report.items() if key.endswith("_drop")}
     if len(drops) != 1 or not isinstance(next(iter(drops.values())), (int, float)):
         return PrecisionChoice(False, requested, "the export report records no int8 score drop")
     score, drop = next(iter(drops.items()))
-    keras = (bundle.report() or {}).get(f"keras_{score}", float("nan"))
+    keras = report.get(f"keras_{score}", float("nan"))
     figure = f"validation {score}: int8 {int8_report.get(score, float('nan')):.4f}, Keras {keras:.4f} (drop {drop:.4f})"
     if drop <= INT8_MAX_SCORE_DROP:
         return PrecisionChoice(True, requested, f"{figure}, within {INT8_MAX_SCORE_DROP:g}")

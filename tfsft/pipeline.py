@@ -68,13 +68,13 @@ def _log(message: str) -> None:
 
 
 def resolve_output_dir(config: RunConfig) -> tuple[RunConfig, Path]:
-    """Fix the output dir in the config, and refuse to clobber an existing run or other files
-    (a finished run of this same config still waiting for its export is not refused: see
-    `awaits_export`)."""
+    """The config with its output dir fixed (a default one named now), and that dir."""
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
-    config = config.replace(output_dir=str(output_dir))
-    if awaits_export(config, output_dir):
-        return config, output_dir
+    return config.replace(output_dir=str(output_dir)), output_dir
+
+
+def refuse_to_clobber(config: RunConfig, output_dir: Path) -> None:
+    """Refuse an output dir that is a file, or holds a run or other files (unless overwriting)."""
     if output_dir.exists():
         if not output_dir.is_dir():
             raise ConfigError(f"--output_dir {output_dir} is a file. Received: output_dir={str(output_dir)!r}")
@@ -84,7 +84,6 @@ def resolve_output_dir(config: RunConfig) -> tuple[RunConfig, Path]:
                 f"--output_dir {output_dir} already holds {what}; pass --overwrite_output_dir to replace it. "
                 f"Received: output_dir={str(output_dir)!r}"
             )
-    return config, output_dir
 
 
 def awaits_export(config: RunConfig, output_dir: Path) -> bool:
@@ -170,8 +169,9 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
     config, output_dir = resolve_output_dir(config)
     if awaits_export(config, output_dir):
         _log(f"{output_dir} holds this run, trained, evaluated and saved, but not exported: finishing its ONNX export")
-        _export_published(output_dir, lambda: _export_saved_run(output_dir), just_trained=False)
+        export_finished_run(output_dir)
         return FinetuneResult(metrics=artifacts.read_json(output_dir / artifacts.METRICS_FILE, "metrics"), run_dir=output_dir)
+    refuse_to_clobber(config, output_dir)
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
     task = config.model.task
@@ -253,12 +253,6 @@ def _export_trained(model, run_dir: Path, validation: tuple[Examples, np.ndarray
     from tfsft.export import export_bundle
 
     export_bundle(model, run_dir, validation_data=validation)
-
-
-def _export_saved_run(run_dir: Path) -> None:
-    from tfsft.export import export_run
-
-    export_run(run_dir)
 
 
 def export_finished_run(run_dir: str | Path) -> dict[str, Any]:

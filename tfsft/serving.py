@@ -384,7 +384,7 @@ def create_app(
         except RequestError as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         try:
-            batch_it = batcher is not None and batching is not None and batching.batches(inputs)
+            batch_it = batcher is not None and batcher.batching.batches(inputs)
             predictions = await (batcher.predict(inputs) if batch_it else unbatched(inputs))
         except (TfsftError, ValueError) as error:
             return JSONResponse({"error": " ".join(str(error).split())}, status_code=500)
@@ -464,10 +464,11 @@ class ServeSettings:
         batching = values.pop("batching")
         return cls(limits=Limits(**values.pop("limits")), batching=Batching(**batching) if batching else None, **values)
 
-    def build_app(self) -> Starlette:
+    def build_app(self, choice: Optional[PrecisionChoice] = None) -> Starlette:
+        """The app; `choice`: the precision already chosen for this bundle (else it is chosen here)."""
         from tfsft.inference import Bundle
 
-        choice = choose_precision(Bundle.load(self.bundle_dir), self.precision)
+        choice = choice or choose_precision(Bundle.load(self.bundle_dir), self.precision)
         predictor = Predictor(self.bundle_dir, int8=choice.int8, num_threads=self.num_threads)
         return create_app(predictor, self.limits, self.batching, precision=choice)
 
@@ -500,7 +501,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, wo
           f"{bundle.model_path(int8=choice.int8).name} ({choice.reason}); {mode}; {workers} worker process(es)",
           file=sys.stderr, flush=True)
     if workers == 1:
-        uvicorn.run(settings.build_app(), host=host, port=port, log_level="info", access_log=access_log)
+        uvicorn.run(settings.build_app(choice), host=host, port=port, log_level="info", access_log=access_log)
         return
     if settings.num_threads is None:
         settings = dataclasses.replace(settings, num_threads=max(1, (os.cpu_count() or 1) // workers))
