@@ -97,6 +97,7 @@ def task_config(args: argparse.Namespace, task: str) -> RunConfig:
     return RunConfig.from_flat(dict(
         model_name_or_path=model, **files, **{**spec["flags"], **overrides},
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
+        max_predict_samples=args.max_eval_samples,
         per_device_train_batch_size=args.per_device_train_batch_size, max_seq_length=args.max_seq_length,
         output_dir=str(Path(args.output_dir) / task), overwrite_output_dir=True, export=True, quantize_int8=True,
     ))

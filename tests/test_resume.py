@@ -116,3 +116,27 @@ def test_ctrl_c_before_the_first_backup_keeps_nothing(tiny_checkpoint, sst2_slic
     assert result.returncode == 130, result.stderr[-3000:]
     assert "nothing was kept" in result.stderr
     assert not out.exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_resumed_run_with_gradient_accumulation_matches_uninterrupted(tiny_checkpoint, sst2_slices, tmp_path):
+    """Killed after batch 21 of epoch 2 (an accumulated, not yet applied step): the resumed run
+    replays epoch 2 from its start and ends as the uninterrupted one; 25 batches an epoch in
+    pairs are 13 optimizer steps, logged once each."""
+    extra = {"gradient_accumulation_steps": "2", "logging_steps": "13", "warmup_steps": "3"}
+    args = cli_args(tiny_checkpoint, sst2_slices, tmp_path / "ref", **extra)
+    flat = {args[i][2:]: args[i + 1] for i in range(0, len(args) - 1, 2)}
+    reference = finetune(RunConfig.from_flat({**flat, "export": False}), verbose=0)
+
+    out = tmp_path / "run"
+    killed = run_with_signal(1, 20, signal.SIGKILL, cli_args(tiny_checkpoint, sst2_slices, out, **extra))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_script("finetune.py", *cli_args(tiny_checkpoint, sst2_slices, out, **extra), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at epoch 2 from the backup of epoch 1" in resumed.stderr
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_resumed"] == 1
+    for key in COMPARED:
+        assert metrics[key] == reference.metrics[key], key
+    assert tensorboard_steps(out / "logs" / "steps", "learning_rate") == [13, 26, 39]
+    assert tensorboard_steps(tmp_path / "ref" / "logs" / "steps", "learning_rate") == [13, 26, 39]

@@ -102,12 +102,17 @@ def test_streamed_run_trains_and_evaluates(tiny_checkpoint, sst2_slices, tmp_pat
         model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]),
         validation_file=str(sst2_slices["dev"]), num_train_epochs=3, learning_rate=2e-3, warmup_ratio=0.0,
         per_device_train_batch_size=16, max_seq_length=64, output_dir=str(tmp_path / "run"), export=False,
-        streaming=True, cache_dir=str(tmp_path / "cache"),
+        streaming=True, streaming_cache_dir=str(tmp_path / "cache"),
     ))
     metrics = finetune(config, verbose=0).metrics
     assert metrics["train_samples"] == 400 and metrics["epochs"] == 3
     assert metrics["train_loss_last_epoch"] < metrics["train_loss_first_epoch"]
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_samples"] == 200
+    assert metrics["eval_samples"] == 200
+    from tfsft.pipeline import evaluate_run  # the saved model, scored again on the file, scores what was reported
+
+    assert evaluate_run(str(tmp_path / "run"), str(sst2_slices["dev"]))["eval_accuracy"] == pytest.approx(
+        metrics["eval_accuracy"], abs=1e-9
+    )
 
 
 def test_unseen_validation_label_still_fails(tiny_checkpoint, sst2_slices, tmp_path):
@@ -116,7 +121,7 @@ def test_unseen_validation_label_still_fails(tiny_checkpoint, sst2_slices, tmp_p
     config = RunConfig.from_flat(dict(
         model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]), validation_file=str(dev),
         max_seq_length=64, output_dir=str(tmp_path / "run"), export=False, streaming=True,
-        cache_dir=str(tmp_path / "cache"),
+        streaming_cache_dir=str(tmp_path / "cache"),
     ))
     with pytest.raises(DataError, match=r"row 22: label '7' never appears in the training data"):
         finetune(config, verbose=0)

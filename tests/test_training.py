@@ -1,6 +1,13 @@
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from tfsft.config import TrainConfig
 from tfsft.training import WarmupLinearDecay, make_optimizer
 
@@ -170,3 +177,176 @@ def test_layer_decay_needs_a_layered_encoder_and_a_factor_in_range():
     with pytest.raises(ConfigError, match="layer_lr_decay 0.8: the model has no encoder layers"):
         make_optimizer(TrainConfig(layer_lr_decay=0.8), total_steps=10, num_layers=0)
     assert make_optimizer(TrainConfig(), total_steps=10, num_layers=0).layer_lr_decay == 1.0
+
+
+def test_warmup_steps_overrides_warmup_ratio():
+    optimizer = make_optimizer(TrainConfig(warmup_ratio=0.5, warmup_steps=3), total_steps=100)
+    schedule = optimizer._learning_rate
+    assert (schedule.warmup_steps, schedule.total_steps) == (3, 100)
+    assert make_optimizer(TrainConfig(warmup_ratio=0.5, warmup_steps=0), total_steps=100)._learning_rate.warmup_steps == 0
+    assert make_optimizer(TrainConfig(warmup_ratio=0.5), total_steps=100)._learning_rate.warmup_steps == 50
+
+
+def test_schedule_counts_optimizer_steps_under_gradient_accumulation():
+    """3 epochs of 10 batches, 4 batches a step: 3 steps per epoch (the last one of 2 batches)."""
+    config = TrainConfig(gradient_accumulation_steps=4, warmup_ratio=0.2)
+    schedule = make_optimizer(config, total_steps=30, steps_per_epoch=10)._learning_rate
+    assert (schedule.warmup_steps, schedule.total_steps) == (2, 9)
+    config = TrainConfig(gradient_accumulation_steps=4, warmup_steps=5)
+    assert make_optimizer(config, total_steps=30, steps_per_epoch=10)._learning_rate.warmup_steps == 5
+
+
+def tiny_classifier(seed: int = 0):
+    """A 1-layer BERT classifier without dropout, so that batches split differently compute the same."""
+    from transformers import BertConfig, TFBertForSequenceClassification
+
+    from tfsft.modeling import tf
+
+    tf.keras.utils.set_random_seed(seed)
+    config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=2)
+    model = TFBertForSequenceClassification(config)
+    model(model.dummy_inputs)
+    return model
+
+
+def accumulation_data(examples: int = 10, length: int = 6):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 40, size=(examples, length)).astype(np.int32)
+    features = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return features, rng.integers(0, 2, size=examples).astype(np.int32)
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_gradient_accumulation_of_two_batches_equals_one_batch_twice_as_large(xla):
+    """10 examples, 2 epochs: batches of 4 one step each (4, 4, 2 per epoch) against batches of 2
+    accumulated two at a time (an epoch's 5th batch makes a step alone): the same 6 updates, with
+    weight decay and the schedule in play, give the same weights. Clipping is off here: Keras
+    takes the norm of an embedding's sparse gradient before summing its repeated rows, the
+    accumulated gradient is summed (see the next test for clipping)."""
+    from tfsft.modeling import tf
+    from tfsft.training import compile_model
+
+    features, labels = accumulation_data()
+    start = tiny_classifier().get_weights()
+
+    def train(batch_size: int, accumulate: int):
+        model = tiny_classifier()
+        model.set_weights(start)
+        dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size)
+        steps = len(dataset)
+        config = TrainConfig(learning_rate=1e-2, warmup_ratio=0.2, weight_decay=0.1, max_grad_norm=1e9, xla=xla,
+                             gradient_accumulation_steps=accumulate, num_train_epochs=2)
+        compile_model(model, config, 2 * steps, "classification", steps_per_epoch=steps)
+        model.fit(dataset, epochs=2, verbose=0, shuffle=False)
+        return model, steps
+
+    whole, whole_steps = train(4, 1)
+    accumulated, micro_steps = train(2, 2)
+    assert (whole_steps, micro_steps) == (3, 5)
+    assert int(whole.optimizer.iterations) == 6
+    assert int(accumulated.optimizer.iterations) == 2 * math.ceil(micro_steps / 2) == 6
+    for a, b, before in zip(accumulated.get_weights(), whole.get_weights(), start):
+        if not np.array_equal(b, before):
+            assert not np.array_equal(a, before)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    tf.keras.backend.clear_session()
+
+
+def test_gradient_accumulation_clips_and_decays_the_mean_gradient_once_per_step():
+    """Dense and sparse (embedding) gradients, clipping active: 2 epochs of batches of 2
+    accumulated in pairs against batches of 4, called eagerly, step by step."""
+    from tfsft.modeling import tf
+
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(50)[:8].reshape(8, 1).astype(np.int32)
+    targets = rng.normal(size=(8, 3)).astype(np.float32)
+    start = {"embeddings/word": rng.normal(size=(50, 4)), "dense/kernel": rng.normal(size=(4, 3)), "dense/bias": np.zeros(3)}
+
+    def train(batch_size: int, accumulate: int):
+        variables = {name: tf.Variable(value.astype(np.float32), name=name) for name, value in start.items()}
+        steps = 8 // batch_size
+        config = TrainConfig(learning_rate=1e-2, warmup_ratio=0.25, weight_decay=0.1, max_grad_norm=0.1,
+                             gradient_accumulation_steps=accumulate)
+        optimizer = make_optimizer(config, total_steps=2 * steps, steps_per_epoch=steps)
+        for _ in range(2):
+            for batch in range(steps):
+                rows = slice(batch * batch_size, (batch + 1) * batch_size)
+                with tf.GradientTape() as tape:
+                    hidden = tf.gather(variables["embeddings/word"], ids[rows, 0])
+                    output = tf.tanh(hidden @ variables["dense/kernel"] + variables["dense/bias"])
+                    loss = tf.reduce_mean(tf.reduce_sum((output - targets[rows]) ** 2, axis=-1))
+                grads = tape.gradient(loss, list(variables.values()))
+                assert isinstance(grads[0], tf.IndexedSlices)
+                optimizer.apply_gradients(zip(grads, variables.values()))
+        return {name: v.numpy() for name, v in variables.items()}, int(optimizer.iterations)
+
+    (whole, whole_steps), (accumulated, accumulated_steps) = train(4, 1), train(2, 2)
+    assert whole_steps == accumulated_steps == 4
+    for name in start:
+        assert not np.allclose(accumulated[name], start[name]), name
+        np.testing.assert_allclose(accumulated[name], whole[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gradient_accumulation_under_mirrored_strategy_equals_one_larger_batch():
+    """Two replicas, 2 examples each, 2 global batches a step, against one batch of 8 unreplicated."""
+    code = textwrap.dedent("""
+        import json, os, sys
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+        sys.path.insert(0, "tests")
+        from tfsft.modeling import tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import numpy as np
+        from test_training import accumulation_data, tiny_classifier
+        from tfsft.config import TrainConfig
+        from tfsft.training import compile_model, make_strategy
+
+        features, labels = accumulation_data(examples=16)
+        start = tiny_classifier().get_weights()
+        weights = []
+        for strategy, batch, accumulate in ((make_strategy("mirrored"), 4, 2), (make_strategy("default"), 8, 1)):
+            with strategy.scope():
+                model = tiny_classifier()
+                model.set_weights(start)
+                steps = 16 // batch
+                config = TrainConfig(learning_rate=1e-2, warmup_ratio=0.0, gradient_accumulation_steps=accumulate)
+                compile_model(model, config, steps, "classification", steps_per_epoch=steps)
+            data = tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch)
+            model.fit(data, epochs=1, verbose=0, shuffle=False)
+            weights.append(model.get_weights())
+            print(strategy.num_replicas_in_sync, int(model.optimizer.iterations.numpy()))
+        print(json.dumps(max(float(np.max(np.abs(a - b))) for a, b in zip(*weights))))
+        print(json.dumps(max(float(np.max(np.abs(a - b))) for a, b in zip(weights[0], start))))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-4:-2] == ["2 2", "1 2"]
+    difference, moved = json.loads(lines[-2]), json.loads(lines[-1])
+    assert moved > 1e-3 and difference < 1e-5
+
+
+def test_step_logger_writes_each_optimizer_step_once(tmp_path):
+    """Under accumulation several batches end on the same optimizer step: only the batch that
+    made the step logs it (not step 0 before any, nor a resumed run's restored step again)."""
+    from tfsft.modeling import tf
+    from tfsft.training import StepLogger
+
+    class Optimizer:
+        iterations = None
+        learning_rate = 0.5
+
+    class Model:
+        optimizer = Optimizer()
+
+    logger = StepLogger(tmp_path, every=2)
+    logger.set_model(Model())
+    # Steps before and after each batch: accumulating from step 0, and from a resumed step 4.
+    for before, after in ((0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (4, 4), (4, 5), (5, 5), (5, 6)):
+        Optimizer.iterations = tf.Variable(before, dtype=tf.int64)
+        logger.on_train_batch_begin(0)
+        Optimizer.iterations = tf.Variable(after, dtype=tf.int64)
+        logger.on_train_batch_end(0, {"loss": 1.0})
+    assert [step for step, _ in logger.pending] == [2, 6]

@@ -1,6 +1,6 @@
 """One frozen, typed config per run, grouped by concern, with a JSON round trip and a derived CLI.
 
-Every flag of `scripts/finetune.py` is a field here (names follow the transformers example
+Every flag of `tfsft finetune` is a field here (names follow the transformers example
 scripts); its help text lives in the field metadata, so the CLI cannot drift from the config.
 """
 
@@ -48,8 +48,10 @@ WEIGHTED_TASKS = frozenset({"classification"})
 """Tasks whose examples --class_weights can weigh."""
 
 
-def _field(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
+def _field(default: Any, help: str, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A config field; `aliases` are other flag names for it (those of the transformers example
+    scripts), accepted on the command line and in config files but never written back."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, **kwargs})
 
 
 def _require(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -70,6 +72,16 @@ class ModelConfig:
         "What a sequence head reads: 'cls' (the pooler over [CLS], transformers' default), 'mean' (masked mean "
         "of the last hidden states; BERT checkpoints), or 'auto': 'mean' for sentence-transformers checkpoints "
         "that pooled by mean (the embedded MiniLM), else 'cls'.",
+    )
+    tokenizer_name: Optional[str] = _field(
+        None,
+        "Tokenizer to use instead of the checkpoint's own: a local directory or a Hugging Face Hub name "
+        "(its vocabulary must fit the model's embeddings).",
+    )
+    cache_dir: Optional[str] = _field(
+        None,
+        "Where models and tokenizers downloaded from the Hugging Face Hub are cached; default: the Hub's "
+        "own cache (~/.cache/huggingface, or $HF_HOME).",
     )
 
     def __post_init__(self) -> None:
@@ -98,19 +110,28 @@ class DataConfig:
     )
     dataset_config_name: Optional[str] = _field(None, "The Hub data set's configuration name.")
     text_column: Optional[str] = _field(
-        None, "Text column; default 'sentence' or 'text' (or 'sentence1' with pairs), or 0 without a header."
+        None,
+        "Text column; default 'sentence' or 'text' (or 'sentence1' with pairs), or 0 without a header.",
+        aliases=("text_column_name",),
     )
     text_pair_column: Optional[str] = _field(
         None, "Second text column for sentence pairs; default 'sentence2' when present."
     )
-    label_column: Optional[str] = _field(None, "Label column; default 'label' (the last column without a header).")
+    label_column: Optional[str] = _field(
+        None, "Label column; default 'label' (the last column without a header).", aliases=("label_column_name",)
+    )
     label_delimiter: str = _field(
         "|", "--task multilabel: separator of the labels in a label cell ('pos|negation'); a JSON list also works."
     )
     no_header: bool = _field(False, "CSV/TSV files have no header row: name columns by 0-based index.")
     max_seq_length: int = _field(128, "Maximum tokens per example after tokenization; longer inputs are truncated.")
     max_train_samples: Optional[int] = _field(None, "Train on a seeded random sample of this many examples.")
-    max_eval_samples: Optional[int] = _field(None, "Evaluate on a seeded random sample of this many examples.")
+    max_eval_samples: Optional[int] = _field(
+        None, "Validate on a seeded random sample of this many validation examples."
+    )
+    max_predict_samples: Optional[int] = _field(
+        None, "Score a seeded random sample of this many --test_file examples (default: all of them)."
+    )
     validation_split_percentage: int = _field(
         10, "Percent of the training file held out (stratified) when no --validation_file is given."
     )
@@ -120,14 +141,14 @@ class DataConfig:
         "cache (keyed by the file's hash, tokenizer, max length and columns) and stream it in "
         "length-bucketed, shuffled batches; needs --validation_file, no --max_train_samples.",
     )
-    cache_dir: Optional[str] = _field(
+    streaming_cache_dir: Optional[str] = _field(
         None, "--streaming: where token caches are kept; default ~/.cache/tfsft/streaming."
     )
 
     def __post_init__(self) -> None:
         _require(len(self.label_delimiter) > 0, "label_delimiter", self.label_delimiter, "a non-empty string")
         _require(8 <= self.max_seq_length <= 8192, "max_seq_length", self.max_seq_length, "an integer in [8, 8192]")
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "a positive integer")
         _require(
@@ -152,6 +173,9 @@ class TrainConfig:
     )
     num_train_epochs: int = _field(1, "Number of passes over the training data.")
     warmup_ratio: float = _field(0.1, "Fraction of training steps spent warming the learning rate up from 0.")
+    warmup_steps: Optional[int] = _field(
+        None, "Optimizer steps spent warming the learning rate up from 0; overrides --warmup_ratio when given."
+    )
     weight_decay: float = _field(0.01, "Decoupled weight decay (not applied to LayerNorm and bias).")
     layer_lr_decay: float = _field(
         1.0,
@@ -160,10 +184,16 @@ class TrainConfig:
         "1.0: one rate for all).",
     )
     max_grad_norm: float = _field(1.0, "Global gradient-norm clipping threshold.")
+    gradient_accumulation_steps: int = _field(
+        1,
+        "Apply the mean gradient of this many batches as one optimizer step (a larger effective batch in the "
+        "same memory); the learning-rate schedule counts optimizer steps, and an epoch's last step may average "
+        "fewer batches.",
+    )
     seed: int = _field(42, "Random seed for splits, shuffling, initialisation and dropout.")
     strategy: str = _field("auto", f"tf.distribute strategy: one of {sorted(STRATEGIES)}.")
     xla: bool = _field(False, "Compile the train step with XLA (jit_compile).")
-    mixed_precision: bool = _field(False, "Train in mixed float16 (GPUs) instead of float32.")
+    mixed_precision: bool = _field(False, "Train in mixed float16 (GPUs) instead of float32.", aliases=("fp16",))
     deterministic: bool = _field(True, "Enable TensorFlow op determinism (same seed, same metrics on CPU).")
     metric_for_best_model: Optional[str] = _field(
         None,
@@ -188,11 +218,23 @@ class TrainConfig:
     logging_steps: int = _field(20, "Write loss and learning rate to TensorBoard every this many steps.")
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps"):
+        for name in (
+            "per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "logging_steps",
+            "gradient_accumulation_steps",
+        ):
             value = getattr(self, name)
             _require(value >= 1, name, value, "a positive integer")
         _require(0 < self.learning_rate < 1, "learning_rate", self.learning_rate, "a float in (0, 1)")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a float in [0, 1)")
+        warmup_steps = self.warmup_steps
+        _require(warmup_steps is None or warmup_steps >= 0, "warmup_steps", warmup_steps, "an integer >= 0")
+        _require(
+            self.gradient_accumulation_steps == 1 or not self.mixed_precision,
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "1 with --mixed_precision (float16 loss scaling skips a batch whose gradients overflow, which would "
+            "break the accumulation groups)",
+        )
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a float >= 0")
         _require(0 < self.layer_lr_decay <= 1, "layer_lr_decay", self.layer_lr_decay, "a float in (0, 1]")
         _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a float > 0")
@@ -300,6 +342,7 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
+        values = _canonical_names(values)
         known = {name for name, _, _ in iter_fields()}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -349,14 +392,56 @@ def _typed(f: dataclasses.Field, hints: dict[str, Any]) -> dataclasses.Field:
     return f
 
 
+def aliases() -> dict[str, str]:
+    """Other accepted name -> field name (`fp16` -> `mixed_precision`, ...)."""
+    return {alias: name for name, _, f in iter_fields() for alias in f.metadata.get("aliases", ())}
+
+
+def _canonical_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Rename alias keys to their field's name; an alias and its field both set differently is an error."""
+    canonical = dict(values)
+    for alias, name in aliases().items():
+        if alias not in canonical:
+            continue
+        value = canonical.pop(alias)
+        if name in canonical and canonical[name] != value:
+            raise ConfigError(
+                f"--{alias} is another name for --{name}; give one of them, not both with different values. "
+                f"Received: {alias}={value!r}, {name}={canonical[name]!r}"
+            )
+        canonical[name] = value
+    return canonical
+
+
 def _flatten(values: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if key in _GROUPS and isinstance(value, dict):
-            flat.update(value)
+            flat.update(_upgrade_group(key, value))
         else:
             flat[key] = value
     return flat
+
+
+def _upgrade_group(group: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A saved group as this version names it.
+
+    Runs saved before --streaming_cache_dir existed kept the token cache of --streaming in
+    `data.cache_dir`; `cache_dir` is now the Hub download cache (a `model` field, as in the
+    transformers examples), so the old key is moved to its new name, and dropped where the run
+    did not stream (it was unused there).
+    """
+    if group != "data" or "cache_dir" not in values:
+        return values
+    upgraded = dict(values)
+    old = upgraded.pop("cache_dir")
+    try:
+        streamed = _coerce("streaming", upgraded.get("streaming", False), bool)
+    except ConfigError:
+        streamed = False
+    if streamed and old is not None:
+        upgraded.setdefault("streaming_cache_dir", old)
+    return upgraded
 
 
 def _base_type(tp: Any) -> Any:
@@ -410,7 +495,10 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot parse config: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of flag names to values")
-    return _flatten(values)
+    try:
+        return _canonical_names(_flatten(values))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def build_arg_parser(
@@ -427,17 +515,33 @@ def build_arg_parser(
     for name, group, f in iter_fields():
         help_text = f.metadata.get("help", "")
         base = _base_type(f.type)
+        names = [name, *f.metadata.get("aliases", ())]
         if base is bool:
-            if flat_defaults[name]:
-                parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, default=None, help=f"Do not: {help_text[0].lower()}{help_text[1:]}")
-            else:
-                parser.add_argument(f"--{name}", dest=name, action="store_const", const=True, default=None, help=help_text)
+            # Both forms, as transformers' HfArgumentParser: `--x` (or `--x true|false`) and `--no_x`.
+            both = parser.add_mutually_exclusive_group()
+            both.add_argument(
+                *(f"--{n}" for n in names), dest=name, type=_flag_bool, nargs="?", const=True, default=None,
+                metavar="true|false", help=f"{help_text} (default: {'on' if flat_defaults[name] else 'off'})",
+            )
+            both.add_argument(
+                *(f"--no_{n}" for n in names), dest=name, action="store_const", const=False, default=None,
+                help=f"Turn --{name} off.",
+            )
         else:
             shown = "" if flat_defaults[name] is None else f" (default: {flat_defaults[name]})"
             parser.add_argument(
-                f"--{name}", dest=name, type=str, default=None, metavar=base.__name__.upper(), help=help_text + shown
+                *(f"--{n}" for n in names), dest=name, type=str, default=None, metavar=base.__name__.upper(),
+                help=help_text + shown,
             )
     return parser
+
+
+def _flag_bool(text: str) -> bool:
+    """argparse type of a boolean flag's optional value."""
+    try:
+        return bool(_coerce("flag", text, bool))
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"expected true or false. Received: {text!r}") from None
 
 
 SEARCH_FIELDS = ("learning_rate", "num_train_epochs")

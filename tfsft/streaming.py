@@ -2,7 +2,7 @@
 
 The file is read in chunks of CHUNK_ROWS rows (never whole), each chunk validated like an
 in-memory file and tokenized with the Rust tokenizer's parallel `encode_batch`, and written
-as raw int32 records. The cache lives in `<cache_dir>/<key>/`, the key hashing the file's
+as raw int32 records. The cache lives in `<--streaming_cache_dir>/<key>/`, the key hashing the file's
 bytes, the tokenizer, max length and the column settings, so a changed input gets a new cache
 and an unchanged one is never tokenized twice. It is written into a temp dir and renamed into
 place only when complete: a killed or failed write never leaves a cache that looks valid.
@@ -198,8 +198,9 @@ def open_cache(path: str, encoder: TextEncoder, config: DataConfig, cache_dir: O
 def _write_cache(path: str, encoder: TextEncoder, config: DataConfig, work: Path) -> None:
     """One pass: read chunks, validate, tokenize, write shards; labels get ids in order of first
     appearance, remapped to the sorted label map when the pass is done (stored in meta.json)."""
-    import tensorflow as tf
+    from tfsft.runtime import import_tensorflow
 
+    tf = import_tensorflow()
     columns, records = iter_records(path, config.no_header)
     text, pair, label = resolve_columns(config, columns, path)
     first_seen: dict[str, int] = {}
@@ -311,8 +312,9 @@ class StreamingData:
 
     def to_tf_dataset(self):
         """One epoch of padded batches; reshuffled (shards and examples) on every iteration."""
-        import tensorflow as tf
+        from tfsft.runtime import import_tensorflow
 
+        tf = import_tensorflow()
         shards = [str(p) for p in self.cache.shards]
         remap = tf.constant(self.cache.label_remap, dtype=tf.int32)
         weights = None if self.class_weights is None else tf.constant(self.class_weights, dtype=tf.float32)

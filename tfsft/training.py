@@ -72,7 +72,86 @@ class WarmupLinearDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-class FusedAdamW(tf.keras.optimizers.AdamW):
+class GradientAccumulation:
+    """Optimizer mixin for --gradient_accumulation_steps N: sum each batch's gradients, and every
+    N batches apply their mean as one optimizer step (tf-keras 2 has no such option; Keras 3's
+    `gradient_accumulation_steps` is not available to it).
+
+    `iterations`, and so the learning-rate schedule and Adam's bias correction, count optimizer
+    steps. An epoch's last batches make one step of their own even when fewer than N, so every
+    epoch is ceil(steps_per_epoch / N) steps and ends with nothing pending: what is validated,
+    checkpointed and resumed after an epoch are the weights of all its batches. Clipping and
+    weight decay act once per step, on the mean gradient, as with one N times larger batch.
+    The summing happens on the gradients already reduced across replicas, in cross-replica
+    context, where a branch may call the optimizer's own merge_call (as Keras' loss scaling does).
+    """
+
+    def __init__(
+        self, *args, gradient_accumulation_steps: int = 1, steps_per_epoch: Optional[int] = None, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
+        self.steps_per_epoch = steps_per_epoch
+        if self.gradient_accumulation_steps > 1:
+            with tf.init_scope():
+                self._batches_seen = tf.Variable(0, name="batches_seen", dtype=tf.int64, trainable=False)
+            self._variables.append(self._batches_seen)
+
+    def build(self, var_list):
+        super().build(var_list)
+        if self.gradient_accumulation_steps > 1 and not hasattr(self, "_accumulated"):
+            self._accumulated = [self.add_variable_from_reference(v, "accumulated_gradient") for v in var_list]
+
+    def apply_gradients(self, grads_and_vars, name=None, skip_gradients_aggregation=False, **kwargs):
+        if self.gradient_accumulation_steps == 1:
+            return super().apply_gradients(
+                grads_and_vars, name=name, skip_gradients_aggregation=skip_gradients_aggregation, **kwargs)
+        grads_and_vars = list(grads_and_vars)
+        with tf.init_scope():
+            self.build([variable for _, variable in grads_and_vars])
+        if not skip_gradients_aggregation and kwargs.pop("experimental_aggregate_gradients", True):
+            grads_and_vars = self.aggregate_gradients(grads_and_vars)
+        pairs = [(gradient, variable) for gradient, variable in grads_and_vars if gradient is not None]
+        tf.__internal__.distribute.interim.maybe_merge_call(self._accumulate, self._distribution_strategy, pairs)
+        return self.iterations
+
+    def _accumulate(self, distribution, pairs):
+        per_epoch = self.steps_per_epoch  # None: no epochs, a step every N batches
+        # The batch's index in its epoch, and how many batches are summed once it is.
+        position = self._batches_seen % per_epoch if per_epoch else self._batches_seen
+        count = position % self.gradient_accumulation_steps + 1
+        last_of_epoch = tf.equal(position + 1, per_epoch) if per_epoch else tf.constant(False)
+        step_now = tf.logical_or(tf.equal(count, self.gradient_accumulation_steps), last_of_epoch)
+        variables = [variable for _, variable in pairs]
+        sums = [self._accumulated[self._index_dict[self._var_key(variable)]] for variable in variables]
+        for (gradient, _), total in zip(pairs, sums):
+            distribution.extended.update(total, _add_gradient, args=(gradient,), group=False)
+
+        def apply_mean():
+            def replica_step():
+                means = [total / tf.cast(count, total.dtype) for total in sums]
+                optimizer = super(GradientAccumulation, self)
+                optimizer.apply_gradients(list(zip(means, variables)), skip_gradients_aggregation=True)
+
+            if tf.distribute.in_cross_replica_context():
+                distribution.extended.call_for_each_replica(replica_step)
+            else:
+                replica_step()
+            for total in sums:
+                distribution.extended.update(total, lambda t: t.assign(tf.zeros_like(t)), group=False)
+
+        tf.__internal__.smart_cond.smart_cond(step_now, apply_mean, lambda: None)
+        self._batches_seen.assign_add(1)
+
+
+def _add_gradient(total, gradient):
+    if isinstance(gradient, tf.IndexedSlices):
+        values = tf.cast(gradient.values, total.dtype)
+        return total.scatter_add(tf.IndexedSlices(values, gradient.indices, gradient.dense_shape))
+    return total.assign_add(tf.cast(gradient, total.dtype))
+
+
+class FusedAdamW(GradientAccumulation, tf.keras.optimizers.AdamW):
     """Keras AdamW whose per-variable Adam update is TensorFlow's fused `ResourceApplyAdam` kernel.
 
     Keras composes the update from about ten element-wise ops, each a pass over the variable
@@ -136,17 +215,32 @@ class FusedAdamW(tf.keras.optimizers.AdamW):
         )
 
 
-def make_optimizer(config: TrainConfig, total_steps: int, num_layers: int = 0):
+def optimizer_steps(total_steps: int, steps_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps of a run of `total_steps` batches: ceil(steps_per_epoch / accumulation) an epoch."""
+    if accumulation == 1:
+        return total_steps
+    return math.ceil(total_steps / steps_per_epoch) * math.ceil(steps_per_epoch / accumulation)
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, num_layers: int = 0, steps_per_epoch: Optional[int] = None):
     """AdamW (fused update) over the warmup/decay schedule; call inside the strategy scope.
 
-    `num_layers` is the encoder's depth, which --layer_lr_decay below 1 needs.
+    `total_steps` is the number of batches the run trains on, `steps_per_epoch` the batches of
+    one epoch (default: all of them), which --gradient_accumulation_steps needs to end each
+    epoch on a whole optimizer step. The schedule, --warmup_steps included, counts optimizer
+    steps. `num_layers` is the encoder's depth, which --layer_lr_decay below 1 needs.
     """
     if config.layer_lr_decay != 1.0 and num_layers < 1:
         raise ConfigError(
             f"--layer_lr_decay {config.layer_lr_decay}: the model has no encoder layers named like "
             "transformers' (.../layer_._N/...), so there is nothing to decay by depth; use 1.0")
-    schedule = WarmupLinearDecay(config.learning_rate, round(total_steps * config.warmup_ratio), total_steps)
+    per_epoch = max(int(steps_per_epoch or total_steps), 1)
+    updates = optimizer_steps(total_steps, per_epoch, config.gradient_accumulation_steps)
+    warmup = config.warmup_steps if config.warmup_steps is not None else round(updates * config.warmup_ratio)
+    schedule = WarmupLinearDecay(config.learning_rate, warmup, updates)
     optimizer = FusedAdamW(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        steps_per_epoch=per_epoch,
         layer_lr_decay=config.layer_lr_decay,
         num_layers=num_layers,
         learning_rate=schedule,
@@ -258,11 +352,16 @@ TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
 """Task -> (loss on the logits, Keras metrics logged per epoch)."""
 
 
-def compile_model(model, config: TrainConfig, total_steps: int, task: str) -> None:
-    """Compile with AdamW and the task's loss on the logits; call inside the strategy scope."""
+def compile_model(
+    model, config: TrainConfig, total_steps: int, task: str, steps_per_epoch: Optional[int] = None
+) -> None:
+    """Compile with AdamW and the task's loss on the logits; call inside the strategy scope.
+
+    `total_steps`: batches over the whole run; `steps_per_epoch`: batches per epoch (see make_optimizer).
+    """
     loss, metrics = TASK_OBJECTIVES[task]()
     num_layers = encoder_layer_count([variable.name for variable in model.trainable_variables])
-    optimizer = make_optimizer(config, total_steps, num_layers)
+    optimizer = make_optimizer(config, total_steps, num_layers, steps_per_epoch)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=config.xla)
 
 
@@ -441,11 +540,16 @@ class StepLogger(tf.keras.callbacks.Callback):
         self.every = every
         self.writer = tf.summary.create_file_writer(str(log_dir / "steps"))
         self.pending: list[tuple[int, dict[str, float]]] = []
+        self.step_before = -1
+
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        self.step_before = int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
-        # The optimizer's step counter, not a count of calls: it survives a resume.
+        # The optimizer's step counter, not a count of calls: it survives a resume. Only the batch
+        # that made the step logs it: under gradient accumulation the others leave it unchanged.
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every:
+        if step == self.step_before or step % self.every:
             return
         learning_rate = self.model.optimizer.learning_rate
         if isinstance(learning_rate, tf.keras.optimizers.schedules.LearningRateSchedule):
