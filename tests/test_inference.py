@@ -163,3 +163,190 @@ def test_predict_script_reports_malformed_line(bundle, tmp_path):
     result = run_script("predict.py", str(bundle[1]), "--input", str(source), timeout=120)
     assert result.returncode != 0
     assert "line 4" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------- tagging bundles
+
+NER_LABELS = ("B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O")
+
+
+@pytest.fixture(scope="module")
+def ner_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    """An exported (untrained) tiny token classifier with the CoNLL tags and max_seq_length 32."""
+    from conftest import shared_path
+    from tfsft.config import RunConfig
+    from tfsft.data import LabelMap, encode_labels, read_token_examples
+    from tfsft.export import export_bundle
+    from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained
+
+    directory = tmp_path_factory.mktemp("ner-bundle")
+    sentences = shared_path("conll2003", "dev.txt").read_text(encoding="utf-8").split("\n\n")[1:25]
+    conll = directory / "dev.txt"
+    conll.write_text("\n\n".join(sentences) + "\n", encoding="utf-8")
+    run_dir = directory / "run"
+    run_dir.mkdir()
+    config = RunConfig.from_flat(dict(
+        task="ner", model_name_or_path=str(tiny_checkpoint), train_file=str(conll), validation_file=str(conll),
+        max_seq_length=32, output_dir=str(run_dir), quantize_int8=False,
+    ))
+    artifacts.save_config(config, run_dir)
+    label_map = LabelMap(NER_LABELS)
+    model, _ = build_classifier(tiny_checkpoint, label_map, task="ner")
+    model.classifier.kernel.assign(model.classifier.kernel * 30.0)  # clear margins for the parity check
+    save_pretrained(model, load_tokenizer(tiny_checkpoint), run_dir / artifacts.MODEL_DIR)
+    examples = read_token_examples(str(conll), config.data)
+    export_bundle(model, run_dir, validation_data=(examples, encode_labels("ner", label_map, examples)))
+    return run_dir / artifacts.ONNX_DIR
+
+
+def oracle_predictor(bundle_dir: Path, tags: dict[str, str]):
+    """A Predictor of the bundle whose model tags each word piece by a lookup (`tags`, else O),
+    so what the Predictor makes of the tags can be checked exactly."""
+    from tfsft.inference import Predictor
+
+    predictor = Predictor(bundle_dir)
+    vocabulary = predictor.encoder.tokenizer
+    index = {label: i for i, label in enumerate(predictor.labels)}
+
+    def run(padded):
+        ids = padded["input_ids"]
+        logits = np.zeros((*ids.shape, len(predictor.labels)), dtype=np.float32)
+        for position, token_id in np.ndenumerate(ids):
+            logits[(*position, index[tags.get(vocabulary.id_to_token(int(token_id)), "O")])] = 10.0
+        return logits
+
+    predictor._run = run
+    return predictor
+
+
+def test_entities_from_raw_text_leave_punctuation_out(ner_bundle):
+    """`Blackburn,` and `(Berlin)` are three words each, as CoNLL splits them: the span ends at the
+    name, and the name, not `(`, decides the tag of `Berlin`."""
+    predictor = oracle_predictor(ner_bundle, {"peter": "B-PER", "blackburn": "I-PER", "berlin": "B-LOC"})
+    text = 'Peter Blackburn, (Berlin) said "no".'
+    [result] = predictor.predict([text])
+    assert [(e["entity"], e["start"], e["end"], e["text"]) for e in result.entities] == [
+        ("PER", 0, 15, "Peter Blackburn"), ("LOC", 18, 24, "Berlin")
+    ]
+    assert result.entities[0]["score"] == pytest.approx(np.exp(10) / (np.exp(10) + len(NER_LABELS) - 1))
+    assert result.to_dict() == {"entities": result.entities, "truncated": False}
+
+
+def test_words_cut_off_by_max_seq_length_are_flagged(ner_bundle):
+    predictor = oracle_predictor(ner_bundle, {"berlin": "B-LOC"})
+    long_text = " ".join(["Berlin"] * 40)  # 40 words, 30 of which fit in 32 positions with [CLS] and [SEP]
+    short, cut = predictor.predict(["Berlin, Berlin", long_text])
+    assert short.truncated is False and [e["text"] for e in short.entities] == ["Berlin", "Berlin"]
+    assert cut.truncated is True and cut.to_dict()["truncated"] is True
+    assert len(cut.entities) == 30 and cut.entities[-1]["end"] == len(" ".join(["Berlin"] * 30))
+    assert predictor.predict([""])[0].to_dict() == {"entities": [], "truncated": False}
+
+
+def test_tag_chunks_agree_with_seqeval():
+    """Serving decodes spans as evaluation (seqeval) does, on IOB1, IOB2, IOBES, BILOU and malformed tags."""
+    import warnings
+
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    from tfsft.inference import tag_chunks
+
+    named = [
+        ["B-PER", "I-PER", "O", "B-LOC"],  # IOB2
+        ["I-PER", "I-PER", "I-LOC", "O", "I-LOC", "B-LOC"],  # IOB1
+        ["S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC", "E-PER"],  # IOBES
+        ["U-PER", "B-LOC", "L-LOC", "U-LOC", "U-LOC"],  # BILOU
+        ["I-PER", "B-PER", "O", "E-PER", "I-PER"],
+        ["PER", "B", "I", ".", "-", "B-", "X-ORG", "O", "I-MISC-X", "o"],  # malformed
+        [],
+    ]
+    alphabet = ["O", "B-PER", "I-PER", "E-PER", "S-PER", "L-PER", "U-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC",
+                "PER", "B", "I", ".", "-", "B-", "X-PER", "I-MISC-X", "o"]
+    rng = np.random.default_rng(0)
+    sequences = named + [[str(t) for t in rng.choice(alphabet, size=int(rng.integers(0, 12)))] for _ in range(3000)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for tags in sequences:
+            assert tag_chunks(tags) == get_entities(list(tags)), tags
+    assert tag_chunks(named[0]) == [("PER", 0, 1), ("LOC", 3, 3)]
+
+
+def read_all(text: str, fmt: str = "jsonl", fields=None):
+    import io
+
+    from tfsft.inference import read_inputs
+
+    kwargs = {} if fields is None else {"fields": fields}
+    return [item for _, item in read_inputs(io.StringIO(text), fmt, "in", **kwargs)]
+
+
+def test_input_fields_follow_the_runs_columns():
+    from tfsft.errors import DataError
+    from tfsft.inference import InputFields
+
+    lines = '{"review": "great", "text": "other", "sentence2": "ignored"}\n{"text": "only text"}\n'
+    single = InputFields.for_run("review", None)
+    assert read_all(lines, fields=single) == ["great", "only text"]
+    assert read_all(lines) == [("other", "ignored"), "only text"]  # no columns recorded: as before
+    pair = InputFields.for_run("question", "sentence")
+    assert read_all('{"question": "q?", "sentence": "s."}\n{"text": "t", "text_pair": "p"}\n', fields=pair) == [
+        ("q?", "s."), ("t", "p")]
+    with pytest.raises(DataError, match=r"in: line 1: no text pair field.*\['sentence', 'text_pair'"):
+        read_all('{"question": "q?"}\n', fields=pair)
+    tsv = "id\treview\tsentence2\n1\tfine film\tnot read\n"
+    assert read_all(tsv, "tsv", fields=single) == ["fine film"]
+
+
+def test_input_field_overrides_are_strict():
+    from tfsft.errors import DataError
+    from tfsft.inference import InputFields
+
+    fields = InputFields.for_run("review", None, text_column="body")
+    assert read_all('{"body": "b", "review": "r"}\n', fields=fields) == ["b"]
+    with pytest.raises(DataError, match=r"in: line 1: no text field; expected one of \['body'\]"):
+        read_all('{"review": "r"}\n', fields=fields)
+    fields = InputFields.for_run("review", None, text_pair_column="second")
+    assert read_all('{"review": "r", "second": "s"}\n', fields=fields) == [("r", "s")]
+    assert InputFields.for_run(None, None, text_pair_column="b").pair == ("b",)
+
+
+def test_predict_script_reads_the_columns_the_run_trained_on(bundle, tmp_path):
+    from tfsft.inference import Predictor
+
+    _, bundle_dir, examples = bundle
+    copy = tmp_path / "onnx"
+    shutil.copytree(bundle_dir, copy)
+    config = json.loads((copy / artifacts.CONFIG_FILE).read_text())
+    config["data"].update(text_column="review", text_pair_column=None)
+    (copy / artifacts.CONFIG_FILE).write_text(json.dumps(config))
+    reviews, others = examples.texts[:4], examples.texts[4:8]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": o, "review": r, "sentence2": o}) + "\n" for r, o in zip(reviews, others)))
+    predictor = Predictor(copy)
+
+    result = run_script("predict.py", str(copy), "--input", str(source), timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = predictor.predict(reviews)
+    assert len(rows) == len(expected)
+    for row, prediction in zip(rows, expected):
+        assert row["probabilities"] == pytest.approx(prediction.probabilities, abs=1e-6)
+
+    result = run_script("predict.py", str(copy), "--input", str(source), "--text_column", "text",
+                        "--text_pair_column", "sentence2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = predictor.predict(list(zip(others, others)))
+    assert len(rows) == len(expected)
+    for row, prediction in zip(rows, expected):
+        assert row["probabilities"] == pytest.approx(prediction.probabilities, abs=1e-6)
+
+
+def test_entities_csv_row_says_whether_the_text_was_truncated():
+    import csv
+
+    from tfsft.inference import Entities, csv_header, format_csv_row
+
+    span = {"entity": "LOC", "start": 0, "end": 6, "text": "Berlin", "score": 0.5}
+    assert csv_header(NER_LABELS, "ner") == "entities,truncated\n"
+    row = format_csv_row(Entities([span], truncated=True), NER_LABELS)
+    assert list(csv.reader([row])) == [[json.dumps([span]), "true"]]

@@ -270,7 +270,7 @@ def test_multilabel_metrics_match_hand_computed_values():
     # tuned: p(-1) = 0.269 counts from 0.15 to 0.25 (TP 6, FP 3: F1 0.8); 0.65-0.70 ties, the lowest wins
     tuned, tuned_report = multilabel_metrics(labels, logits, label_map)
     assert tuned["eval_threshold"] == 0.15 and tuned_report["decision"] == {"threshold": 0.15}
-    assert tuned["eval_f1_micro"] == pytest.approx(0.8)
+    assert tuned["eval_f1_micro_in_sample"] == pytest.approx(0.8)  # scored on the labels that chose it
 
 
 def test_multilabel_label_parsing_and_bad_labels(tmp_path):
@@ -472,23 +472,43 @@ def ner_run(tmp_path_factory, tiny_checkpoint, conll_slices):
     output_dir = tmp_path_factory.mktemp("ner-run") / "run"
     config = RunConfig.from_flat(dict(
         task="ner", model_name_or_path=str(tiny_checkpoint), train_file=str(conll_slices["train"]),
-        validation_file=str(conll_slices["dev"]), num_train_epochs=3, learning_rate=5e-3, warmup_ratio=0.0,
+        validation_file=str(conll_slices["dev"]), num_train_epochs=5, learning_rate=1e-2, warmup_ratio=0.0,
         per_device_train_batch_size=16, max_seq_length=64, output_dir=str(output_dir), export=True,
     ))
     return finetune(config, verbose=0)
 
 
+@pytest.mark.slow
 def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
-    from tfsft.data import read_token_examples
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    from tfsft.data import LengthBatchedData, encode_labels, read_token_examples
+    from tfsft.evaluation import predict_logits, token_tags
     from tfsft.inference import Entities, Predictor, _entity_spans, _word_tags, softmax
+    from tfsft.modeling import load_finetuned, load_tokenizer, text_encoder
+    from tfsft.tokenize import split_words
 
     metrics, out = ner_run.metrics, ner_run.run_dir
     assert metrics["train_loss_last_epoch"] < metrics["train_loss_first_epoch"]
-    for key in ("eval_precision", "eval_recall", "eval_f1", "eval_token_accuracy"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["eval_token_accuracy"] > 0.5  # 9 tags: chance is 0.11; the tiny model learns mostly "O"
     lines = (out / "history.csv").read_text().splitlines()
     assert {"val_f1", "val_precision", "val_recall"} <= set(lines[0].split(","))
+    # The reported scores are the saved model's, scored by seqeval on the dev words' first pieces;
+    # the tiny model finds some entities (an all-O tagger scores F1 0). Its token accuracy is
+    # barely above the share of O, so it is checked by recomputing it, not by a bound.
+    config = RunConfig.from_flat({"task": "ner", "train_file": str(conll_slices["dev"])}).data
+    dev = read_token_examples(str(conll_slices["dev"]), config)
+    keras_model = load_finetuned(out / "model", "ner")
+    label_map = LabelMap(tuple(keras_model.config.id2label[i] for i in range(keras_model.config.num_labels)))
+    dev_encoder = text_encoder(load_tokenizer(out / "model"), 64)
+    encoded, dev_labels = dev.encode(dev_encoder, encode_labels("ner", label_map, dev))
+    dev_data = LengthBatchedData(encoded, None, 8, shuffle=False, pad_id=dev_encoder.pad_id)
+    true, predicted = token_tags(dev_labels, predict_logits(keras_model, dev_data), label_map)
+    pairs = [(t, p) for gold, guess in zip(true, predicted) for t, p in zip(gold, guess)]
+    assert all(gold == tags[: len(gold)] for gold, tags in zip(true, dev.labels))
+    assert metrics["eval_f1"] == pytest.approx(f1_score(true, predicted), abs=1e-6) and metrics["eval_f1"] > 0.0
+    assert metrics["eval_precision"] == pytest.approx(precision_score(true, predicted), abs=1e-6)
+    assert metrics["eval_recall"] == pytest.approx(recall_score(true, predicted), abs=1e-6)
+    assert metrics["eval_token_accuracy"] == pytest.approx(np.mean([t == p for t, p in pairs]), abs=1e-6)
 
     report = json.loads((out / "onnx" / artifacts.BUNDLE_REPORT).read_text())
     for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
@@ -498,25 +518,20 @@ def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
     assert "keras_f1" in report
 
     predictor = Predictor(out / "onnx")
-    config = RunConfig.from_flat({"task": "ner", "train_file": str(conll_slices["dev"])}).data
-    sentences = [" ".join(words) for words in read_token_examples(str(conll_slices["dev"]), config).words[:8]]
+    sentences = [" ".join(words) for words in dev.words[:8]]
     predictions = predictor.predict(sentences)
     assert len(predictions) == 8 and all(isinstance(p, Entities) for p in predictions)
 
-    from tfsft.modeling import load_finetuned, load_tokenizer, text_encoder
-    from tfsft.evaluation import predict_logits
-    from tfsft.data import LengthBatchedData
-
-    model = load_finetuned(out / "model", "ner")
-    encoder = text_encoder(load_tokenizer(out / "model"), 64)
-    words = [[(m.group(), m.start(), m.end()) for m in __import__("re").finditer(r"\S+", s)] for s in sentences]
-    encoded, word_ids = encoder.encode_words([[w for w, _, _ in ws] for ws in words])
-    data = LengthBatchedData(encoded, None, 8, shuffle=False, pad_id=encoder.pad_id)
-    probabilities = softmax(predict_logits(model, data))
+    words = [split_words(s) for s in sentences]
+    encoded, word_ids = dev_encoder.encode_words([[w for w, _, _ in ws] for ws in words])
+    data = LengthBatchedData(encoded, None, 8, shuffle=False, pad_id=dev_encoder.pad_id)
+    probabilities = softmax(predict_logits(keras_model, data))
+    assert sum(len(p.entities) for p in predictions) > 0  # the loops below check spans, not nothing
     for i, prediction in enumerate(predictions):
         tags, scores = _word_tags(probabilities[i], word_ids[i], len(words[i]), predictor.labels)
         expected = _entity_spans(sentences[i], words[i], tags, scores)
         assert [(e["entity"], e["start"], e["end"]) for e in prediction.entities] == [(e["entity"], e["start"], e["end"]) for e in expected]
+        assert not prediction.truncated
         for entity in prediction.entities:
             assert sentences[i][entity["start"] : entity["end"]] == entity["text"]
     with pytest.raises(ValueError, match="single texts"):
@@ -561,7 +576,7 @@ def test_search_keeps_the_best_validation_trial_and_tests_only_it(tiny_checkpoin
         run = out / row["trial"]
         saved = json.loads((run / "config.json").read_text())
         assert saved["data"]["test_file"] is None and saved["train"]["learning_rate"] == row["learning_rate"]
-        assert (run / "heldout_metrics.json").exists() == (run == best_dir)
+        assert (run / "evaluations" / "heldout" / "metrics.json").exists() == (run == best_dir)
         assert (run / "onnx").exists() == (run == best_dir)
     assert result.test_metrics["test_samples"] == 100 and "test_accuracy" in result.test_metrics
     with pytest.raises(ConfigError, match="not empty"):

@@ -84,3 +84,45 @@ def test_split_into_calls_splits_mixed_lengths_and_keeps_short_texts_together():
     assert split_into_calls([], max_batch=4) == []
     with pytest.raises(ValueError, match="sorted"):
         split_into_calls([5, 3], max_batch=4)
+
+
+def test_split_words_splits_punctuation_off_as_conll_does():
+    from tfsft.tokenize import split_words
+
+    text = "Peter Blackburn, (Berlin) said the U.S. isn't \"ready\": 1,000 one-day games; Germany's 6-4 win..."
+    words = split_words(text)
+    assert [w for w, _, _ in words] == [
+        "Peter", "Blackburn", ",", "(", "Berlin", ")", "said", "the", "U.S.", "is", "n't", '"', "ready", '"', ":",
+        "1,000", "one-day", "games", ";", "Germany", "'s", "6-4", "win", "...",
+    ]
+    assert all(text[start:end] == word for word, start, end in words)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_split_words_covers_every_character_with_exact_offsets(seed):
+    from tfsft.tokenize import split_words
+
+    rng = np.random.default_rng(seed)
+    alphabet = list("aZ09.,'’-&$()\"!?;:/ \t\n") + ["é", "中", "\u00a0", "\u200b", "😀", "n't", "U.S.", "'s"]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 30))))
+        words = split_words(text)
+        for word, start, end in words:
+            assert word and text[start:end] == word and not any(c.isspace() for c in word)
+        assert all(a[2] <= b[1] for a, b in zip(words, words[1:]))
+        assert "".join(w for w, _, _ in words) == "".join(text.split())
+
+
+def test_split_words_gives_back_conll_words():
+    """Space-joined CoNLL sentences split back into their own words (abbreviations, numbers,
+    hyphenated words and clitics as CoNLL tokenised them)."""
+    from conftest import shared_path
+    from tfsft.tokenize import split_words
+
+    sentences = [
+        [line.split()[0] for line in block.splitlines() if line.strip() and not line.startswith("-DOCSTART-")]
+        for block in shared_path("conll2003", "dev.txt").read_text(encoding="utf-8").split("\n\n")[:1000]
+    ]
+    sentences = [words for words in sentences if words]
+    same = sum([w for w, _, _ in split_words(" ".join(words))] == words for words in sentences)
+    assert same / len(sentences) > 0.97

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
@@ -21,7 +20,7 @@ import numpy as np
 from tfsft import artifacts
 from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, TOKEN_TASKS
 from tfsft.errors import ArtifactError, ConfigError, DataError
-from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
+from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls, split_words
 
 TextInput = Union[str, Sequence[str]]
 """A single text, or a (text, text pair) sequence of two strings."""
@@ -72,15 +71,20 @@ class LabelSet:
 
 @dataclass(frozen=True)
 class Entities:
-    """The entity spans a tagging bundle found in one text, with character offsets into it."""
+    """The entity spans a tagging bundle found in one text, with character offsets into it.
+
+    `truncated`: the text was longer than the bundle's max_seq_length, and the words past that
+    limit were not tagged (no entity can come from them).
+    """
 
     entities: list[dict[str, Any]]
+    truncated: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"entities": self.entities}
+        return {"entities": self.entities, "truncated": self.truncated}
 
     def csv_fields(self, labels: Sequence[str]) -> list[str]:
-        return [json.dumps(self.entities, ensure_ascii=False)]
+        return [json.dumps(self.entities, ensure_ascii=False), json.dumps(self.truncated)]
 
 
 AnyPrediction = Union[Prediction, Score, LabelSet, Entities]
@@ -264,19 +268,21 @@ class Predictor:
         return _DECODERS[self.bundle.task](self.logits(inputs), self.bundle)
 
     def predict_entities(self, inputs: Sequence[TextInput]) -> list[Entities]:
-        """Entity spans of each text: split on whitespace (as CoNLL is), one tag per word from its
-        first word piece, IOB tags joined into spans with character offsets in the original text."""
+        """Entity spans of each text: split into words as CoNLL text is (`split_words`), one tag per
+        word from its first word piece, tags joined into spans as seqeval joins them in evaluation,
+        with character offsets into the original text."""
         texts, pairs = split_inputs(inputs)
         if pairs is not None:
             raise ValueError("a tagging model takes single texts, not pairs")
-        words = [[(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)] for text in texts]
+        words = [split_words(text) for text in texts]
         encoded, word_ids = self.encoder.encode_words([[w for w, _, _ in ws] or [""] for ws in words])
         results: list[Optional[Entities]] = [None] * len(texts)
         for indices in self._batches(encoded):
             probabilities = softmax(self._run(pad_batch(encoded, indices, self.encoder.pad_id)))
             for row, i in enumerate(indices):
                 tags, scores = _word_tags(probabilities[row], word_ids[i], len(words[i]), self.labels)
-                results[i] = Entities(_entity_spans(texts[i], words[i], tags, scores))
+                spans = _entity_spans(texts[i], words[i], tags, scores)
+                results[i] = Entities(spans, truncated=bool(words[i]) and bool(encoded.truncated[i]))
         return results  # type: ignore[return-value]
 
     def predict_one(self, text: TextInput) -> AnyPrediction:
@@ -309,12 +315,14 @@ def _label_sets(logits: np.ndarray, bundle: Bundle) -> list[LabelSet]:
 
 
 _DECODERS = {"classification": _classify, "regression": _scores, "multilabel": _label_sets}
+"""Task -> f(logits, bundle) -> one prediction per row."""
 
 
 def _word_tags(
     probabilities: np.ndarray, word_ids: np.ndarray, num_words: int, labels: Sequence[str]
 ) -> tuple[list[str], list[float]]:
-    """The tag of each word from its first piece; words cut off by truncation are tagged O."""
+    """The tag of each word from its first piece (as training labelled it). Words without a piece,
+    those cut off by truncation among them, are tagged O (`Entities.truncated` says so)."""
     tags, scores = ["O"] * num_words, [0.0] * num_words
     previous = -1
     for position, word in enumerate(word_ids):
@@ -326,26 +334,58 @@ def _word_tags(
 
 
 def _entity_spans(text: str, words: Sequence[tuple[str, int, int]], tags: Sequence[str], scores: Sequence[float]) -> list[dict[str, Any]]:
-    """IOB2 (or IOB1) word tags -> [{entity, start, end, text, score}], offsets into `text`."""
+    """Word tags -> [{entity, start, end, text, score}] with character offsets into `text`; the
+    spans are seqeval's (`tag_chunks`), the score the mean of their words' tag probabilities."""
     spans: list[dict[str, Any]] = []
-    current: Optional[dict[str, Any]] = None
-    for (_, start, end), tag, score in zip(words, tags, scores):
-        prefix, _, kind = tag.partition("-")
-        if tag == "O" or not kind:
-            current = None
-            continue
-        if prefix == "B" or current is None or current["entity"] != kind:
-            current = {"entity": kind, "start": start, "end": end, "scores": [score]}
-            spans.append(current)
-        else:
-            current["end"] = end
-            current["scores"].append(score)
-    return [
-        {"entity": s["entity"], "start": s["start"], "end": s["end"], "text": text[s["start"] : s["end"]],
-         "score": float(np.mean(s.pop("scores")))}
-        for s in spans
-    ]
-"""Task -> f(logits, bundle) -> one prediction per row."""
+    for kind, first, last in tag_chunks(tags):
+        start, end = words[first][1], words[last][2]
+        score = float(np.mean(scores[first : last + 1]))
+        spans.append({"entity": kind, "start": start, "end": end, "text": text[start:end], "score": score})
+    return spans
+
+
+def tag_chunks(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(type, first word, last word) of each entity in a tag sequence, exactly as seqeval's
+    `get_entities` finds them (its default mode, which its metrics use in evaluation).
+
+    IOB2, IOB1 (`I-` after `O` or another type opens an entity) and IOBES are read as seqeval reads
+    them; so are BILOU and malformed tags, quirks included (consecutive `U-` tags of one type are
+    one entity, as in seqeval). Kept here, without seqeval, so serving needs no training package;
+    a test checks it against seqeval on thousands of tag sequences.
+    """
+    chunks: list[tuple[str, int, int]] = []
+    previous_tag, previous_type, begin = "O", "", 0
+    for position, chunk in enumerate([*tags, "O"]):
+        tag = chunk[0]
+        kind = chunk[1:].split("-", maxsplit=1)[-1] or "_"
+        if _chunk_ends(previous_tag, tag, previous_type, kind):
+            chunks.append((previous_type, begin, position - 1))
+        if _chunk_starts(previous_tag, tag, previous_type, kind):
+            begin = position
+        previous_tag, previous_type = tag, kind
+    return chunks
+
+
+_ENDING_PAIRS = frozenset({("B", "B"), ("B", "S"), ("B", "O"), ("I", "B"), ("I", "S"), ("I", "O")})
+_STARTING_PAIRS = frozenset({("E", "E"), ("E", "I"), ("S", "E"), ("S", "I"), ("O", "E"), ("O", "I")})
+
+
+def _chunk_ends(previous_tag: str, tag: str, previous_type: str, kind: str) -> bool:
+    """seqeval's `end_of_chunk`: whether an entity ended before the current word."""
+    return (
+        previous_tag in ("E", "S")
+        or (previous_tag, tag) in _ENDING_PAIRS
+        or (previous_tag not in ("O", ".") and previous_type != kind)
+    )
+
+
+def _chunk_starts(previous_tag: str, tag: str, previous_type: str, kind: str) -> bool:
+    """seqeval's `start_of_chunk`: whether an entity starts at the current word."""
+    return (
+        tag in ("B", "S")
+        or (previous_tag, tag) in _STARTING_PAIRS
+        or (tag not in ("O", ".") and previous_type != kind)
+    )
 
 
 def _open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
@@ -410,29 +450,93 @@ TEXT_FIELDS = ("text", "sentence", "sentence1", "question1")
 PAIR_FIELDS = ("text_pair", "sentence2", "question2")
 
 
-def read_inputs(stream: TextIO, fmt: str, source: str) -> Iterator[tuple[int, TextInput]]:
+@dataclass(frozen=True)
+class InputFields:
+    """Which fields of an input record are the text and its pair: the first present of `text`,
+    and of `pair` (never the text's own field); with `pair_required`, a record without a pair is
+    an error, since the model was trained on pairs."""
+
+    text: tuple[str, ...] = TEXT_FIELDS
+    pair: tuple[str, ...] = PAIR_FIELDS
+    pair_required: bool = False
+
+    @classmethod
+    def for_run(
+        cls,
+        trained_text: Optional[str],
+        trained_pair: Optional[str],
+        text_column: Optional[str] = None,
+        text_pair_column: Optional[str] = None,
+    ) -> "InputFields":
+        """The fields for a model trained on columns `trained_text` (and `trained_pair`).
+
+        The run's own column comes first, then the generic names (`text`, `text_pair`, ...); a
+        run that read single texts reads no pair, even where the input has a `sentence2`. With
+        nothing recorded (older runs), the generic names decide, as they always did.
+        `text_column`/`text_pair_column` (explicit choices) are the only fields tried.
+        """
+        if text_column:
+            text: tuple[str, ...] = (text_column,)
+        else:
+            text = tuple(dict.fromkeys([trained_text, *TEXT_FIELDS])) if trained_text else TEXT_FIELDS
+        if text_pair_column:
+            return cls(text, (text_pair_column,), True)
+        if trained_pair:
+            return cls(text, tuple(dict.fromkeys([trained_pair, *PAIR_FIELDS])), True)
+        return cls(text, () if trained_text else PAIR_FIELDS, False)
+
+    @classmethod
+    def for_bundle(
+        cls, bundle: "Bundle", text_column: Optional[str] = None, text_pair_column: Optional[str] = None
+    ) -> "InputFields":
+        """The fields for the columns the bundle's run trained on (its config.json), if recorded.
+
+        Token tasks trained on word lists, not on the raw text they predict on: their columns say
+        nothing about an input file.
+        """
+        path = bundle.directory / artifacts.CONFIG_FILE
+        saved = artifacts.read_json(path, "run config") if path.is_file() and bundle.task not in TOKEN_TASKS else {}
+        data = saved.get("data") if isinstance(saved, dict) else None
+        columns = [data.get(name) if isinstance(data, dict) else None for name in ("text_column", "text_pair_column")]
+        trained_text, trained_pair = (column if isinstance(column, str) else None for column in columns)
+        return cls.for_run(trained_text, trained_pair, text_column, text_pair_column)
+
+
+ANY_FIELDS = InputFields()
+"""The generic field names, for input that no run's columns describe."""
+
+
+def read_inputs(
+    stream: TextIO, fmt: str, source: str, fields: InputFields = ANY_FIELDS
+) -> Iterator[tuple[int, TextInput]]:
     """Yield (line number, text or (text, pair)) from a CSV, TSV or JSONL stream, lazily.
 
-    Labels are not needed (a label column is ignored). The text is the first present of
-    TEXT_FIELDS, the pair the first present of PAIR_FIELDS; a CSV/TSV file needs a header.
+    Labels are not needed (a label column is ignored). `fields` says which fields hold the text
+    and the pair (default: the first present of TEXT_FIELDS and of PAIR_FIELDS); a CSV/TSV file
+    needs a header.
 
     Raises:
         DataError: a malformed line, naming `source` and the line number.
     """
     if fmt == "jsonl":
-        yield from _read_jsonl(stream, source)
+        yield from _read_jsonl(stream, source, fields)
     elif fmt in {"csv", "tsv"}:
-        yield from _read_delimited(stream, fmt, source)
+        yield from _read_delimited(stream, fmt, source, fields)
     else:
         raise DataError(f"{source}: unknown input format {fmt!r}; expected csv, tsv or jsonl")
 
 
-def _record_input(record: dict[str, Any], source: str, number: int) -> TextInput:
-    text_field = next((f for f in TEXT_FIELDS if f in record), None)
+def _record_input(record: dict[str, Any], source: str, number: int, fields: InputFields = ANY_FIELDS) -> TextInput:
+    text_field = next((f for f in fields.text if f in record), None)
     if text_field is None:
-        raise DataError(f"{source}: line {number}: no text field; expected one of {list(TEXT_FIELDS)}")
+        raise DataError(f"{source}: line {number}: no text field; expected one of {list(fields.text)}")
     text = record[text_field]
-    pair_field = next((f for f in PAIR_FIELDS if f in record), None)
+    pair_field = next((f for f in fields.pair if f in record and f != text_field), None)
+    if pair_field is None and fields.pair_required:
+        raise DataError(
+            f"{source}: line {number}: no text pair field; the model reads text pairs: expected one of "
+            f"{list(fields.pair)} (or pass --text_pair_column)"
+        )
     values = [text] if pair_field is None else [text, record[pair_field]]
     for name, value in zip((text_field, pair_field), values):
         if not isinstance(value, str) or not value.strip():
@@ -440,7 +544,7 @@ def _record_input(record: dict[str, Any], source: str, number: int) -> TextInput
     return text if pair_field is None else (text, values[1])
 
 
-def _read_jsonl(stream: TextIO, source: str) -> Iterator[tuple[int, TextInput]]:
+def _read_jsonl(stream: TextIO, source: str, fields: InputFields = ANY_FIELDS) -> Iterator[tuple[int, TextInput]]:
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
@@ -449,13 +553,15 @@ def _read_jsonl(stream: TextIO, source: str) -> Iterator[tuple[int, TextInput]]:
         except ValueError as error:
             raise DataError(f"{source}: line {number}: malformed JSON ({str(error).split(':')[0]})") from None
         if isinstance(record, str):
-            record = {"text": record}
+            record = {fields.text[0]: record}
         if not isinstance(record, dict):
             raise DataError(f"{source}: line {number}: expected a JSON object or string, got {type(record).__name__}")
-        yield number, _record_input(record, source, number)
+        yield number, _record_input(record, source, number, fields)
 
 
-def _read_delimited(stream: TextIO, fmt: str, source: str) -> Iterator[tuple[int, TextInput]]:
+def _read_delimited(
+    stream: TextIO, fmt: str, source: str, fields: InputFields = ANY_FIELDS
+) -> Iterator[tuple[int, TextInput]]:
     if fmt == "tsv":
         reader = csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
     else:
@@ -471,7 +577,7 @@ def _read_delimited(stream: TextIO, fmt: str, source: str) -> Iterator[tuple[int
                 continue
             if len(values) != len(header):
                 raise DataError(f"{source}: line {number}: expected {len(header)} fields like the header, found {len(values)}")
-            yield number, _record_input(dict(zip(header, values)), source, number)
+            yield number, _record_input(dict(zip(header, values)), source, number, fields)
     except csv.Error as error:
         raise DataError(f"{source}: line {reader.line_num}: malformed {fmt.upper()} ({error})") from None
 
@@ -509,8 +615,8 @@ def format_csv_row(prediction: AnyPrediction, labels: Sequence[str]) -> str:
 def csv_header(labels: Sequence[str], task: str = "classification") -> str:
     buffer = io.StringIO()
     probabilities = [f"p_{label}" for label in labels]
-    columns = {"regression": ["score"], "ner": ["entities"], "multilabel": ["labels", *probabilities]}.get(
-        task, ["label", *probabilities]
-    )
+    columns = {
+        "regression": ["score"], "ner": ["entities", "truncated"], "multilabel": ["labels", *probabilities]
+    }.get(task, ["label", *probabilities])
     csv.writer(buffer, lineterminator="\n").writerow(columns)
     return buffer.getvalue()

@@ -6,7 +6,9 @@ Examples are kept unpadded (ragged); padding happens per batch, to the longest m
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +49,10 @@ class TextEncoder:
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
+        self.word_tokenizer = _word_tokenizer(tokenizer)
+        for backend in {id(tokenizer): tokenizer, id(self.word_tokenizer): self.word_tokenizer}.values():
+            backend.no_padding()
+            backend.enable_truncation(self.max_length, strategy="longest_first")
         self.pad_id = _pad_id(tokenizer)
 
     @classmethod
@@ -78,8 +82,13 @@ class TextEncoder:
 
     def encode_words(self, words: Sequence[Sequence[str]]) -> tuple[EncodedTexts, list[np.ndarray]]:
         """Tokenize pre-split words (token classification); also returns, per example, the word
-        index of every token (-1 for special tokens), so labels and predictions map to words."""
-        encodings = self.tokenizer.encode_batch([list(w) for w in words], is_pretokenized=True, add_special_tokens=True)
+        index of every token (-1 for special tokens), so labels and predictions map to words.
+
+        Each word is encoded as it would be after a space in running text (see `_word_tokenizer`).
+        """
+        encodings = self.word_tokenizer.encode_batch(
+            [list(w) for w in words], is_pretokenized=True, add_special_tokens=True
+        )
         input_ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         type_ids = [np.asarray(e.type_ids, dtype=np.int32) for e in encodings]
         truncated = np.asarray([bool(e.overflowing) for e in encodings], dtype=bool)
@@ -95,6 +104,70 @@ class TextEncoder:
                 f"{self.max_length} tokens and were truncated",
                 stacklevel=2,
             )
+
+
+def _word_tokenizer(tokenizer):
+    """The tokenizer for pre-split words: `tokenizer` itself, or for a byte-level BPE (RoBERTa,
+    GPT-2) a copy that prefixes every word with a space.
+
+    A byte-level BPE encodes the space before a word into its first piece (`Ġworld`); words that
+    arrive pre-split carry no space, so without the prefix every word would get the pieces of a
+    text's first word, which pretraining rarely saw. transformers asks for `add_prefix_space=True`
+    for word input for the same reason. WordPiece and Metaspace (SentencePiece) tokenizers already
+    encode a word alone as they do in running text.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    if not _add_prefix_space(spec.get("pre_tokenizer")):
+        return tokenizer
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _add_prefix_space(pre_tokenizer) -> bool:
+    """Turn on `add_prefix_space` in every ByteLevel step of a pre-tokenizer spec; True if any was off."""
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any([_add_prefix_space(step) for step in pre_tokenizer.get("pretokenizers", [])])
+    if pre_tokenizer.get("type") == "ByteLevel" and not pre_tokenizer.get("add_prefix_space"):
+        pre_tokenizer["add_prefix_space"] = True
+        return True
+    return False
+
+
+_ABBREVIATIONS = (
+    "Mr|Mrs|Ms|Dr|St|Jr|Sr|Rev|Gen|Lt|Col|Sgt|Gov|Sen|Rep|Prof|Mt|Ft|Inc|Corp|Co|Ltd|Bros|vs|vol|No|"
+    "Jan|Feb|Mar|Apr|Aug|Sep|Sept|Oct|Nov|Dec|Calif|Fla"
+)
+_CLITICS = r"(?i:s|re|ve|ll|m|d)\b"
+_WORD = re.compile(
+    "|".join([
+        r"[A-Za-z]+(?=n['’]t\b)",  # "do" of "don't"
+        r"(?i:n['’]t)\b",  # "n't"
+        rf"['’]{_CLITICS}",  # 's 're 've 'll 'm 'd
+        r"(?:[A-Za-z]\.){2,}",  # U.S. a.m. F.C.
+        rf"\b(?:{_ABBREVIATIONS})\.",  # St. Inc. vs. Sept.
+        r"\b[A-Z]\.(?=\s+[A-Z])",  # an initial: M. Smith
+        r"[A-Z]{1,3}\$",  # C$ US$
+        r"\A\d+\.(?=\s)",  # a numbered line: "1. Michael Johnson"
+        r"[+-]?(?:\.\d+|\d+(?:[.,:/]\d+)*)\w*(?:[-&]\w+(?:[.,:/]\d+)*)*",  # 1,000 .500 6-4 1996-08-30 61st 30-5/8
+        rf"\w+(?:(?:[-&]|['’](?!{_CLITICS}))\w+)*",  # words: one-day O'Neill AT&T
+        r"([^\w\s])\1*",  # punctuation, a run of one character: , ( -- ...
+    ])
+)
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """Split raw text into words as CoNLL-2003 is tokenised: (word, start, end) character offsets.
+
+    A tagger trained on CoNLL words sees `Blackburn` and `,` as two words, so raw text is split
+    the same way before tagging: punctuation comes off words (`(Berlin)` is three words), while
+    abbreviations (`U.S.`), numbers (`1,000`, `6-4`), hyphenated words and names (`one-day`,
+    `O'Neill`) stay whole, and clitics split as in the Penn Treebank (`is n't`, `Germany 's`).
+    Every character that is not whitespace belongs to exactly one word.
+    """
+    return [(match.group(), match.start(), match.end()) for match in _WORD.finditer(text)]
 
 
 def _pad_id(tokenizer) -> int:
