@@ -50,8 +50,8 @@ WORKER = textwrap.dedent("""
             self.epochs.append([self.steps, self.examples])
 
     settings, report = json.loads(sys.argv[1]), sys.argv[2]
-    import tfsft.pipeline as pipeline
-    compile_model = pipeline.compile_model
+    import tfsft.training as training
+    compile_model = training.compile_model
 
     def compile_and_fingerprint(model, *args, **kwargs):
         # Print each trained example's sum of token ids (padding is 0): which examples, not just how many.
@@ -64,7 +64,7 @@ WORKER = textwrap.dedent("""
 
         model.train_step = fingerprinting_step
 
-    pipeline.compile_model = compile_and_fingerprint
+    training.compile_model = compile_and_fingerprint
     seen = ExamplesSeen()
     result = finetune(RunConfig.from_flat(settings), callbacks=[seen], verbose=0)
     with open(report, "w") as f:
@@ -173,3 +173,29 @@ def test_two_workers_train_one_run_sharded_by_data(tiny_checkpoint, tmp_path):
     gaps = {key: abs(chief[key] - single[key]) for key in ("eval_accuracy", "eval_loss", "train_loss_last_epoch")}
     print(f"chief vs single-process gaps: {gaps}; examples per epoch: {[reports[n]['seen'] for n in runs]}")
     assert max(gaps.values()) <= METRIC_TOLERANCE, gaps
+
+
+def test_a_rerun_after_a_crash_is_refused_by_every_worker_before_the_strategy(tiny_checkpoint, tmp_path):
+    """A killed multiworker run leaves the chief's backup beside --output_dir; the other workers'
+    state was in scratch dirs that are gone. Rerun, the chief would resume from its epoch and the
+    others start at 0, and the cluster would hang. Each worker refuses instead, with one line, before
+    it creates the strategy: started alone, neither waits for the other."""
+    train = write_tsv_slice(shared_path("glue", "SST-2", "train.tsv"), tmp_path / "train.tsv", 32)
+    out = tmp_path / "multi"
+    partial = artifacts.partial_dir_for(out)
+    (partial / artifacts.BACKUP_DIR / "chief").mkdir(parents=True)
+    (partial / artifacts.BACKUP_DIR / "chief" / "checkpoint").write_text("what the killed chief saved\n")
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    args = ["--model_name_or_path", str(tiny_checkpoint), "--train_file", str(train), "--max_seq_length", "32",
+            "--num_train_epochs", "2", "--strategy", "multiworker", "--output_dir", str(out), "--no_export"]
+    for index in (1, 0):
+        env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+        env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+        assert result.returncode == 2, (index, result.stderr[-3000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot resume" in errors[0] and str(partial) in errors[0], result.stderr[-3000:]
+    assert (partial / artifacts.BACKUP_DIR / "chief" / "checkpoint").read_text() == "what the killed chief saved\n"
+    assert not out.exists()

@@ -228,7 +228,7 @@ def stop_server(process):
 def served(bundle_dir):
     """Base URL of `scripts/serve.py` running in its own process on a free loopback port; always stopped."""
     base, process = start_server([str(bundle_dir), "--max_texts", "4", "--max_chars", "200", "--max_wait_ms", "5",
-                                  "--precision", "fp32"])
+                                  "--precision", "fp32", "--request_timeout_s", "20", "--max_queued_texts", "100"])
     try:
         yield base, process
     finally:
@@ -248,7 +248,7 @@ def test_serve_script_answers_over_http(served, server):
     assert [g["label"] for g in got] == [e.label for e in expected]
     assert got[1]["probabilities"] == pytest.approx(expected[1].probabilities, abs=1e-5)
     meta = httpx.get(f"{base}/metadata", timeout=10).json()
-    assert meta["limits"] == {"max_texts": 4, "max_chars": 200}
+    assert meta["limits"] == {"max_texts": 4, "max_chars": 200, "max_queued_texts": 100, "request_timeout_s": 20.0}
     assert meta["batching"] == {"max_texts": 64, "max_wait_ms": 5, "concurrency": 2, "max_input_chars": 40}  # on by default
     assert meta["precision"] == {"precision": "fp32", "requested": "fp32", "reason": "fp32 requested"}
 
@@ -423,6 +423,24 @@ def test_oversized_bodies_are_refused_without_reading_them(server):
     assert response.status_code == 413
 
 
+def test_a_chunked_body_is_capped_while_it_streams_in(server):
+    """A chunked body over the limit gets its 413 as soon as the limit is passed: the server must
+    not wait for (or buffer) the rest, which here never comes."""
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("content-type", "application/json")
+    conn.putheader("transfer-encoding", "chunked")
+    conn.endheaders()
+    piece = b"x" * 100_000
+    for _ in range(41):  # 4.1 MB, just past the 4 MB limit, and no terminating chunk
+        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    response = conn.getresponse()
+    assert response.status == 413 and "exceeds 4000000 bytes" in json.loads(response.read())["error"]
+    conn.close()
+
+
 def test_health_fails_when_a_batch_worker_has_died(bundle_dir):
     from starlette.testclient import TestClient
 
@@ -436,6 +454,124 @@ def test_health_fails_when_a_batch_worker_has_died(bundle_dir):
         time.sleep(0.1)
         response = client.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "error"
+
+
+def slow_on(predictor, marker: str, seconds: float):
+    """Make `predictor` sleep `seconds` on any call whose inputs contain `marker`."""
+    predict = predictor.predict
+
+    def maybe_slow(inputs):
+        if any(marker in str(item) for item in inputs):
+            time.sleep(seconds)
+        return predict(inputs)
+
+    predictor.predict = maybe_slow
+    return predictor
+
+
+def wait_for_sample(client, name: str, value: float, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(client.get("/metrics").text)
+        if samples[(name, ())] == value or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("micro_batching", [True, False])
+def test_a_slow_prediction_gets_504_and_the_server_stays_healthy(bundle_dir, micro_batching):
+    """Past --request_timeout_s the request gets a 504 at once; the next one is answered as usual.
+    The model call that timed out cannot be interrupted: its inputs count as in flight until it ends."""
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, Limits, create_app
+
+    predictor = slow_on(Predictor(bundle_dir), "slow", 3.0)
+    app = create_app(predictor, Limits(request_timeout_s=0.5), batching=Batching() if micro_batching else None)
+    with TestClient(app) as client:
+        begin = time.monotonic()
+        response = client.post("/predict", json={"texts": ["a slow one", "and another"]})
+        assert response.status_code == 504 and "0.5 s" in response.json()["error"]
+        assert time.monotonic() - begin < 2.5
+        assert client.post("/predict", json={"texts": ["a quick one"]}).status_code == 200
+        assert client.get("/health").json() == {"status": "ok"}
+        assert scrape(client.get("/metrics").text)[("tfsft_texts_in_flight", ())] == 2
+        samples = wait_for_sample(client, "tfsft_texts_in_flight", 0)
+    assert samples[("tfsft_texts_in_flight", ())] == 0
+    assert samples[("tfsft_refused_total", (("reason", "timeout"),))] == 1
+    assert samples[("tfsft_errors_total", (("endpoint", "/predict"), ("status", "504")))] == 1
+
+
+@pytest.mark.parametrize("micro_batching", [True, False])
+def test_a_full_queue_gets_503_with_retry_after(bundle_dir, micro_batching):
+    """With 3 of --max_queued_texts 4 inputs in flight, a request of 2 more is refused at once;
+    one of 1 more is still taken; all are answered once the model is free again."""
+    import threading as th
+
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, Limits, create_app
+
+    predictor = Predictor(bundle_dir)
+    release = th.Event()
+    predict = predictor.predict
+
+    def blocked(inputs):
+        release.wait(20)
+        return predict(inputs)
+
+    predictor.predict = blocked
+    app = create_app(predictor, Limits(max_texts=4, max_queued_texts=4), batching=Batching() if micro_batching else None)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(client.post, "/predict", json={"texts": ["one", "two", "three"]})
+            assert wait_for_sample(client, "tfsft_texts_in_flight", 3)[("tfsft_texts_in_flight", ())] == 3
+            refused = client.post("/predict", json={"texts": ["four", "five"]})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "4 inputs" in refused.json()["error"]
+            last = pool.submit(client.post, "/predict", json={"texts": ["four"]})
+            assert wait_for_sample(client, "tfsft_texts_in_flight", 4)[("tfsft_texts_in_flight", ())] == 4
+        finally:
+            release.set()
+        assert first.result().status_code == 200 and last.result().status_code == 200
+        assert client.post("/predict", json={"texts": ["four", "five"]}).status_code == 200
+        samples = scrape(client.get("/metrics").text)
+    assert samples[("tfsft_texts_in_flight", ())] == 0
+    assert samples[("tfsft_refused_total", (("reason", "queue_full"),))] == 1
+    assert samples[("tfsft_errors_total", (("endpoint", "/predict"), ("status", "503")))] == 1
+
+
+def test_oversized_bodies_are_counted_in_metrics(bundle_dir):
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Limits, create_app
+
+    app = create_app(Predictor(bundle_dir), Limits(max_body_bytes=1000))
+    with TestClient(app) as client:
+        assert client.post("/predict", content=b"x" * 2000).status_code == 413
+        assert client.post("/predict", content=iter([b"x" * 600, b"x" * 600])).status_code == 413
+        samples = scrape(client.get("/metrics").text)
+    assert samples[("tfsft_refused_total", (("reason", "body_too_large"),))] == 2
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(max_queued_texts=0), "max_queued_texts=0"),
+        (dict(max_texts=8, max_queued_texts=4), "at least --max_texts"),
+        (dict(request_timeout_s=0.0), "request_timeout_s=0.0"),
+        (dict(request_timeout_s=float("inf")), "request_timeout_s=inf"),
+    ],
+)
+def test_bad_limits_are_config_errors(values, message):
+    from tfsft.errors import ConfigError
+    from tfsft.serving import Limits
+
+    with pytest.raises(ConfigError, match=message):
+        Limits(**values)
 
 
 # ---------------------------------------------------------------------------------- precision

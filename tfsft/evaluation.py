@@ -167,41 +167,96 @@ def best_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return THRESHOLDS[int(np.argmax(scores))]
 
 
+CROSS_FIT_SEED = 0
+"""Seed of the split of a validation set into the two halves that score each other's threshold."""
+
+
+def cross_fitted_predictions(
+    labels: np.ndarray, probabilities: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Predictions where no example is scored at a threshold chosen with its own labels.
+
+    The examples are split into two seeded halves; each half is predicted at the best threshold
+    of the other. Returns (0/1 predictions, each example's half, the threshold each half got).
+    """
+    folds = np.zeros(len(labels), dtype=np.int64)
+    folds[np.random.default_rng(CROSS_FIT_SEED).permutation(len(labels))[len(labels) // 2 :]] = 1
+    thresholds = tuple(best_threshold(labels[folds != fold], probabilities[folds != fold]) for fold in (0, 1))
+    predicted = (probabilities >= np.asarray(thresholds)[folds][:, None]).astype(np.int64)
+    return predicted, folds, thresholds
+
+
 def multilabel_metrics(
     labels: np.ndarray, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval", threshold: Optional[float] = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Binary cross-entropy, micro/macro F1 and exact-match accuracy at a probability threshold.
 
-    Without `threshold`, the best one on these labels is chosen (do that on validation only, and
-    pass it on to the test set); it is reported as `{prefix}_threshold` and in report["decision"].
+    With `threshold` (fixed by the user, or chosen on validation and passed on to the test set)
+    the scores are taken at it. Without, the best one on these labels is chosen (on validation
+    only): it is the decision shipped (`{prefix}_threshold`, report["decision"]). Scores taken at
+    it on the labels that chose it would overstate it, so the plain scores are cross-fitted
+    (`cross_fitted_predictions`) and the in-sample ones are reported beside them as
+    `{prefix}_<score>_in_sample`; report["threshold_selection"] says which is which.
     """
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
-
     labels = np.asarray(labels).astype(np.int64)
     x = np.asarray(logits, dtype=np.float64)
     loss = float(np.mean(np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))))
     probabilities = sigmoid(x)
-    if threshold is None:
+    tuned = threshold is None
+    if tuned:
         threshold = best_threshold(labels, probabilities)
-    predicted = (probabilities >= threshold).astype(np.int64)
-    metrics = {
-        f"{prefix}_loss": loss,
-        f"{prefix}_f1_micro": float(f1_score(labels, predicted, average="micro", zero_division=0)),
-        f"{prefix}_f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        f"{prefix}_exact_match": float((predicted == labels).all(axis=1).mean()),
-        f"{prefix}_threshold": float(threshold),
-        f"{prefix}_samples": int(len(labels)),
-    }
-    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, average=None, zero_division=0)
+    at_threshold = (probabilities >= threshold).astype(np.int64)
+    metrics = {f"{prefix}_loss": loss}
+    if tuned and len(labels) >= 2:
+        predicted, folds, fold_thresholds = cross_fitted_predictions(labels, probabilities)
+        metrics.update(_thresholded_scores(labels, predicted, prefix))
+        in_sample = _thresholded_scores(labels, at_threshold, prefix)
+        metrics.update({f"{name}_in_sample": value for name, value in in_sample.items()})
+        selection = {
+            "threshold": float(threshold),
+            "tuned_on": f"all {len(labels)} examples scored here: the threshold of {THRESHOLDS[0]}-{THRESHOLDS[-1]} "
+                        "with the best micro F1; it is the decision shipped and used on the test set",
+            "scored": f"cross-fitted: the examples are split into two halves (seed {CROSS_FIT_SEED}) and each "
+                      "half is scored at the threshold tuned on the other, so no example is scored at a threshold "
+                      f"chosen with its own labels; {prefix}_f1_micro, {prefix}_f1_macro, {prefix}_exact_match and "
+                      "per_label are these. The *_in_sample scores are at the shipped threshold on the examples "
+                      "that chose it (optimistic).",
+            "fold_thresholds": [float(t) for t in fold_thresholds],
+            "fold_sizes": np.bincount(folds, minlength=2).tolist(),
+        }
+    else:
+        predicted = at_threshold
+        metrics.update(_thresholded_scores(labels, predicted, prefix))
+        how = "tuned on these same examples (too few to cross-fit)" if tuned else "fixed before scoring"
+        selection = {"threshold": float(threshold), "tuned_on": how, "scored": "at the threshold"}
+    metrics.update({f"{prefix}_threshold": float(threshold), f"{prefix}_samples": int(len(labels))})
     report = {
         "labels": list(label_map.names),
         "decision": {"threshold": float(threshold)},
-        "per_label": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
-            for name, p, r, f, n in zip(label_map.names, precision, recall, f1, support)
-        },
+        "threshold_selection": selection,
+        "per_label": _per_label(labels, predicted, label_map),
     }
     return metrics, report
+
+
+def _thresholded_scores(labels: np.ndarray, predicted: np.ndarray, prefix: str) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    return {
+        f"{prefix}_f1_micro": float(f1_score(labels, predicted, average="micro", zero_division=0)),
+        f"{prefix}_f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        f"{prefix}_exact_match": float((predicted == labels).all(axis=1).mean()),
+    }
+
+
+def _per_label(labels: np.ndarray, predicted: np.ndarray, label_map: LabelMap) -> dict[str, dict[str, float]]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, average=None, zero_division=0)
+    return {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+        for name, p, r, f, n in zip(label_map.names, precision, recall, f1, support)
+    }
 
 
 TASK_METRICS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] = {

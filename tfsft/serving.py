@@ -21,7 +21,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -41,17 +43,37 @@ from tfsft.inference import TOKEN_TASKS, AnyPrediction, PrecisionChoice, Predict
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits: they bound the memory and time one request may take."""
+    """Request limits: they bound the memory and time one request, and all of them, may take.
+
+    `max_queued_texts`: inputs accepted and not yet computed (queued or in a model call) in one
+    server process; a request that would pass it gets a 503 with Retry-After at once, so an
+    overloaded server sheds load instead of queueing work its clients have given up on.
+    `request_timeout_s`: how long a request may wait for its predictions (queue and model
+    call) before a 504; None waits as long as it takes. A model call cannot be interrupted
+    (onnxruntime runs it in a thread), so the inputs of a timed-out request stay counted in
+    `max_queued_texts` until their call ends: the bound, not the timeout, caps the work.
+    """
 
     max_texts: int = 256
     max_chars: int = 10_000
     max_body_bytes: int = 4_000_000
+    max_queued_texts: int = 2048
+    request_timeout_s: Optional[float] = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_chars", "max_body_bytes"):
+        for name in ("max_texts", "max_chars", "max_body_bytes", "max_queued_texts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name} must be a positive integer. Received: {name}={value!r}")
+        if self.max_queued_texts < self.max_texts:
+            raise ConfigError(
+                f"--max_queued_texts must be at least --max_texts, or a request of --max_texts inputs could never "
+                f"be taken. Received: max_queued_texts={self.max_queued_texts}, max_texts={self.max_texts}")
+        timeout = self.request_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise ConfigError(
+                f"--request_timeout_s must be a positive number of seconds. Received: request_timeout_s={timeout!r}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,8 @@ def _chars(item: TextInput) -> int:
 
 # ------------------------------------------------------------------------------------ metrics
 
+RETRY_AFTER_S = 1
+"""Retry-After of a 503 from a full queue: a batch takes well under a second on a CPU."""
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RATE_WINDOW_S = 10.0
@@ -131,6 +155,10 @@ class ServerMetrics:
         self.texts_per_second = Gauge("tfsft_texts_per_second", f"Inputs predicted per second over the last "
                                       f"{RATE_WINDOW_S:g} s (rate(tfsft_texts_total[1m]) in Prometheus is the same "
                                       "over a minute).", multiprocess_mode="livesum", registry=r)
+        self.in_flight = Gauge("tfsft_texts_in_flight", "Inputs accepted and not yet computed (queued or in a model "
+                               "call); --max_queued_texts bounds it.", multiprocess_mode="livesum", registry=r)
+        self.refused = Counter("tfsft_refused", "/predict requests refused for the server's sake, by reason: "
+                               "body_too_large (413), queue_full (503), timeout (504).", ["reason"], registry=r)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
 
     def observe_call(self, texts: int, requests: int) -> None:
@@ -273,11 +301,43 @@ def _resolve(future: asyncio.Future, result: Any = None, error: Optional[BaseExc
 
 
 class RequestError(Exception):
-    """A client mistake, answered with `status` and a one-line message."""
+    """A client mistake, answered with `status` and a one-line message; `refused`: the reason
+    counted in tfsft_refused_total, when it is one."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, refused: Optional[str] = None):
         super().__init__(message)
         self.status = status
+        self.refused = refused
+
+
+def _body_too_large(limits: Limits) -> RequestError:
+    return RequestError(f"request body exceeds {limits.max_body_bytes} bytes", 413, refused="body_too_large")
+
+
+class InFlightTexts:
+    """Inputs accepted and not yet computed, against `Limits.max_queued_texts`. Used from the
+    event loop only (done-callbacks run there), so it needs no lock."""
+
+    def __init__(self, bound: int, gauge=None):
+        self.bound = bound
+        self.count = 0
+        self.gauge = gauge
+
+    def admit(self, texts: int) -> bool:
+        if self.count + texts > self.bound:
+            return False
+        self._add(texts)
+        return True
+
+    def release(self, texts: int, work: Optional[asyncio.Future] = None) -> None:
+        self._add(-texts)
+        if work is not None and not work.cancelled():
+            work.exception()  # retrieved: a timed-out request's failure is no "exception never retrieved"
+
+    def _add(self, texts: int) -> None:
+        self.count += texts
+        if self.gauge is not None:
+            self.gauge.set(self.count)
 
 
 async def read_body(request: Request, limits: Limits) -> bytes:
@@ -290,12 +350,12 @@ async def read_body(request: Request, limits: Limits) -> bytes:
         except ValueError:
             raise RequestError(f"invalid Content-Length header: {declared[:40]!r}") from None
         if declared_bytes > limits.max_body_bytes:
-            raise RequestError(f"request body exceeds {limits.max_body_bytes} bytes", 413)
+            raise _body_too_large(limits)
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limits.max_body_bytes:
-            raise RequestError(f"request body exceeds {limits.max_body_bytes} bytes", 413)
+            raise _body_too_large(limits)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -307,7 +367,7 @@ def parse_request(body: bytes, limits: Limits) -> list[Any]:
         RequestError: naming the offending field or item.
     """
     if len(body) > limits.max_body_bytes:
-        raise RequestError(f"request body exceeds {limits.max_body_bytes} bytes", 413)
+        raise _body_too_large(limits)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
@@ -359,6 +419,7 @@ def create_app(
     metrics = metrics or ServerMetrics()
     bundle = predictor.bundle
     batcher = MicroBatcher(predictor, batching, metrics) if batching is not None else None
+    in_flight = InFlightTexts(limits.max_queued_texts, metrics.in_flight)
     metadata = {
         "task": bundle.task,
         "labels": list(predictor.labels),
@@ -366,7 +427,8 @@ def create_app(
         "model_file": predictor.model_path.name,
         "precision": precision.to_dict() if precision is not None else None,
         "max_seq_length": bundle.max_seq_length,
-        "limits": {"max_texts": limits.max_texts, "max_chars": limits.max_chars},
+        "limits": {"max_texts": limits.max_texts, "max_chars": limits.max_chars,
+                   "max_queued_texts": limits.max_queued_texts, "request_timeout_s": limits.request_timeout_s},
         "batching": None if batching is None else asdict(batching),
         "export_report": bundle.report(),
     }
@@ -382,10 +444,26 @@ def create_app(
             if bundle.task in TOKEN_TASKS and not isinstance(inputs[0], str):
                 raise RequestError(f'a {bundle.task} model tags single texts: send "texts", not "pairs"')
         except RequestError as error:
+            if error.refused:
+                metrics.refused.labels(error.refused).inc()
             return JSONResponse({"error": str(error)}, status_code=error.status)
+        if not in_flight.admit(len(inputs)):
+            metrics.refused.labels("queue_full").inc()
+            return JSONResponse(
+                {"error": f"the server is at capacity ({in_flight.count} of at most {limits.max_queued_texts} inputs "
+                          f"queued or computing); retry in {RETRY_AFTER_S} s"},
+                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        batch_it = batcher is not None and batcher.batching.batches(inputs)
+        # The work is its own task, shielded from the timeout: it ends (and leaves the count) only
+        # when its model call does, since a call running in a thread cannot be stopped.
+        work = asyncio.ensure_future(batcher.predict(inputs) if batch_it else unbatched(inputs))
+        work.add_done_callback(functools.partial(in_flight.release, len(inputs)))
         try:
-            batch_it = batcher is not None and batcher.batching.batches(inputs)
-            predictions = await (batcher.predict(inputs) if batch_it else unbatched(inputs))
+            predictions = await asyncio.wait_for(asyncio.shield(work), limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.refused.labels("timeout").inc()
+            return JSONResponse({"error": f"no prediction within {limits.request_timeout_s:g} s (request_timeout_s): "
+                                          "the server is overloaded or stalled"}, status_code=504)
         except (TfsftError, ValueError) as error:
             return JSONResponse({"error": " ".join(str(error).split())}, status_code=500)
         return JSONResponse({"predictions": [p.to_dict() for p in predictions]})
@@ -497,8 +575,11 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, wo
     mode = "one call per request" if batching is None else (
         f"micro-batching (<= {batching.max_texts} texts, {batching.max_wait_ms:g} ms wait, {batching.concurrency} in "
         f"flight) of requests whose texts have at most {batching.max_input_chars or 'any number of'} characters")
+    limits = settings.limits
+    timeout = "no timeout" if limits.request_timeout_s is None else f"{limits.request_timeout_s:g} s timeout"
     print(f"[tfsft] serving {bundle.directory} on http://{host}:{port}: {choice.name} model "
-          f"{bundle.model_path(int8=choice.int8).name} ({choice.reason}); {mode}; {workers} worker process(es)",
+          f"{bundle.model_path(int8=choice.int8).name} ({choice.reason}); {mode}; at most {limits.max_queued_texts} "
+          f"inputs queued per process, {timeout} per request; {workers} worker process(es)",
           file=sys.stderr, flush=True)
     if workers == 1:
         uvicorn.run(settings.build_app(choice), host=host, port=port, log_level="info", access_log=access_log)
