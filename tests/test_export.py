@@ -4,6 +4,7 @@ export at the end of `finetune` and `scripts/export.py`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,17 @@ from tfsft.errors import ArtifactError
 from tfsft.tokenize import TextEncoder
 
 LABELS = RUN_LABELS
+
+
+def ort_logits(path, batches) -> np.ndarray:
+    """onnxruntime's logits for every batch of `batches` (features dicts), in the examples' order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    chunks = [session.run(["logits"], features)[0] for features in batches]
+    out = np.empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]), dtype=np.float32)
+    out[batches.order()] = np.concatenate(chunks)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +67,10 @@ def test_onnx_graph_interface(exported):
     assert not [n for n in model.graph.node if n.op_type == "Erfc"]
 
 
-def test_fp32_parity_at_batch_1_and_8(exported):
+def test_fp32_parity_at_batch_1_and_8_sorted_and_padded(exported):
     _, _, _, _, report = exported
     for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
-        for batch in ("batch_1", "batch_8"):
+        for batch in ("batch_1", "batch_8", "batch_8_padded"):
             result = report["parity"][name][batch]
             assert result["max_abs_logit_diff"] <= 1e-4, (name, batch, result)
             assert result["label_agreement"] == 1.0
@@ -66,12 +78,13 @@ def test_fp32_parity_at_batch_1_and_8(exported):
 
 
 def test_onnx_logits_match_keras_independently(exported):
-    """Recompute parity here, with onnxruntime directly, on texts of very different lengths."""
+    """Recompute parity here, with onnxruntime directly, on texts of very different lengths: one
+    at a time, and together in one batch padded to max_seq_length (the attention mask at work)."""
     import onnxruntime as ort
 
     from tfsft.data import LengthBatchedData
     from tfsft.evaluation import predict_logits
-    from tfsft.tokenize import TextEncoder
+    from tfsft.tokenize import TextEncoder, pad_batch
 
     model, run_dir, examples, _, _ = exported
     bundle = run_dir / artifacts.ONNX_DIR
@@ -79,12 +92,15 @@ def test_onnx_logits_match_keras_independently(exported):
     texts = ["ok", "a long, winding and " * 20 + "end", examples.texts[3], examples.texts[7]]
     data = LengthBatchedData(encoder.encode(texts), None, 8, shuffle=False, pad_id=encoder.pad_id)
     keras = predict_logits(model, data)
+    padded = pad_batch(encoder.encode(texts), range(len(texts)), encoder.pad_id, multiple=64)
+    assert padded["input_ids"].shape == (4, 64) and padded["attention_mask"].sum(axis=1).min() == 3
     for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
         session = ort.InferenceSession(str(bundle / name), providers=["CPUExecutionProvider"])
         for i, text in enumerate(texts):
             single = LengthBatchedData(encoder.encode([text]), None, 1, shuffle=False, pad_id=encoder.pad_id)
             logits = session.run(["logits"], next(iter(single)))[0]
             np.testing.assert_allclose(logits[0], keras[i], atol=1e-4)
+        np.testing.assert_allclose(session.run(["logits"], padded)[0], keras, atol=1e-4)
 
 
 def test_fusion_counts(exported):
@@ -94,13 +110,30 @@ def test_fusion_counts(exported):
     assert fused.get("BiasGelu", 0) + fused.get("Gelu", 0) == 2
 
 
-def test_int8_is_smaller_and_agrees(exported):
-    _, run_dir, _, _, report = exported
+def test_int8_is_smaller_and_its_scores_are_those_of_the_int8_model(exported):
+    """The report's int8 accuracy, agreement and drop, recomputed here with onnxruntime and Keras."""
+    from tfsft.data import LengthBatchedData
+    from tfsft.evaluation import predict_logits
+
+    model, run_dir, examples, labels, report = exported
     bundle = run_dir / artifacts.ONNX_DIR
     int8 = report["int8"]
     assert (bundle / artifacts.BUNDLE_MODEL).stat().st_size > 3 * (bundle / artifacts.BUNDLE_MODEL_INT8).stat().st_size
+    encoder = TextEncoder.from_file(bundle / artifacts.BUNDLE_TOKENIZER, 64)
+    # The parity batches: 8 examples sorted by length (int8 activations are quantized per batch).
+    data = LengthBatchedData(encoder.encode(examples.texts), None, 8, shuffle=False, pad_id=encoder.pad_id)
+    quantized = ort_logits(bundle / artifacts.BUNDLE_MODEL_INT8, data)
+    keras = predict_logits(model, data)
+    labels = np.asarray(labels)
+    keras_accuracy = float((keras.argmax(-1) == labels).mean())
+    int8_accuracy = float((quantized.argmax(-1) == labels).mean())
+    assert report["keras_accuracy"] == pytest.approx(keras_accuracy, abs=1e-9)
+    assert int8["accuracy"] == pytest.approx(int8_accuracy, abs=1e-9)
+    assert int8["accuracy_drop"] == pytest.approx(keras_accuracy - int8_accuracy, abs=1e-9)
+    decisive = np.abs(keras[:, 0] - keras[:, 1]) > 2 * report["tolerance"]
+    agreement = float((quantized.argmax(-1) == keras.argmax(-1))[decisive].mean())
+    assert int8["label_agreement"] == pytest.approx(agreement, abs=1e-9)
     assert int8["label_agreement"] >= 0.9
-    assert abs(int8["accuracy_drop"] - (report["keras_accuracy"] - int8["accuracy"])) < 1e-9
 
 
 def test_int8_is_scored_in_the_runs_best_model_metric(tmp_path, tiny_checkpoint, sst2_slices):
@@ -120,7 +153,10 @@ def test_int8_is_scored_in_the_runs_best_model_metric(tmp_path, tiny_checkpoint,
     expected = f1_score(subset_labels, predict_logits(model, data).argmax(-1))
     assert "keras_accuracy" not in report
     assert report["keras_f1"] == pytest.approx(expected, abs=1e-9)
-    assert report["int8"]["f1_drop"] == pytest.approx(report["keras_f1"] - report["int8"]["f1"], abs=1e-9)
+    int8 = ort_logits(run_dir / artifacts.ONNX_DIR / artifacts.BUNDLE_MODEL_INT8, data)
+    int8_f1 = f1_score(subset_labels, int8.argmax(-1))
+    assert report["int8"]["f1"] == pytest.approx(int8_f1, abs=1e-9)
+    assert report["int8"]["f1_drop"] == pytest.approx(expected - int8_f1, abs=1e-9)
     assert report["parity"][artifacts.BUNDLE_MODEL]["batch_8"]["f1"] == pytest.approx(expected, abs=1e-9)
     assert [parity_score_name("classification", m) for m in ("f1", "mcc", "loss")] == ["f1", "mcc", "accuracy"]
     assert parity_score_name("regression", "mse") == "spearman"
@@ -213,6 +249,9 @@ def test_export_script_rebuilds_the_bundle_of_a_finished_run(finished_tiny_run, 
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_tiny_run, run_dir)
     shutil.rmtree(run_dir / artifacts.ONNX_DIR)
+    config = json.loads((run_dir / artifacts.CONFIG_FILE).read_text())
+    config["data"]["train_file"] = str(tmp_path / "deleted.tsv")  # export never reads the training file
+    (run_dir / artifacts.CONFIG_FILE).write_text(json.dumps(config))
     result = run_script("export.py", str(run_dir), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in BUNDLE_FILES:
@@ -241,7 +280,221 @@ def test_multilabel_parity_score_uses_the_predictors_threshold():
     labels = np.ones((4, 2), dtype=np.int64)
     logits = np.full((4, 2), np.log(0.3 / 0.7))
     assert DEFAULT_MULTILABEL_THRESHOLD > 0.3
-    unrecorded = _ParitySet({}, {}, {8: labels}, "multilabel", None, ("a", "b"), "f1_micro")
-    recorded = _ParitySet({}, {}, {8: labels}, "multilabel", {"threshold": 0.2}, ("a", "b"), "f1_micro")
-    assert unrecorded.score(logits, 8) == 0.0
-    assert recorded.score(logits, 8) == 1.0
+    unrecorded = _ParitySet({}, {}, {"batch_8": labels}, "multilabel", None, ("a", "b"), "f1_micro")
+    recorded = _ParitySet({}, {}, {"batch_8": labels}, "multilabel", {"threshold": 0.2}, ("a", "b"), "f1_micro")
+    assert unrecorded.score(logits, "batch_8") == 0.0
+    assert recorded.score(logits, "batch_8") == 1.0
+
+
+# ---------------------------------------------------------------- parity on padded batches
+
+
+def test_label_agreement_counts_what_keras_decides_by_more_than_the_tolerance():
+    """A near-tie that flips within the logit tolerance is no disagreement; a decided label that
+    flips is. Multilabel compares the label sets at the decision threshold, NER the tags of the
+    scored tokens, regression has no labels to agree on."""
+    from tfsft.data import IGNORED_LABEL
+    from tfsft.export import label_agreement
+
+    tolerance = 1e-4
+    keras = np.array([[1.0, 0.0], [0.5, 0.50015], [0.0, 2.0]], dtype=np.float32)
+    onnx = keras + np.array([[0, 0], [8e-5, -8e-5], [0, 0]], dtype=np.float32)
+    assert onnx[1].argmax() != keras[1].argmax()
+    assert label_agreement("classification", onnx, keras, tolerance) == (1.0, 2)
+    onnx[2] = [2.0, 0.0]
+    assert label_agreement("classification", onnx, keras, tolerance) == (0.5, 2)
+    assert label_agreement("regression", keras[:, :1] + 1.0, keras[:, :1], tolerance) == (None, 0)
+
+    keras = np.array([[2.0, -2.0], [0.00005, 1.0], [1.0, 1.0]], dtype=np.float32)
+    onnx = np.array([[2.0, -2.0], [-0.00005, 1.0], [1.0, -1.0]], dtype=np.float32)
+    assert label_agreement("multilabel", onnx, keras, tolerance, threshold=0.5) == (0.5, 2)
+    # At 0.8 (logit 1.386) every Keras set is decided: row 2 holds no label either way.
+    assert label_agreement("multilabel", onnx, keras, tolerance, threshold=0.8) == (1.0, 3)
+
+    keras = np.array([[[0.0, 5.0], [5.0, 0.0], [0.0, 5.0], [0.0, 0.0]]], dtype=np.float32)
+    onnx = keras.copy()
+    onnx[0, 0] = [5.0, 0.0]  # [CLS]: not scored
+    onnx[0, 3] = [5.0, 0.0]  # padding: not scored
+    labels = np.empty(1, dtype=object)
+    labels[0] = np.array([IGNORED_LABEL, 0, 1], dtype=np.int32)
+    assert label_agreement("ner", onnx, keras, tolerance, token_labels=labels) == (1.0, 2)
+    onnx[0, 2] = [5.0, 0.0]
+    assert label_agreement("ner", onnx, keras, tolerance, token_labels=labels) == (0.5, 2)
+
+
+EQUAL_LENGTH_WORDS = (("good", "bad", "fine", "great", "poor", "dull", "funny", "sad"),
+                      ("movie", "film", "story", "plot", "cast", "show"), ("works", "fails", "ends", "starts"))
+
+
+def equal_length_examples(tmp_path: Path, count: int) -> Path:
+    """A TSV of `count` sentences that all tokenize to the same length (so length-sorted batches
+    of them carry no padding at all), with alternating labels 0/1."""
+    import itertools
+
+    texts = [f"the {a} {n} {v}" for a, n, v in itertools.product(*EQUAL_LENGTH_WORDS)]
+    chosen = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))[:count]]
+    rows = [f"{text}\t{i % 2}" for i, text in enumerate(chosen)]
+    path = tmp_path / "equal.tsv"
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def ignore_attention_mask(path: Path) -> None:
+    """Rewrite an ONNX graph so that every reader of the attention mask reads max(mask, 1): ones."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    mask = next(i.name for i in model.graph.input if "attention_mask" in i.name)
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name == mask:
+                node.input[k] = "broken/ones"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, dtype=np.int32), "broken/one"))
+    model.graph.node.insert(0, helper.make_node("Max", [mask, "broken/one"], ["broken/ones"]))
+    onnx.save(model, str(path))
+
+
+def test_a_graph_that_ignores_the_attention_mask_fails_the_padded_parity_check(tmp_path, tiny_checkpoint, monkeypatch):
+    """Examples of one length make every sorted batch (and batch size 1) padding-free, so only the
+    shuffled batches padded to max_seq_length can see that the mask is ignored."""
+    from tfsft import export
+
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, equal_length_examples(tmp_path, 48),
+                                                quantize=False)
+    encoder = TextEncoder.from_file(run_dir / artifacts.MODEL_DIR / artifacts.BUNDLE_TOKENIZER, 64)
+    assert len(set(encoder.encode(examples.texts).lengths.tolist())) == 1
+    convert = export.convert_to_onnx
+
+    def convert_ignoring_the_mask(model, path, opset):
+        names = convert(model, path, opset)
+        ignore_attention_mask(path)
+        return names
+
+    monkeypatch.setattr(export, "convert_to_onnx", convert_ignoring_the_mask)
+    with pytest.raises(ArtifactError, match=r"parity failed on batch_8_padded"):
+        export.export_bundle(model, run_dir, validation_data=(examples, labels))
+    assert not (run_dir / artifacts.ONNX_DIR).exists()
+
+
+def test_padded_parity_batches_mix_lengths_and_pad_to_max_seq_length(tiny_checkpoint, sst2_slices):
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+    from tfsft.export import PaddedBatches
+
+    examples = read_examples(str(sst2_slices["dev"]), DataConfig())
+    encoder = TextEncoder.from_file(tiny_checkpoint / artifacts.BUNDLE_TOKENIZER, 64)
+    encoded = encoder.encode(examples.texts)
+    batches = PaddedBatches(encoded, 8, 64, encoder.pad_id, ("input_ids", "attention_mask", "token_type_ids"))
+    assert sorted(batches.order().tolist()) == list(range(len(examples)))
+    widths, padding = [], []
+    for features, indices in zip(batches, batches.batches()):
+        widths.append(features["input_ids"].shape[1])
+        padding.append(1 - features["attention_mask"].mean())
+        np.testing.assert_array_equal(features["attention_mask"].sum(axis=1), encoded.lengths[indices])
+    assert widths[::2] == [64] * len(widths[::2]) and min(widths[1::2]) < 64
+    assert np.mean(padding) > 0.4, "much of these batches is padding"
+
+
+# ------------------------------------------------------------------- mixed precision
+
+
+@pytest.fixture
+def restore_float32_policy():
+    yield
+    from tfsft.modeling import tf
+
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_mixed_precision_run_exports_a_float32_graph_with_parity(
+    tmp_path, tiny_checkpoint, sst2_slices, restore_float32_policy
+):
+    import onnx
+
+    from tfsft import RunConfig, finetune
+
+    result = finetune(RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]),
+        validation_file=str(sst2_slices["dev"]), max_train_samples=32, max_eval_samples=48, max_seq_length=64,
+        mixed_precision=True, export=True, quantize_int8=False, output_dir=str(tmp_path / "run"),
+    )), verbose=0)
+    bundle = result.run_dir / artifacts.ONNX_DIR
+    report = json.loads((bundle / artifacts.BUNDLE_REPORT).read_text())
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        graph = onnx.load(str(bundle / name)).graph
+        assert {i.type.tensor_type.elem_type for i in graph.input} == {onnx.TensorProto.INT32}
+        assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.FLOAT]
+        assert onnx.TensorProto.FLOAT16 not in {init.data_type for init in graph.initializer}, name
+        casts = [a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+        assert onnx.TensorProto.FLOAT16 not in casts, name
+        for batch in ("batch_1", "batch_8", "batch_8_padded"):
+            assert report["parity"][name][batch]["max_abs_logit_diff"] <= 1e-4, (name, batch)
+
+
+# ------------------------------------------------------- what export reads of the data
+
+
+def test_a_finished_run_records_the_validation_examples_it_evaluated(finished_tiny_run, sst2_slices):
+    from tfsft.data import read_examples
+    from tfsft.export import recorded_validation
+
+    config = artifacts.read_config(finished_tiny_run)
+    recorded = recorded_validation(finished_tiny_run)
+    dev = read_examples(str(sst2_slices["dev"]), config.data)
+    assert (recorded.texts, recorded.labels, recorded.rows) == (dev.texts, dev.labels, dev.rows)
+    metrics = json.loads((finished_tiny_run / artifacts.METRICS_FILE).read_text())
+    assert metrics["eval_samples"] == len(recorded)
+
+
+def exported_examples(run_dir: Path, monkeypatch) -> list:
+    """The validation examples `export_run` hands to the export (which is not run)."""
+    from tfsft import export
+
+    seen = []
+    monkeypatch.setattr(export, "export_bundle", lambda model, run, validation_data: seen.append(validation_data))
+    export.export_run(run_dir)
+    return seen
+
+
+def test_export_of_a_held_out_run_reads_neither_data_file(tmp_path, tiny_checkpoint, sst2_slices, monkeypatch):
+    """Without --validation_file the hold-out came from the training file: the run recorded it,
+    and export reads the record, not the corpus (deleted here)."""
+    from tfsft.data import load_splits
+    from tfsft.export import record_validation
+
+    _, run_dir, _, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    train = tmp_path / "train.tsv"
+    train.write_bytes(sst2_slices["train"].read_bytes())
+    config = artifacts.read_config(run_dir).replace(train_file=str(train), validation_file=None, max_eval_samples=30)
+    artifacts.save_config(config, run_dir)
+    held_out = load_splits(config.data, config.train.seed).validation
+    record_validation(run_dir, held_out)
+    artifacts.write_json(run_dir / artifacts.METRICS_FILE, {"eval_samples": len(held_out)})
+    train.unlink()
+    [(examples, labels)] = exported_examples(run_dir, monkeypatch)
+    assert (examples.texts, examples.labels, examples.rows) == (held_out.texts, held_out.labels, held_out.rows)
+    assert len(examples) == 30 and labels.tolist() == [int(label) for label in held_out.labels]
+
+
+def test_export_of_a_run_without_a_record_reads_its_validation_file_only(tmp_path, tiny_checkpoint, sst2_slices,
+                                                                         monkeypatch):
+    """Runs exported before validation examples were recorded: the validation file, sampled as
+    training sampled it, and never the training file (a missing path here)."""
+    from tfsft.data import read_examples, sample
+
+    _, run_dir, _, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    config = artifacts.read_config(run_dir).replace(train_file=str(tmp_path / "deleted.tsv"), max_eval_samples=25)
+    artifacts.save_config(config, run_dir)
+    artifacts.write_json(run_dir / artifacts.METRICS_FILE, {"eval_samples": 25})
+    [(examples, _)] = exported_examples(run_dir, monkeypatch)
+    expected = sample(read_examples(str(sst2_slices["dev"]), config.data), 25, config.train.seed)
+    assert (examples.texts, examples.rows) == (expected.texts, expected.rows)
+
+
+def test_a_corrupt_validation_record_is_named(tmp_path, tiny_checkpoint, sst2_slices, monkeypatch):
+    _, run_dir, _, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    artifacts.write_json(run_dir / artifacts.METRICS_FILE, {})
+    (run_dir / artifacts.VALIDATION_EXAMPLES).write_text('{"texts": ["a"]')
+    with pytest.raises(ArtifactError, match=artifacts.VALIDATION_EXAMPLES):
+        exported_examples(run_dir, monkeypatch)

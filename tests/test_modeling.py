@@ -221,3 +221,123 @@ def test_finetune_records_the_pooling_it_resolved(tiny_checkpoint, sst2_slices, 
     saved = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert saved[POOLING_ATTRIBUTE] == "mean"
     assert json.loads((result.run_dir / "config.json").read_text())["model"]["pooling"] == "auto"
+
+
+def save_mean_pooled(tiny_checkpoint, directory):
+    from tfsft.modeling import load_tokenizer, save_pretrained
+
+    model = mean_pooled(tiny_checkpoint)
+    save_pretrained(model, load_tokenizer(tiny_checkpoint), directory)
+    return model
+
+
+TOKENS = {"input_ids": np.array([[101, 2204, 3185, 102, 0]], dtype=np.int32),
+          "attention_mask": np.array([[1, 1, 1, 1, 0]], dtype=np.int32),
+          "token_type_ids": np.zeros((1, 5), dtype=np.int32)}
+
+
+def test_transformers_auto_classes_refuse_a_mean_pooled_model_unless_tfsft_registered_it(tiny_checkpoint, tmp_path):
+    """transformers' auto classes would build a [CLS]-pooler head with a random pooler and no
+    error: the saved config names a model type they do not know, so without tfsft they fail
+    loudly; once tfsft.modeling is imported (it registers the type) they load the right head.
+    The tokenizer loads with plain transformers either way."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from transformers import AutoTokenizer, TFAutoModelForSequenceClassification
+
+    from tfsft.modeling import MEAN_POOLED_MODEL_TYPE, load_finetuned
+
+    save_mean_pooled(tiny_checkpoint, tmp_path / "model")
+    without_tfsft = subprocess.run(
+        [sys.executable, "-c",
+         "import os; os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
+         "from transformers import TFAutoModelForSequenceClassification as Auto\n"
+         f"Auto.from_pretrained({str(tmp_path / 'model')!r})"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert without_tfsft.returncode != 0
+    assert f"model type `{MEAN_POOLED_MODEL_TYPE}`" in without_tfsft.stderr, without_tfsft.stderr[-2000:]
+    assert "tfsft.modeling.load_finetuned" in (tmp_path / "model" / "README.md").read_text()
+
+    auto = TFAutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"))
+    ours = load_finetuned(tmp_path / "model")
+    assert type(auto) is type(ours) and auto.config.model_type == MEAN_POOLED_MODEL_TYPE
+    inputs = {"input_ids": np.array([[101, 2023, 2003, 102, 0, 0]]), "attention_mask": np.array([[1, 1, 1, 1, 0, 0]])}
+    np.testing.assert_allclose(auto(inputs).logits.numpy(), ours(inputs).logits.numpy(), atol=1e-6)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "model")).is_fast
+
+
+def test_a_mean_pooled_model_saved_as_model_type_bert_still_loads(tiny_checkpoint, tmp_path):
+    """Runs saved before the model type marker: config.json says "bert" with tfsft_pooling "mean"."""
+    import json
+
+    from tfsft.modeling import load_finetuned
+
+    model = save_mean_pooled(tiny_checkpoint, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    reloaded = load_finetuned(tmp_path / "model")
+    assert type(reloaded) is type(model)
+    np.testing.assert_allclose(reloaded(TOKENS).logits.numpy(), model(TOKENS).logits.numpy(), atol=1e-6)
+    again, report = build_classifier(tmp_path / "model", LabelMap(("a", "b", "c")), task="ner")
+    assert report.pooling == "cls" and type(again).__name__ == "TFBertForTokenClassification"
+
+
+def test_a_mean_pooled_checkpoint_feeds_a_cls_or_tagging_head(tiny_checkpoint, tmp_path):
+    """A tfsft mean-pooled model as the checkpoint of a new run with another head."""
+    save_mean_pooled(tiny_checkpoint, tmp_path / "model")
+    cls, report = build_classifier(tmp_path / "model", LabelMap(("a", "b")), pooling="cls")
+    assert report.pooling == "cls" and cls.config.model_type == "bert"
+    assert type(cls).__name__ == "TFBertForSequenceClassification"
+    tagger, report = build_classifier(tmp_path / "model", LabelMap(("O", "B-PER", "I-PER")), task="ner")
+    assert type(tagger).__name__ == "TFBertForTokenClassification" and tagger.config.model_type == "bert"
+
+
+@pytest.fixture
+def mixed_precision():
+    import tensorflow as tf
+
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_under_mixed_precision_the_head_computes_float32_logits_and_loss(tiny_checkpoint, mixed_precision, pooling):
+    """The encoder computes in float16; the head, and so the loss, in float32 (Keras would cast the
+    targets and sample weights to float16 logits' dtype and compute the loss in float16)."""
+    import tensorflow as tf
+
+    from tfsft.config import RunConfig
+    from tfsft.training import compile_model
+
+    train = RunConfig.from_flat(dict(mixed_precision=True)).train
+    for task, names, y in (("classification", ("a", "b"), tf.constant([1])),
+                           ("regression", ("score",), tf.constant([3.3001]))):
+        model, _ = build_classifier(tiny_checkpoint, LabelMap(names), task=task, pooling=pooling)
+        assert model.bert.embeddings.compute_dtype == "float16"
+        compile_model(model, train, 10, task)
+        logits = model(TOKENS, training=False).logits
+        assert logits.dtype == tf.float32, task
+        assert model.compiled_loss(y, logits).dtype == tf.float32, task
+
+
+def test_float32_copy_of_a_mixed_precision_model(tiny_checkpoint, mixed_precision):
+    import tensorflow as tf
+
+    from tfsft.modeling import float32_model
+
+    model, _ = build_classifier(tiny_checkpoint, LabelMap(("a", "b")), pooling="mean")
+    copy = float32_model(model)
+    assert copy is not model and type(copy) is type(model) and copy.config is model.config
+    layers = [layer for layer in copy.submodules if isinstance(layer, tf.keras.layers.Layer)]
+    assert layers and all(layer.compute_dtype == "float32" for layer in layers)
+    assert tf.keras.mixed_precision.global_policy().name == "mixed_float16"
+    weights = {w.name.split("/", 1)[1]: w.numpy() for w in model.weights}
+    assert len(copy.weights) == len(weights)
+    for weight in copy.weights:
+        np.testing.assert_array_equal(weight.numpy(), weights[weight.name.split("/", 1)[1]])
+    np.testing.assert_allclose(copy(TOKENS).logits.numpy(), model(TOKENS).logits.numpy(), atol=2e-2)
+    assert float32_model(copy) is copy

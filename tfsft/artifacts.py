@@ -6,6 +6,7 @@ A run directory::
     model/               fine-tuned model + tokenizer in transformers format (from_pretrained)
     metrics.json         eval_* (and test_*) metrics, train_runtime_s, train_examples_per_s
     eval_report.json     classification report and confusion matrix
+    validation_examples.json  the validation examples evaluated (and checked for ONNX parity)
     confusion_matrix.png
     history.csv          Keras per-epoch history
     logs/                TensorBoard event files
@@ -15,7 +16,7 @@ A run is built in a sibling `.NAME.partial` directory and renamed into place onc
 evaluated and saved, so a directory named like a run is always a finished one. Its `onnx/` comes
 after, built in a hidden `.onnx.*.partial` directory inside the run and renamed into place when
 every model passed parity: a run without `onnx/` (an export that failed or was killed) is still
-complete, and `scripts/export.py RUN_DIR` adds the bundle.
+complete, and `tfsft export RUN_DIR` adds the bundle.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tfsft.errors import ArtifactError, ConfigError
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.json"
+VALIDATION_EXAMPLES = "validation_examples.json"
 REPORT_FILE = "eval_report.json"
 CONFUSION_PLOT = "confusion_matrix.png"
 HISTORY_FILE = "history.csv"

