@@ -1,52 +1,6 @@
-"""Classify every line of a CSV, TSV or JSONL file (or stdin) with an ONNX bundle.
+"""Alias of `tfsft predict`: predict every line of a file with an ONNX bundle (see `tfsft predict --help`)."""
 
-Predictions are written in input order as they are computed (JSONL objects with `label` and
-`probabilities`, or CSV rows), so large files stream in bounded memory.
-"""
-
-import json
-import sys
-from contextlib import ExitStack
-
-from tfsft.cli import ArgumentParser, positive_int, run_cli
-
-CHUNK = 1024
-"""Inputs read, predicted and written at a time: large enough to sort by length, small enough to stream."""
-
-
-def main() -> None:
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
-    parser.add_argument("--input", required=True, help="CSV, TSV or JSONL file with a text column, or - for stdin.")
-    parser.add_argument("--input_format", choices=("csv", "tsv", "jsonl"), help="Default: from the suffix (stdin: jsonl).")
-    parser.add_argument("--output", default="-", help="Where to write predictions (default: stdout).")
-    parser.add_argument("--output_format", choices=("jsonl", "csv"), default="jsonl")
-    parser.add_argument("--int8", action="store_true", help="Use the int8-quantized model.")
-    parser.add_argument("--batch_size", type=positive_int, default=32)
-    parser.add_argument("--num_threads", type=positive_int, default=None, help="onnxruntime intra-op threads.")
-    args = parser.parse_args()
-    from tqdm import tqdm
-
-    from tfsft.inference import Predictor, chunked, csv_header, format_csv_row, input_format, read_inputs
-
-    predictor = Predictor(args.bundle, int8=args.int8, batch_size=args.batch_size, num_threads=args.num_threads)
-    fmt = args.input_format or input_format(args.input)
-    with ExitStack() as stack:
-        source = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8-sig", newline=""))
-        out = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
-        name = "<stdin>" if args.input == "-" else args.input
-        progress = stack.enter_context(tqdm(unit=" texts", disable=args.input == "-", file=sys.stderr))
-        if args.output_format == "csv":
-            out.write(csv_header(predictor.labels, predictor.bundle.task))
-        for chunk in chunked(read_inputs(source, fmt, name), CHUNK):
-            for prediction in predictor.predict([text for _, text in chunk]):
-                if args.output_format == "csv":
-                    out.write(format_csv_row(prediction, predictor.labels))
-                else:
-                    out.write(json.dumps(prediction.to_dict(), ensure_ascii=False) + "\n")
-            out.flush()
-            progress.update(len(chunk))
-
+from tfsft.cli import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("predict")

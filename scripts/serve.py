@@ -1,59 +1,6 @@
-"""Serve an ONNX bundle over HTTP: POST /predict, GET /health, GET /metadata, GET /metrics.
+"""Alias of `tfsft serve`: serve an ONNX bundle over HTTP (see `tfsft serve --help`)."""
 
-Concurrent requests are collected into Predictor calls (`--max_batch_texts`, `--max_wait_ms`,
-`--batch_concurrency` of them computing at once); `--no_micro_batching` gives each request its
-own model call, run concurrently in a thread pool. `--workers N` runs N server processes on one
-port. /metrics is in the Prometheus text format.
-"""
-
-from tfsft.cli import ArgumentParser, non_negative_float, port_number, positive_int, run_cli
-
-
-def main() -> None:
-    from tfsft.inference import PRECISIONS
-    from tfsft.serving import Batching, Limits, ServeSettings, serve
-
-    defaults, batching = Limits(), Batching()
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=port_number, default=8080)
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="Model to serve: fp32 (the fused model), int8, or auto (default): int8 when the "
-                             "bundle's export report shows its validation score within 1 point of Keras'.")
-    parser.add_argument("--int8", dest="precision", action="store_const", const="int8", help="Same as --precision int8.")
-    parser.add_argument("--workers", type=positive_int, default=1,
-                        help="Server processes on the one port, each with its own model (default 1).")
-    parser.add_argument("--max_texts", type=positive_int, default=defaults.max_texts, help="Most inputs per request.")
-    parser.add_argument("--max_chars", type=positive_int, default=defaults.max_chars, help="Most characters per text.")
-    parser.add_argument("--num_threads", type=positive_int, default=None,
-                        help="onnxruntime intra-op threads per process (default: all cores, divided among --workers).")
-    parser.add_argument("--max_batch_texts", type=positive_int, default=batching.max_texts,
-                        help="Most inputs in one micro-batch of concurrent requests.")
-    parser.add_argument("--max_wait_ms", type=non_negative_float, default=batching.max_wait_ms,
-                        help="How long a micro-batch waits for more requests after its first (0: only "
-                             "requests already queued are batched; no added latency).")
-    parser.add_argument("--batch_concurrency", type=positive_int, default=batching.concurrency,
-                        help="Micro-batches computing at once: a request arriving while one computes starts on another.")
-    parser.add_argument("--max_batched_chars", type=positive_int, default=batching.max_input_chars,
-                        help="Only requests whose texts all have at most this many characters are micro-batched; "
-                             "longer ones get their own model call, where batching no longer pays on CPUs.")
-    parser.add_argument("--batch_every_request", dest="max_batched_chars", action="store_const", const=None,
-                        help="Micro-batch requests of any length.")
-    parser.add_argument("--micro_batching", action="store_true", default=True,
-                        help="Batch concurrent requests into one model call (the default).")
-    parser.add_argument("--no_micro_batching", dest="micro_batching", action="store_false",
-                        help="Give each request its own model call, run concurrently in a thread pool.")
-    parser.add_argument("--access_log", action="store_true", help="Log every request.")
-    args = parser.parse_args()
-    micro = Batching(max_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms, concurrency=args.batch_concurrency,
-                     max_input_chars=args.max_batched_chars)
-    settings = ServeSettings(
-        bundle_dir=args.bundle, precision=args.precision, limits=Limits(max_texts=args.max_texts, max_chars=args.max_chars),
-        batching=micro if args.micro_batching else None, num_threads=args.num_threads,
-    )
-    serve(settings, args.host, args.port, workers=args.workers, access_log=args.access_log)
-
+from tfsft.cli import run_command
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_command("serve")

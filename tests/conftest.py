@@ -20,14 +20,53 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 RUN_LABELS = ("0", "1")
 
 
-def run_script(name: str, *args: str, timeout: int = 600, cwd: Path | None = None):
+def run_script(name: str, *args: str, timeout: int = 600, cwd: Path | None = None, env: dict | None = None):
     """Run scripts/<name> in a fresh interpreter; returns the CompletedProcess."""
     import subprocess
 
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / name), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,
+        capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env,
     )
+
+
+def env_without_tensorflow(directory: Path) -> dict:
+    """An environment whose `import tensorflow` fails loudly: a stand-in package first on the path."""
+    package = directory / "tensorflow"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text('raise RuntimeError("TensorFlow was imported")\n')
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))}
+
+
+TRAINING_ONLY_PACKAGES = (
+    "tensorflow", "tf_keras", "keras", "tensorboard", "transformers", "tf2onnx", "onnx", "sklearn", "scipy",
+    "seqeval", "matplotlib", "yaml", "safetensors", "huggingface_hub", "sympy", "datasets",
+)
+"""What the `[train]` extra installs (import names): the base install must work without any of them."""
+
+BLOCKING_SITECUSTOMIZE = """
+import importlib.abc, sys
+
+BLOCKED = frozenset({blocked!r})
+
+
+class _TrainingPackagesAbsent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: base install)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _TrainingPackagesAbsent())
+"""
+
+
+def env_without_training_packages(directory: Path) -> dict:
+    """An environment where every [train]-only package is absent, as on a base install (a
+    sitecustomize first on the path makes their imports fail as if they were not installed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(BLOCKING_SITECUSTOMIZE.format(blocked=sorted(TRAINING_ONLY_PACKAGES)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))}
 
 
 def shared_path(*parts: str) -> Path:
@@ -47,10 +86,13 @@ def write_tsv_slice(source: Path, target: Path, rows: int, start: int = 0) -> Pa
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer, hidden-32 BERT saved as tf_model.h5 with the MiniLM tokenizer."""
+    """A seeded, randomly initialised 2-layer, hidden-32 BERT saved as tf_model.h5 with the MiniLM
+    tokenizer (seeded: the same weights in every session and test process)."""
+    from tfsft.modeling import embedded_checkpoint, tf
+
     from transformers import BertConfig, TFBertModel
 
-    from tfsft.modeling import embedded_checkpoint
+    tf.keras.utils.set_random_seed(0)
 
     directory = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(

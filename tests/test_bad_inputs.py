@@ -1,6 +1,10 @@
 """The bad-input matrix at the CLI: each row a one-line error naming file/row/field, a non-zero
 exit, and no half-written output (no run directory, no partial directory, an older run intact).
 
+Input that can be checked without TensorFlow is refused before it is imported (each such row runs
+with a stand-in `tensorflow` package that raises on import), and no error carries TensorFlow's
+start-up noise.
+
 Rows already covered elsewhere: missing file, missing column, empty text, unseen label, non-UTF-8
 and ragged rows at the CLI in test_pipeline.py; corrupt/truncated ONNX and a bundle whose label
 map does not match the model in test_inference.py.
@@ -15,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script, write_csv
+from conftest import ROOT, env_without_tensorflow, run_script, write_csv
 
 GOOD_ROWS = [["a good movie", "pos"], ["a bad movie", "neg"]] * 16
+TENSORFLOW_NOISE = ("oneDNN", "cuInit", "cuda", "absl::InitializeLog", "TensorFlow was imported")
 
 # row name -> (file name, bytes of the training file, fragment the error line must contain)
 DATA_ROWS = {
@@ -41,6 +46,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+    for noise in TENSORFLOW_NOISE:
+        assert noise not in result.stderr, result.stderr[-3000:]
     return errors[0]
 
 
@@ -61,7 +68,7 @@ def test_bad_training_file(tiny_checkpoint, tmp_path, row):
     out = tmp_path / "out"
     result = run_script(
         "finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(train),
-        "--output_dir", str(out), "--no_export", timeout=120,
+        "--output_dir", str(out), "--no_export", timeout=120, env=env_without_tensorflow(tmp_path / "no_tf"),
     )
     assert_one_line_error(result, str(train), fragment)
     assert_nothing_written(out)
@@ -100,12 +107,37 @@ def test_wrong_or_corrupt_checkpoint(tiny_checkpoint, tmp_path, row):
     checkpoint, fragment = broken_checkpoints(tiny_checkpoint, tmp_path)[row]
     train = write_csv(tmp_path / "train.csv", ["text", "label"], GOOD_ROWS)
     out = tmp_path / "out"
+    needs_tensorflow = row == "truncated_weights"  # only loading the weights finds them cut short
     result = run_script(
         "finetune.py", "--model_name_or_path", str(checkpoint), "--train_file", str(train),
         "--output_dir", str(out), "--no_export", timeout=120,
+        env=None if needs_tensorflow else env_without_tensorflow(tmp_path / "no_tf"),
     )
     assert_one_line_error(result, str(checkpoint), fragment)
     assert_nothing_written(out)
+
+
+def test_max_seq_length_beyond_the_position_embeddings_is_refused_before_tensorflow(tiny_checkpoint, tmp_path):
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], GOOD_ROWS)
+    out = tmp_path / "out"
+    limit = json.loads((tiny_checkpoint / "config.json").read_text())["max_position_embeddings"]
+    result = run_script(
+        "finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(train),
+        "--output_dir", str(out), "--max_seq_length", str(limit + 1), timeout=120,
+        env=env_without_tensorflow(tmp_path / "no_tf"),
+    )
+    assert_one_line_error(result, f"max_position_embeddings={limit}", f"max_seq_length={limit + 1}")
+    assert_nothing_written(out)
+
+
+def test_roberta_position_offset_lowers_the_usable_length(tmp_path):
+    from tfsft.checkpoint import check_max_seq_length
+    from tfsft.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 514}))
+    check_max_seq_length(tmp_path, 512)
+    with pytest.raises(ConfigError, match="at most 512"):
+        check_max_seq_length(tmp_path, 513)
 
 
 def fake_finished_run(directory: Path) -> dict[str, str]:
@@ -140,7 +172,7 @@ def test_one_megabyte_text_is_truncated_with_a_warning_and_overwrite_replaces_at
 DISK_FULL_DRIVER = """
 import errno, os, runpy, sys
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-from tfsft import artifacts, pipeline
+from tfsft import artifacts
 
 stage, script = sys.argv[1], sys.argv[2]
 
@@ -150,7 +182,9 @@ def disk_full(path):
 
 
 if stage == "model":
-    pipeline.save_pretrained = lambda model, tokenizer, directory: disk_full(directory / "tf_model.h5")
+    from tfsft import modeling
+
+    modeling.save_pretrained = lambda model, tokenizer, directory: disk_full(directory / "tf_model.h5")
 else:
     write_json = artifacts.write_json
     artifacts.write_json = lambda path, data: disk_full(path) if str(path).endswith("metrics.json") else write_json(path, data)
@@ -176,3 +210,23 @@ def test_disk_full_while_saving_keeps_the_previous_run(tiny_checkpoint, tmp_path
     assert ".out.partial" in line
     assert {p.name: p.read_text() for p in out.iterdir()} == old
     assert not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("row", ["unseen_label", "missing_column", "missing_file"])
+def test_evaluate_refuses_bad_data_before_tensorflow(finished_tiny_run, tmp_path, row):
+    files = {
+        "unseen_label": ("sentence\tlabel\na fine film\t1\na dull film\t7\n", "row 3"),
+        "missing_column": ("text\tlabel\na fine film\t1\n", "sentence"),
+        "missing_file": (None, "not found"),
+    }
+    content, fragment = files[row]
+    data = tmp_path / "data.tsv"
+    if content is not None:
+        data.write_text(content)
+    before = sorted(p.relative_to(finished_tiny_run) for p in finished_tiny_run.rglob("*"))
+    result = run_script(
+        "evaluate.py", str(finished_tiny_run), "--file", str(data), timeout=120,
+        env=env_without_tensorflow(tmp_path / "no_tf"),
+    )
+    assert_one_line_error(result, str(data), fragment)
+    assert sorted(p.relative_to(finished_tiny_run) for p in finished_tiny_run.rglob("*")) == before

@@ -126,3 +126,53 @@ def test_predictor_refuses_a_bad_batch_size_with_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="batch_size"):
         Predictor(tmp_path, batch_size=0)
+
+
+# ------------------------------------------------------------------------------- the tfsft command
+
+
+def tfsft_command(*args: str, env: dict | None = None, timeout: int = 120, stdin: str | None = None):
+    """`python -m tfsft ARGS` (what the `tfsft` console script runs) in a fresh interpreter."""
+    import subprocess
+
+    from conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "tfsft", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+        input=stdin,
+    )
+
+
+def test_tfsft_help_lists_every_command_in_pipeline_order():
+    from tfsft.commands import COMMANDS
+
+    result = tfsft_command("--help")
+    assert result.returncode == 0, result.stderr
+    listed = re.findall(r"^  (\w+) ", result.stdout, re.M)
+    assert listed == list(COMMANDS) == ["finetune", "evaluate", "export", "predict", "serve"]
+
+
+def test_tfsft_without_a_command_or_with_an_unknown_one_exits_2():
+    bare = tfsft_command()
+    assert bare.returncode == 2 and "usage: tfsft COMMAND" in bare.stderr
+    unknown = tfsft_command("train")
+    assert unknown.returncode == 2
+    assert unknown.stderr.splitlines() == [
+        "error: unknown command 'train'; expected one of finetune, evaluate, export, predict, serve (see tfsft --help)"
+    ]
+
+
+@pytest.mark.parametrize("name", ["finetune", "evaluate", "export", "predict", "serve"])
+def test_each_script_is_an_alias_of_its_command(name):
+    script = run_script(f"{name}.py", "--help", timeout=60)
+    command = tfsft_command(name, "--help", timeout=60)
+    assert script.returncode == command.returncode == 0, (script.stderr, command.stderr)
+    assert command.stdout.startswith(f"usage: tfsft {name} ")
+    # The same parser: identical help once the program name is swapped (and usage lines re-wrapped).
+    assert " ".join(script.stdout.replace(f"{name}.py", f"tfsft {name}").split()) == " ".join(command.stdout.split())
+
+
+def test_a_command_error_is_one_line_and_exit_2(tmp_path):
+    result = tfsft_command("export", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: Run directory not found: {tmp_path / 'missing'}"]

@@ -69,9 +69,45 @@ def test_finetune_script_trains_saves_and_reevaluates(tiny_checkpoint, sst2_slic
 
     again = run_script("evaluate.py", str(out), "--file", str(sst2_slices["dev"]))
     assert again.returncode == 0, again.stderr[-3000:]
-    reevaluated = json.loads((out / "dev_metrics.json").read_text())
+    reevaluated = json.loads((out / "evaluations" / "dev" / "metrics.json").read_text())
     assert reevaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
     assert reevaluated["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+
+
+def test_evaluate_run_writes_into_evaluations_and_never_touches_the_runs_own_files(tiny_checkpoint, sst2_slices, tmp_path):
+    """Files named like the run's own reports (eval.tsv, test.tsv, metrics.tsv) are evaluated into
+    RUN/evaluations/<stem>/; every file of the run outside it stays byte for byte as it was."""
+    from conftest import make_run, write_tsv_slice
+    from tfsft import artifacts
+    from tfsft.evaluation import write_evaluation
+    from tfsft.pipeline import evaluate_run
+
+    _, run, _, _ = make_run(tmp_path / "made", tiny_checkpoint, sst2_slices["dev"])
+    artifacts.write_json(run / artifacts.METRICS_FILE, {"eval_accuracy": 0.5, "test_accuracy": 0.5})
+    for name in ("eval", "test"):
+        write_evaluation(run, {}, {"labels": ["0", "1"], "confusion_matrix": [[1, 2], [3, 4]], "decision": {}}, name)
+
+    def run_files():
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+                if p.is_file() and p.relative_to(run).parts[0] != "evaluations"}
+
+    before = run_files()
+    for index, stem in enumerate(("eval", "test", "metrics")):
+        data = write_tsv_slice(sst2_slices["dev"], tmp_path / f"{stem}.tsv", 30 + index, start=40 * index)
+        metrics = evaluate_run(str(run), str(data))
+        assert metrics["eval_samples"] == 30 + index
+        out = run / "evaluations" / stem
+        assert json.loads((out / "metrics.json").read_text()) == metrics
+        report = json.loads((out / "eval_report.json").read_text())
+        assert report["data_file"] == str(data) and sum(map(sum, report["confusion_matrix"])) == 30 + index
+        assert (out / "confusion_matrix.png").is_file()
+    assert run_files() == before
+    assert sorted(p.name for p in (run / "evaluations").iterdir()) == ["eval", "metrics", "test"]
+    (tmp_path / "again").mkdir()
+    again = write_tsv_slice(sst2_slices["dev"], tmp_path / "again" / "eval.tsv", 20)
+    assert evaluate_run(str(run), str(again))["eval_samples"] == 20  # the same stem again: replaced whole
+    assert json.loads((run / "evaluations" / "eval" / "metrics.json").read_text())["eval_samples"] == 20
+    assert not list((run / "evaluations").glob(".*"))
 
 
 def test_python_api_calls_user_callbacks_and_is_reproducible(tiny_checkpoint, sst2_slices, tmp_path):
@@ -100,24 +136,48 @@ def test_sentence_pairs_and_held_out_split(tiny_checkpoint, mrpc_slices, tmp_pat
     assert (result.run_dir / "test_report.json").is_file()
 
 
-def test_mirrored_strategy_over_two_logical_cpus(tiny_checkpoint, sst2_slices, tmp_path):
-    code = textwrap.dedent(f"""
-        import os, json
-        os.environ["TF_USE_LEGACY_KERAS"] = "1"
-        from tfsft.modeling import tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from tfsft import RunConfig, finetune
-        config = RunConfig.from_flat(dict(
-            model_name_or_path={str(tiny_checkpoint)!r}, train_file={str(sst2_slices['train'])!r},
-            validation_file={str(sst2_slices['dev'])!r}, num_train_epochs=1, per_device_train_batch_size=8,
-            strategy="mirrored", output_dir={str(tmp_path / 'mirrored')!r}, export=False))
-        print(json.dumps(finetune(config, verbose=0).metrics))
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+MIRRORED = """
+import os, json, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+from tfsft.modeling import tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tfsft import RunConfig, finetune
+
+class Steps(tf.keras.callbacks.Callback):
+    # What the optimizer did, and how many examples the replicas together trained on.
+    def on_train_end(self, logs=None):
+        optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+        schedule = optimizer._learning_rate
+        accuracy = next(m for m in self.model.metrics if m.name == "accuracy")
+        local = self.model.distribute_strategy.experimental_local_results(accuracy.count)
+        self.seen = dict(iterations=int(optimizer.iterations.numpy()), total_steps=schedule.total_steps,
+                         warmup_steps=schedule.warmup_steps, final_lr=float(schedule(optimizer.iterations)),
+                         examples=int(sum(float(v.numpy()) for v in local)), replicas=len(local))
+
+settings = json.loads(sys.argv[1])
+steps = Steps()
+metrics = finetune(RunConfig.from_flat(settings), callbacks=[steps], verbose=0).metrics
+print(json.dumps(dict(metrics=metrics, steps=steps.seen)))
+"""
+
+
+def test_mirrored_strategy_steps_once_per_global_batch(tiny_checkpoint, sst2_slices, tmp_path):
+    """Two replicas of 8: a global batch of 16, so 400 examples are 25 optimizer steps (not 50),
+    the warmup/decay schedule spans exactly those steps, and each example is trained on once."""
+    settings = dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]),
+        validation_file=str(sst2_slices["dev"]), num_train_epochs=1, per_device_train_batch_size=8,
+        warmup_ratio=0.1, strategy="mirrored", output_dir=str(tmp_path / "mirrored"), export=False,
+    )
+    result = subprocess.run([sys.executable, "-c", MIRRORED, json.dumps(settings)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(result.stdout.strip().splitlines()[-1])
-    assert metrics["replicas"] == 2 and metrics["eval_samples"] == 200
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    steps = 400 // (8 * 2)
+    assert report["steps"] == dict(iterations=steps, total_steps=steps, warmup_steps=round(0.1 * steps),
+                                   final_lr=0.0, examples=400, replicas=2)
+    assert report["metrics"]["replicas"] == 2 and report["metrics"]["eval_samples"] == 200
 
 
 @pytest.mark.parametrize(
@@ -218,7 +278,7 @@ def assert_export_failure(result, out, kind, tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr[-3000:]
-    for fragment in ("ONNX export failed", kind, f"python scripts/export.py {out}", str(tmp_path / "logs")):
+    for fragment in ("ONNX export failed", kind, f"tfsft export {out}", str(tmp_path / "logs")):
         assert fragment in errors[0], errors[0]
     log = Path(errors[0].rsplit("full traceback in ", 1)[1])
     assert "Traceback (most recent call last)" in log.read_text() and kind in log.read_text()
@@ -267,3 +327,33 @@ def test_a_failed_or_killed_export_never_costs_the_finished_run(tiny_checkpoint,
     assert (out / "onnx" / "model.int8.onnx").is_file()
     assert snapshot(out) == before
     assert not list(tmp_path.glob(".run.*"))
+
+
+def test_config_json_records_the_detected_columns(tiny_checkpoint, tmp_path, monkeypatch):
+    """Training and export are stubbed: this checks what the run's config.json says, and that
+    rerunning the same command (columns still auto-detected) finishes a failed export."""
+    from tfsft import artifacts, pipeline
+    from tfsft.errors import ExportFailed
+
+    def trained(config, *args, **kwargs):
+        partial = next(a for a in args if isinstance(a, Path) and a.name.endswith(".partial"))
+        artifacts.write_json(partial / artifacts.METRICS_FILE, {"eval_accuracy": 0.5})
+        return {"eval_accuracy": 0.5}, None
+
+    def export_fails(*args, **kwargs):
+        raise RuntimeError("stubbed export")
+
+    monkeypatch.setattr(pipeline, "_train_and_save", trained)
+    monkeypatch.setattr(pipeline, "_export_trained", export_fails)
+    rows = [[f"what is item {i}?", f"item {i} is a thing.", str(i % 2)] for i in range(12)]
+    train = write_csv(tmp_path / "train.csv", ["question", "sentence", "label"], rows)
+    dev = write_csv(tmp_path / "dev.csv", ["question", "sentence", "label"], rows[:4])
+    out = tmp_path / "run"
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(train), validation_file=str(dev), output_dir=str(out),
+    ))
+    with pytest.raises(ExportFailed):
+        finetune(config, verbose=0)
+    saved = json.loads((out / "config.json").read_text())["data"]
+    assert (saved["text_column"], saved["text_pair_column"], saved["label_column"]) == ("question", "sentence", "label")
+    assert pipeline.awaits_export(config, out)

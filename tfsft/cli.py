@@ -1,7 +1,9 @@
-"""What every script shares: errors become one line on stderr and an exit code, never a traceback.
+"""The `tfsft` command, and what every command shares: errors become one line on stderr and an
+exit code, never a traceback.
 
-The library never imports this module; scripts build their parser with `ArgumentParser` (flag
-errors are one line too) and call `run_cli(main)`.
+`tfsft COMMAND ...` runs one of `tfsft.commands` (`scripts/COMMAND.py` is an alias); `tfsft --help`
+lists them. The library never imports this module; commands build their parser with
+`ArgumentParser` (flag errors are one line too) and run under `run_cli`.
 
 - A `TfsftError` (bad input, config or artifact) is printed as `error: <message>`, exit 2.
 - Any other exception is printed as `error: <stage> failed: <Type>: <message>; full traceback in
@@ -12,15 +14,17 @@ errors are one line too) and call `run_cli(main)`.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import math
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from tfsft.errors import TfsftError, stage_of
+from tfsft.errors import ConfigError, TfsftError, stage_of
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "Print the full traceback of an unexpected error instead of writing it to a log file."
@@ -126,3 +130,86 @@ def run_cli(main: Callable[[], Any], name: Optional[str] = None) -> NoReturn:
         print(f"error: {_report(message, error, name, debug)}", file=sys.stderr, flush=True)
         sys.exit(UNEXPECTED_EXIT_CODE)
     sys.exit(0)
+
+
+TRAINING_PACKAGES = ("tensorflow", "tf_keras", "transformers", "tf2onnx", "onnx", "sklearn")
+"""Import names the `[train]` extra brings; the base install has none of them."""
+
+
+def require_training_extras(command: str) -> None:
+    """Refuse a training command on the base install with the install line that fixes it."""
+    missing = [name for name in TRAINING_PACKAGES if not _installed(name)]
+    if missing:
+        raise ConfigError(
+            f"`tfsft {command}` needs the training extras, which this install lacks (missing: {', '.join(missing)}): "
+            "pip install \"tfsft[train]\" (from a checkout: pip install -e \".[train]\")"
+        )
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def command_summaries() -> dict[str, str]:
+    """{command: first line of its docstring}, in pipeline order."""
+    from tfsft.commands import COMMANDS
+
+    return {
+        name: (importlib.import_module(f"tfsft.commands.{name}").__doc__ or "").strip().splitlines()[0]
+        for name in COMMANDS
+    }
+
+
+def usage() -> str:
+    import tfsft
+
+    lines = [
+        f"usage: tfsft COMMAND [options]   (tfsft {tfsft.__version__})",
+        "",
+        "Supervised fine-tuning of BERT-family encoders with TensorFlow/Keras, served from ONNX.",
+        "",
+        "commands:",
+        *(f"  {name:<9} {summary}" for name, summary in command_summaries().items()),
+        "",
+        "`tfsft COMMAND --help` describes a command's options. predict and serve need only the base",
+        "install; finetune, evaluate and export need the training extras: pip install \"tfsft[train]\".",
+    ]
+    return "\n".join(lines)
+
+
+def run_command(name: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> NoReturn:
+    """Parse `argv` (default: sys.argv[1:]) for command `name` and run it under `run_cli`."""
+    from tfsft.commands import TRAINING_COMMANDS
+
+    module = importlib.import_module(f"tfsft.commands.{name}")
+
+    def main() -> None:
+        args = module.build_parser(prog).parse_args(argv)
+        if name in TRAINING_COMMANDS:
+            require_training_extras(name)
+        module.run(args)
+
+    run_cli(main, name)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """The `tfsft` console script: `tfsft COMMAND [options]`."""
+    from tfsft.commands import COMMANDS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        import tfsft
+
+        print(f"tfsft {tfsft.__version__}")
+        sys.exit(0)
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} (see tfsft --help)",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
+    run_command(argv[0], argv[1:], prog=f"tfsft {argv[0]}")

@@ -32,7 +32,7 @@ class ArtifactError(TfsftError):
 class ExportFailed(ArtifactError):
     """The run was trained and published, but its ONNX export did not finish.
 
-    The run directory is complete without `onnx/`; `python scripts/export.py RUN_DIR` (or the
+    The run directory is complete without `onnx/`; `tfsft export RUN_DIR` (or the
     same finetune command again) finishes the export. `__cause__` holds the original error.
     """
 

@@ -1,9 +1,11 @@
 """The whole job as library calls: data -> model -> fit -> evaluate -> save (-> export).
 
-`finetune(config)` is what `scripts/finetune.py` runs; `evaluate_run` is `scripts/evaluate.py`.
+`finetune(config)` is what `tfsft finetune` runs; `evaluate_run` is `tfsft evaluate`.
+Everything that needs no TensorFlow (the data, the checkpoint, the output directory) is read and
+checked before TensorFlow is imported, so bad input fails in a second with one line.
 The run is written into a `.NAME.partial` directory and renamed into place once trained, evaluated
 and saved; only then is it exported to ONNX, into the published run. A failed or killed export
-never costs the training: the run stays complete, and `scripts/export.py RUN_DIR` or the same
+never costs the training: the run stays complete, and `tfsft export RUN_DIR` or the same
 finetune command again finishes the export.
 """
 
@@ -31,24 +33,26 @@ from tfsft.data import (
     encode_labels,
     example_reader,
     load_splits,
+    read_columns,
     sample,
     task_label_map,
 )
-from tfsft.errors import ArtifactError, ConfigError, ExportFailed, RunInterrupted, TfsftError, stage
-from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
-from tfsft.modeling import (
-    build_classifier,
-    feature_names,
-    load_finetuned,
+from tfsft.checkpoint import (
+    check_max_seq_length,
+    check_tokenizer_fits,
+    checkpoint_config,
     load_tokenizer,
     resolve_checkpoint,
-    save_pretrained,
+    resolve_tokenizer,
     text_encoder,
+    weights_file,
 )
-from tfsft.streaming import StreamCache, StreamingData, open_cache
-from tfsft.training import compile_model, fit, is_chief, make_strategy, set_precision, set_seed
+from tfsft.errors import ArtifactError, ConfigError, ExportFailed, RunInterrupted, TfsftError, stage
+from tfsft.streaming import StreamCache, open_cache
 
 
+EVALUATIONS_DIR = "evaluations"
+"""Where `evaluate_run` writes, one directory per evaluated file's stem, apart from the run's own reports."""
 XLA_PAD_MULTIPLE = 8
 """XLA compiles once per input shape: padding to a multiple of 8 bounds the number of compiles."""
 
@@ -96,7 +100,9 @@ def awaits_export(config: RunConfig, output_dir: Path) -> bool:
         saved = artifacts.read_config(output_dir)
     except TfsftError:
         return False
-    return saved.replace(overwrite_output_dir=False) == config.replace(overwrite_output_dir=False)
+    columns = ("text_column", "text_pair_column", "label_column")  # the run recorded the ones it detected
+    detected = {name: getattr(saved.data, name) for name in columns if getattr(config.data, name) is None}
+    return saved.replace(overwrite_output_dir=False) == config.replace(overwrite_output_dir=False, **detected)
 
 
 def open_partial_dir(config: RunConfig, output_dir: Path) -> Path:
@@ -146,6 +152,9 @@ def _worker_config(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
     """
     if config.train.strategy != "multiworker":
         return config, None
+    refuse_multiworker_resume(config)
+    from tfsft.training import is_chief, make_strategy
+
     strategy = make_strategy("multiworker")
     if is_chief(strategy):
         return config, None
@@ -153,6 +162,22 @@ def _worker_config(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
     scratch = Path(tempfile.mkdtemp(prefix=f"tfsft-{resolver.task_type}-{resolver.task_id}-"))
     _log(f"{resolver.task_type} {resolver.task_id} is not the chief: training in {scratch}, which is removed after")
     return config, scratch
+
+
+def refuse_multiworker_resume(config: RunConfig) -> None:
+    """Refuse a multiworker run where a killed one left the chief's backup: the chief would resume
+    from it and the other workers (whose state was in removed scratch dirs) from epoch 0, and the
+    cluster would hang. Every worker checks, before it creates the strategy (which waits for the
+    others); the non-chief ones see the chief's directory on one machine or a shared file system."""
+    if not config.output_dir:
+        return
+    partial = artifacts.partial_dir_for(config.output_dir)
+    if (partial / artifacts.BACKUP_DIR).exists():
+        raise ConfigError(
+            f"{partial} holds the backup of an interrupted --strategy multiworker run, which cannot resume (the "
+            f"chief would restart from its last epoch and the other workers from the first, and the cluster would "
+            f"hang): delete {partial} and run again to start over. Received: output_dir={config.output_dir!r}"
+        )
 
 
 def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1) -> FinetuneResult:
@@ -172,16 +197,11 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
         export_finished_run(output_dir)
         return FinetuneResult(metrics=artifacts.read_json(output_dir / artifacts.METRICS_FILE, "metrics"), run_dir=output_dir)
     refuse_to_clobber(config, output_dir)
-    set_seed(config.train.seed, config.train.deterministic)
-    set_precision(config.train.mixed_precision)
     task = config.model.task
     delimiter = config.data.label_delimiter
     stream = None
     if config.data.streaming:
-        with stage("model"):
-            checkpoint = resolve_checkpoint(config.model.model_name_or_path)
-            tokenizer = load_tokenizer(checkpoint)
-            encoder = text_encoder(tokenizer, config.data.max_seq_length)
+        checkpoint, tokenizer, encoder = _open_checkpoint(config)
         with stage("data"):
             stream, splits = _streaming_splits(config, encoder)
             label_map = stream.label_map
@@ -197,6 +217,7 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
             "validation": encode_labels(task, label_map, splits.validation, delimiter),
             "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
         }
+        config = config.replace(**read_columns(splits))  # config.json names the columns that trained
     if task == "classification" and config.train.metric_for_best_model == "f1" and len(label_map.names) != 2:
         raise ConfigError(
             f"--metric_for_best_model f1 is the F1 of the second of two labels; {config.data.train_file or 'the data'} "
@@ -211,11 +232,12 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
         + (" (training data streamed)" if stream is not None else "")
     )
     if stream is None:
-        with stage("model"):
-            checkpoint = resolve_checkpoint(config.model.model_name_or_path)
-            tokenizer = load_tokenizer(checkpoint)
-            encoder = text_encoder(tokenizer, config.data.max_seq_length)
+        checkpoint, tokenizer, encoder = _open_checkpoint(config)
 
+    from tfsft.training import set_precision, set_seed
+
+    set_seed(config.train.seed, config.train.deterministic)
+    set_precision(config.train.mixed_precision)
     partial = open_partial_dir(config, output_dir)
     _log(f"writing the run to {output_dir} (in progress: {partial})")
     try:
@@ -223,13 +245,15 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
             config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights, stream
         )
     except KeyboardInterrupt:
-        if (partial / artifacts.BACKUP_DIR).exists():
+        multiworker = config.train.strategy == "multiworker"
+        if (partial / artifacts.BACKUP_DIR).exists() and not multiworker:
             raise RunInterrupted(
                 f"interrupted; the partial run is kept in {partial}: run the same command with "
                 f"--output_dir {output_dir} to resume from the last completed epoch"
             ) from None
         shutil.rmtree(partial, ignore_errors=True)
-        raise RunInterrupted("interrupted before the first epoch completed; nothing was kept") from None
+        why = "; a --strategy multiworker run cannot resume, so" if multiworker else " before the first epoch completed;"
+        raise RunInterrupted(f"interrupted{why} nothing was kept") from None
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise ArtifactError(_write_failure(partial, output_dir, error)) from None
@@ -249,6 +273,21 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
     return FinetuneResult(metrics=metrics, run_dir=output_dir)
 
 
+def _open_checkpoint(config: RunConfig):
+    """(checkpoint dir, tokenizer, TextEncoder), checked against --max_seq_length; needs no TensorFlow."""
+    model = config.model
+    with stage("model"):
+        checkpoint = resolve_checkpoint(model.model_name_or_path, model.cache_dir)
+        weights_file(checkpoint)
+        check_max_seq_length(checkpoint, config.data.max_seq_length)
+        if model.tokenizer_name is None:
+            tokenizer = load_tokenizer(checkpoint)
+        else:
+            tokenizer = load_tokenizer(resolve_tokenizer(model.tokenizer_name, model.cache_dir))
+            check_tokenizer_fits(checkpoint, tokenizer, model.tokenizer_name)
+        return checkpoint, tokenizer, text_encoder(tokenizer, config.data.max_seq_length)
+
+
 def _export_trained(model, run_dir: Path, validation: tuple[Examples, np.ndarray]) -> None:
     from tfsft.export import export_bundle
 
@@ -256,7 +295,7 @@ def _export_trained(model, run_dir: Path, validation: tuple[Examples, np.ndarray
 
 
 def export_finished_run(run_dir: str | Path) -> dict[str, Any]:
-    """(Re-)export a finished run (`scripts/export.py`); a failure leaves the run as it was
+    """(Re-)export a finished run (`tfsft export`); a failure leaves the run as it was
     (an earlier bundle included) and says how to retry. Returns the export report."""
     run = artifacts.require_run_dir(run_dir)
     from tfsft.export import export_run
@@ -267,7 +306,7 @@ def export_finished_run(run_dir: str | Path) -> dict[str, Any]:
 def _export_published(run_dir: Path, export, just_trained: bool = True) -> Any:
     """Run `export()` on a published run; whatever goes wrong, the run stays as it is and the
     error says how to finish the export later."""
-    retry = f"python scripts/export.py {run_dir}"
+    retry = f"tfsft export {run_dir}"
     had_bundle = artifacts.has_bundle(run_dir)
     where = f"the run was saved to {run_dir} but its" if just_trained else f"the run in {run_dir} is unchanged but its"
     kept = "its earlier ONNX bundle is kept" if had_bundle else "the run is complete without a bundle"
@@ -296,9 +335,9 @@ def _streaming_splits(config: RunConfig, encoder) -> tuple[StreamCache, Splits]:
     test examples; `Splits.train` is None, since training examples are only ever streamed."""
     data = config.data
     reader = example_reader(config.model.task)
-    stream = open_cache(data.train_file, encoder, data, data.cache_dir)
+    stream = open_cache(data.train_file, encoder, data, data.streaming_cache_dir)
     validation = sample(reader(data.validation_file, data), data.max_eval_samples, config.train.seed)
-    test = sample(reader(data.test_file, data), data.max_eval_samples, config.train.seed) if data.test_file else None
+    test = sample(reader(data.test_file, data), data.max_predict_samples, config.train.seed) if data.test_file else None
     return stream, Splits(train=None, validation=validation, test=test)
 
 
@@ -310,6 +349,11 @@ def _train_and_save(
     `weights`: per-class loss weights by label id (--class_weights), fed as sample weights.
     `stream`: the training file's StreamCache under --streaming (then `splits.train` is None).
     """
+    from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
+    from tfsft.modeling import build_classifier, feature_names, save_pretrained
+    from tfsft.streaming import StreamingData
+    from tfsft.training import compile_model, fit, is_chief, make_strategy
+
     task = config.model.task
 
     def encode(examples: Examples, y: np.ndarray):
@@ -356,7 +400,9 @@ def _train_and_save(
 
     validation_data = eval_data(splits.validation, labels["validation"])
     with strategy.scope():
-        compile_model(model, config.train, len(train_data) * config.train.num_train_epochs, task)
+        compile_model(
+            model, config.train, len(train_data) * config.train.num_train_epochs, task, steps_per_epoch=len(train_data)
+        )
 
     decision = {"threshold": config.train.multilabel_threshold}
 
@@ -374,7 +420,10 @@ def _train_and_save(
         return _worker_metrics(history, epochs_run, seconds, replicas), model
 
     with stage("save"):
+        from tfsft.export import record_validation
+
         save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
+        record_validation(partial, splits.validation)
     with stage("evaluation"):
         logits = predict_logits(model, validation_data)
         metrics, report = task_metrics(task, validation_data.labels, logits, label_map, "eval", decision)
@@ -416,30 +465,54 @@ def _worker_metrics(history: list[dict[str, float]], epochs_run: int, seconds: f
     }
 
 
+def saved_label_map(model_dir: Path) -> LabelMap:
+    """The label map a saved model was trained with (its config.json `id2label`), read without TensorFlow."""
+    id2label = checkpoint_config(model_dir).get("id2label")
+    try:
+        return LabelMap(tuple(str(id2label[str(i)]) for i in range(len(id2label))))
+    except (TypeError, KeyError) as error:
+        raise ArtifactError(f"{model_dir / 'config.json'}: no usable id2label ({error!r}); not a saved tfsft model") from None
+
+
 def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> dict[str, Any]:
     """Evaluate a saved run on another labeled file, with the run's own column settings.
 
-    Writes `<file stem>_report.json` and its plot into the run directory and returns metrics.
+    Writes metrics.json, eval_report.json and its plot into `RUN/evaluations/<file stem>/`
+    (replaced whole, atomically, when that stem is evaluated again), never over the run's own
+    reports, and returns the metrics.
     """
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
     model_dir = run / artifacts.MODEL_DIR
     task = config.model.task
-    model = load_finetuned(model_dir, task)
-    label_map = LabelMap(tuple(model.config.id2label[i] for i in range(model.config.num_labels)))
+    label_map = saved_label_map(model_dir)
     examples = example_reader(task)(file, config.data)
     labels = encode_labels(task, label_map, examples, config.data.label_delimiter)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
+    from tfsft.evaluation import predict_logits, task_metrics, write_evaluation
+    from tfsft.modeling import feature_names, load_finetuned
+
+    model = load_finetuned(model_dir, task)
     encoded, labels = examples.encode(encoder, labels)
     encoder.warn_truncated(encoded, file)
     data = LengthBatchedData(
         encoded, labels, batch_size or config.train.per_device_eval_batch_size,
         shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),
     )
-    name = Path(file).stem
     decision = artifacts.read_decision(run)
     metrics, report = task_metrics(task, labels, predict_logits(model, data), label_map, "eval", decision)
-    write_evaluation(run, metrics, report, name)
-    artifacts.write_json(run / f"{name}_metrics.json", metrics)
+    report["data_file"] = str(file)
+    evaluations = run / EVALUATIONS_DIR
+    name = Path(file).stem.lstrip(".") or "data"  # never "..": that would be the run itself
+    evaluations.mkdir(exist_ok=True)
+    artifacts.remove_stale_work_dirs(evaluations, name)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=evaluations))
+    try:
+        write_evaluation(work, metrics, report, "eval")
+        artifacts.write_json(work / artifacts.METRICS_FILE, metrics)
+        artifacts.publish_dir(work, evaluations / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _log(f"evaluation of {file} written to {evaluations / name}")
     return metrics

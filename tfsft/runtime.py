@@ -1,0 +1,81 @@
+"""Import TensorFlow once, the way tfsft needs it: legacy Keras, and no start-up noise on CPU.
+
+TensorFlow's native libraries print their start-up lines (oneDNN notices, missing CUDA drivers,
+`failed call to cuInit`) straight to file descriptor 2 before its logging is configured, so
+`TF_CPP_MIN_LOG_LEVEL` cannot hide them. They are caught at the descriptor while TensorFlow loads
+and its devices are listed; the known lines are dropped (the CUDA ones only on a machine with no
+NVIDIA driver, where they are expected) and everything else is passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+STARTUP_NOISE = (
+    re.compile(r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
+    re.compile(r"oneDNN custom operations are on"),
+    re.compile(r"This TensorFlow binary is optimized to use available CPU instructions"),
+    re.compile(r"^To enable the following instructions: .* rebuild TensorFlow"),
+)
+"""Informational lines every CPU start prints."""
+
+NO_GPU_NOISE = (
+    re.compile(r"Could not find cuda drivers on your machine"),
+    re.compile(r"failed call to cuInit"),
+    re.compile(r"Unable to register cu(DNN|FFT|BLAS) factory"),
+)
+"""Lines that only say there is no GPU; dropped only where no NVIDIA driver is installed."""
+
+NVIDIA_DRIVER = Path("/proc/driver/nvidia")
+
+
+def has_nvidia_driver() -> bool:
+    return NVIDIA_DRIVER.exists()
+
+
+@contextlib.contextmanager
+def filtered_native_stderr(noise: Sequence[re.Pattern]) -> Iterator[None]:
+    """Send fd 2 to a temporary file for the block, then re-emit its lines that match no pattern."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line for line in capture.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+                if not any(pattern.search(line) for pattern in noise)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def import_tensorflow():
+    """The `tensorflow` module with tf-keras as `tf.keras`, imported quietly on machines without a GPU."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    noise = STARTUP_NOISE + (() if has_nvidia_driver() else NO_GPU_NOISE)
+    with filtered_native_stderr(noise):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    return tf
