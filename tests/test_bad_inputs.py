@@ -230,3 +230,19 @@ def test_evaluate_refuses_bad_data_before_tensorflow(finished_tiny_run, tmp_path
     )
     assert_one_line_error(result, str(data), fragment)
     assert sorted(p.relative_to(finished_tiny_run) for p in finished_tiny_run.rglob("*")) == before
+
+
+def test_a_multiworker_run_refuses_bad_data_before_it_joins_the_cluster(tiny_checkpoint, tmp_path):
+    """Every worker reads and checks its data before creating the strategy (which imports
+    TensorFlow and waits for the other workers): a bad file fails at once instead of hanging."""
+    train = tmp_path / "train.csv"
+    train.write_bytes(DATA_ROWS["blank_label"][1])
+    out = tmp_path / "out"
+    cluster = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    env = dict(env_without_tensorflow(tmp_path / "no_tf"), TF_CONFIG=json.dumps(cluster))
+    result = run_script(
+        "finetune.py", "--model_name_or_path", str(tiny_checkpoint), "--train_file", str(train),
+        "--output_dir", str(out), "--strategy", "multiworker", "--no_export", timeout=120, env=env,
+    )
+    assert_one_line_error(result, str(train), "row 3: missing or blank label")
+    assert_nothing_written(out)

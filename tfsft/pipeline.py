@@ -132,13 +132,18 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     chief writes the run. The others train in a scratch dir that is removed, and return their
     training metrics with the output dir they were given.
     """
-    config, scratch = _worker_config(config.with_embedded_defaults())
+    config = config.with_embedded_defaults()
+    inputs = None
+    if config.train.strategy == "multiworker":
+        refuse_multiworker_resume(config)
+        inputs = read_inputs(config)  # bad input fails here, before the strategy waits for the cluster
+    config, scratch = _worker_config(config)
     if scratch is None:
-        return _finetune(config, callbacks, verbose)
+        return _finetune(config, callbacks, verbose, inputs)
     output_dir = config.output_dir
     try:
         worker_config = config.replace(output_dir=str(scratch / "run"), overwrite_output_dir=False, export=False)
-        result = _finetune(worker_config, callbacks, verbose)
+        result = _finetune(worker_config, callbacks, verbose, inputs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return FinetuneResult(metrics=result.metrics, run_dir=Path(output_dir) if output_dir else result.run_dir)
@@ -152,7 +157,6 @@ def _worker_config(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
     """
     if config.train.strategy != "multiworker":
         return config, None
-    refuse_multiworker_resume(config)
     from tfsft.training import is_chief, make_strategy
 
     strategy = make_strategy("multiworker")
@@ -180,23 +184,24 @@ def refuse_multiworker_resume(config: RunConfig) -> None:
         )
 
 
-def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1) -> FinetuneResult:
-    """The run itself, written to `config.output_dir` (see `finetune`).
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run reads before it trains: data, labels and checkpoint, all checked."""
 
-    Inputs are read and validated before anything is written. If the run fails, its partial
-    directory is removed, unless it was interrupted (Ctrl-C) after an epoch was backed up.
+    splits: Splits
+    labels: dict[str, Optional[np.ndarray]]
+    label_map: LabelMap
+    weights: Optional[np.ndarray]
+    stream: Optional[StreamCache]
+    checkpoint: Path
+    tokenizer: Any
+    encoder: Any
+    columns: dict[str, Optional[str]]
 
-    Args:
-        config: the run's settings; saved as config.json in the run directory.
-        callbacks: extra Keras callbacks, run beside the built-in ones.
-        verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
-    """
-    config, output_dir = resolve_output_dir(config)
-    if awaits_export(config, output_dir):
-        _log(f"{output_dir} holds this run, trained, evaluated and saved, but not exported: finishing its ONNX export")
-        export_finished_run(output_dir)
-        return FinetuneResult(metrics=artifacts.read_json(output_dir / artifacts.METRICS_FILE, "metrics"), run_dir=output_dir)
-    refuse_to_clobber(config, output_dir)
+
+def read_inputs(config: RunConfig) -> RunInputs:
+    """Read and validate the data and the checkpoint. Needs no TensorFlow (except to write the
+    token cache of --streaming), so bad input fails before it is imported."""
     task = config.model.task
     delimiter = config.data.label_delimiter
     stream = None
@@ -217,7 +222,6 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
             "validation": encode_labels(task, label_map, splits.validation, delimiter),
             "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
         }
-        config = config.replace(**read_columns(splits))  # config.json names the columns that trained
     if task == "classification" and config.train.metric_for_best_model == "f1" and len(label_map.names) != 2:
         raise ConfigError(
             f"--metric_for_best_model f1 is the F1 of the second of two labels; {config.data.train_file or 'the data'} "
@@ -233,6 +237,34 @@ def _finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: 
     )
     if stream is None:
         checkpoint, tokenizer, encoder = _open_checkpoint(config)
+    return RunInputs(splits, labels, label_map, weights, stream, checkpoint, tokenizer, encoder, read_columns(splits))
+
+
+def _finetune(
+    config: RunConfig, callbacks: Optional[Sequence] = None, verbose: int = 1, inputs: Optional[RunInputs] = None
+) -> FinetuneResult:
+    """The run itself, written to `config.output_dir` (see `finetune`).
+
+    Inputs are read and validated before anything is written. If the run fails, its partial
+    directory is removed, unless it was interrupted (Ctrl-C) after an epoch was backed up.
+
+    Args:
+        config: the run's settings; saved as config.json in the run directory.
+        callbacks: extra Keras callbacks, run beside the built-in ones.
+        verbose: Keras progress output (1: progress bar, 2: a line per epoch, 0: silent).
+        inputs: the data and checkpoint when already read (`finetune` reads them before a
+            multi-worker strategy exists); else read here.
+    """
+    config, output_dir = resolve_output_dir(config)
+    if awaits_export(config, output_dir):
+        _log(f"{output_dir} holds this run, trained, evaluated and saved, but not exported: finishing its ONNX export")
+        export_finished_run(output_dir)
+        return FinetuneResult(metrics=artifacts.read_json(output_dir / artifacts.METRICS_FILE, "metrics"), run_dir=output_dir)
+    refuse_to_clobber(config, output_dir)
+    inputs = inputs or read_inputs(config)
+    config = config.replace(**inputs.columns)  # config.json names the columns that trained
+    splits, labels, label_map, weights, stream = inputs.splits, inputs.labels, inputs.label_map, inputs.weights, inputs.stream
+    checkpoint, tokenizer, encoder = inputs.checkpoint, inputs.tokenizer, inputs.encoder
 
     from tfsft.training import set_precision, set_seed
 
