@@ -15,7 +15,6 @@ import pkgutil
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -136,7 +135,7 @@ def test_predict_and_serve_run_without_any_training_package(finished_tiny_run, t
 
     from conftest import env_without_training_packages
     from test_cli import tfsft_command
-    from test_serving import free_port, stop_server
+    from test_serving import start_server, stop_server
     from tfsft.inference import Predictor
 
     bundle = finished_tiny_run / "onnx"
@@ -150,14 +149,10 @@ def test_predict_and_serve_run_without_any_training_package(finished_tiny_run, t
     assert predicted.returncode == 0, predicted.stderr
     assert [json.loads(line) for line in predicted.stdout.splitlines()] == expected
 
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tfsft", "serve", str(bundle), "--port", str(port), "--precision", "auto"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    base, process = start_server(
+        [str(bundle), "--precision", "auto"], command=[sys.executable, "-m", "tfsft", "serve"], env=env
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, process)
         response = httpx.post(f"{base}/predict", json={"texts": texts}, timeout=30)
         assert response.status_code == 200, response.text
         served = response.json()["predictions"]
@@ -167,28 +162,16 @@ def test_predict_and_serve_run_without_any_training_package(finished_tiny_run, t
     assert "Traceback" not in stderr, stderr[-2000:]
 
 
-def _wait_healthy(base: str, process, timeout: float = 90.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited early: {process.stderr.read()[-2000:]}")
-        assert time.monotonic() < deadline, f"no /health answer within {timeout} s"
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_base_install_in_a_fresh_virtualenv_serves_a_bundle(finished_tiny_run, tmp_path):
     """`pip install .` (no extras) into a new virtualenv: no TensorFlow there, and `tfsft serve` answers."""
     import httpx
 
-    from test_serving import free_port, stop_server
+    from test_serving import start_server, stop_server
+    from tfsft.inference import Predictor
 
+    texts = ["a gorgeous, witty film", "tedious and far too long"]
+    expected = [p.to_dict() for p in Predictor(finished_tiny_run / "onnx").predict(texts)]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python, tfsft_script = venv / "bin" / "python", venv / "bin" / "tfsft"
@@ -208,16 +191,16 @@ def test_base_install_in_a_fresh_virtualenv_serves_a_bundle(finished_tiny_run, t
     refused = subprocess.run([str(tfsft_script), "finetune"], capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 2 and 'pip install "tfsft[train]"' in refused.stderr, refused.stderr
 
-    port = free_port()
-    process = subprocess.Popen(
-        [str(tfsft_script), "serve", str(finished_tiny_run / "onnx"), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    base, process = start_server(
+        [str(finished_tiny_run / "onnx"), "--precision", "fp32"], command=[str(tfsft_script), "serve"], env=env,
+        cwd=tmp_path,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, process)
-        response = httpx.post(f"{base}/predict", json={"texts": ["a gorgeous, witty film"]}, timeout=30)
+        response = httpx.post(f"{base}/predict", json={"texts": texts}, timeout=30)
         assert response.status_code == 200, response.text
-        assert response.json()["predictions"][0]["label"] in {"0", "1"}
+        served = response.json()["predictions"]
+        assert [p["label"] for p in served] == [p["label"] for p in expected]
+        for got, want in zip(served, expected):
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
     finally:
         stop_server(process)

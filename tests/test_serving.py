@@ -191,23 +191,31 @@ def test_micro_batcher_fails_only_the_bad_request():
 START_TIMEOUT_S = 90
 
 
-def start_server(args, timeout=START_TIMEOUT_S):
-    import httpx
-
+def start_server(args, timeout=START_TIMEOUT_S, command=None, env=None, cwd=ROOT):
+    """Start `command` (default: scripts/serve.py) with `args` on a free loopback port and wait
+    for /health; returns (base URL, process)."""
     port = free_port()
+    command = command or [sys.executable, str(ROOT / "scripts" / "serve.py")]
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), *args, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        [*command, *args, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
     )
     base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, process, timeout)
+    return base, process
+
+
+def wait_healthy(base: str, process, timeout: float) -> None:
+    import httpx
+
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            raise AssertionError(f"serve.py exited early: {process.stderr.read()[-2000:]}")
-        assert time.monotonic() < deadline, f"serve.py did not answer /health within {timeout} s"
+            raise AssertionError(f"the server exited early: {process.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, f"the server did not answer /health within {timeout} s"
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return base, process
+                return
         except httpx.TransportError:
             time.sleep(0.2)
 

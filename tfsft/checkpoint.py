@@ -36,40 +36,41 @@ def embedded_checkpoint() -> Path:
     return path
 
 
+CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.model", "tf_model.h5", "model.safetensors"]
+"""Hub files of a checkpoint: configs, tokenizer files and the weights TF can load."""
+TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model"]
+"""Hub files of a tokenizer (tokenizer.json, vocab.txt, merges.txt, a SentencePiece model, configs)."""
+
+
 def resolve_checkpoint(name_or_path: str, cache_dir: Optional[str] = None) -> Path:
     """A local directory for a checkpoint alias, path or Hub name (downloaded into `cache_dir`,
     default the Hub's own cache)."""
-    if name_or_path == DEFAULT_MODEL:
-        return embedded_checkpoint()
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ArtifactError(f"{name_or_path}: a checkpoint must be a directory, not a file")
-        if not (path / "config.json").is_file():
-            raise ArtifactError(f"{name_or_path}: not a checkpoint directory (config.json missing)")
-        return path
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ArtifactError(f"{name_or_path}: checkpoint directory not found")
-    return _download_from_hub(name_or_path, cache_dir)
-
-
-TOKENIZER_PATTERNS = ["*.json", "*.txt", "*.model"]
-"""Hub files of a tokenizer (tokenizer.json, vocab.txt, merges.txt, a SentencePiece model, configs)."""
+    return _local_or_hub(name_or_path, cache_dir, "a checkpoint", CHECKPOINT_PATTERNS, required="config.json")
 
 
 def resolve_tokenizer(name_or_path: str, cache_dir: Optional[str] = None) -> Path:
     """A local directory holding the tokenizer --tokenizer_name names: the embedded alias, a
     directory, or a Hub name (only its tokenizer files are downloaded, into `cache_dir`)."""
+    return _local_or_hub(name_or_path, cache_dir, "--tokenizer_name", TOKENIZER_PATTERNS)
+
+
+def _local_or_hub(
+    name_or_path: str, cache_dir: Optional[str], what: str, patterns: list[str], required: Optional[str] = None
+) -> Path:
+    """The embedded checkpoint, a local directory (holding `required`), or a Hub snapshot of `patterns`.
+    Something path-like that does not exist is an error, never a Hub lookup."""
     if name_or_path == DEFAULT_MODEL:
         return embedded_checkpoint()
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ArtifactError(f"{name_or_path}: --tokenizer_name must be a directory, not a file")
+            raise ArtifactError(f"{name_or_path}: {what} must be a directory, not a file")
+        if required is not None and not (path / required).is_file():
+            raise ArtifactError(f"{name_or_path}: not a checkpoint directory ({required} missing)")
         return path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ArtifactError(f"{name_or_path}: tokenizer directory not found (--tokenizer_name)")
-    return _download_from_hub(name_or_path, cache_dir, TOKENIZER_PATTERNS)
+        raise ArtifactError(f"{name_or_path}: {what} directory not found")
+    return _download_from_hub(name_or_path, cache_dir, patterns)
 
 
 def check_tokenizer_fits(checkpoint: Path, tokenizer, tokenizer_name: str) -> None:
@@ -84,10 +85,9 @@ def check_tokenizer_fits(checkpoint: Path, tokenizer, tokenizer_name: str) -> No
         )
 
 
-def _download_from_hub(repo_id: str, cache_dir: Optional[str] = None, patterns: Optional[list[str]] = None) -> Path:
+def _download_from_hub(repo_id: str, cache_dir: Optional[str], patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = patterns or ["*.json", "*.txt", "*.model", "tf_model.h5", "model.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as error:
