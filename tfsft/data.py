@@ -381,14 +381,15 @@ def _is_free_text(values: Sequence[Any]) -> bool:
     if any(v is not None and not isinstance(v, str) for v in values):
         return False
     texts = [v.strip() for v in values if v is not None and v.strip()]
-    if not texts or all(_is_number(t) for t in texts):
+    if not texts or all(_parses_as(t, float) for t in texts):
         return False
     return sum(len(t.split()) > 1 for t in texts) * 2 > len(texts)
 
 
-def _is_number(text: str) -> bool:
+def _parses_as(text: str, kind: type) -> bool:
+    """Whether `kind(text)` succeeds (int: an integer label; float: a number, not free text)."""
     try:
-        float(text)
+        kind(text)
         return True
     except ValueError:
         return False
@@ -490,7 +491,7 @@ class LabelMap:
                     f"{source}: label {undeclared[0]!r} is not one of the declared labels {list(names)}"
                 )
             return cls(tuple(names))
-        if all(_is_int(label) for label in unique):
+        if all(_parses_as(label, int) for label in unique):
             names = sorted(unique, key=int)
         else:
             names = sorted(unique)
@@ -558,7 +559,7 @@ def _multilabel_map(train: Examples, delimiter: str) -> LabelMap:
     names = {name for label, row in zip(train.labels, train.rows) for name in label_set(label, delimiter, train.source, row)}
     if len(names) < 2:
         raise DataError(f"{train.source}: only {sorted(names)} as labels in the training data; multilabel needs at least two")
-    return LabelMap(tuple(sorted(names, key=int) if all(_is_int(n) for n in names) else sorted(names)))
+    return LabelMap(tuple(sorted(names, key=int) if all(_parses_as(n, int) for n in names) else sorted(names)))
 
 
 def encode_label_sets(label_map: LabelMap, examples: Examples, delimiter: str) -> np.ndarray:
@@ -654,14 +655,6 @@ def class_weights(spec: str | dict[str, float], label_map: LabelMap, label_ids: 
             f"(known labels: {list(label_map.names)})"
         )
     return np.asarray([spec.get(name, 1.0) for name in label_map.names], dtype=np.float32)
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-        return True
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------------------- splits

@@ -144,11 +144,16 @@ def checkpoint_pooling(checkpoint: Path) -> str:
 
 def recorded_pooling(directory: Path) -> str | None:
     """The pooling a tfsft-saved model's config.json records, or None (not saved by tfsft, unreadable)."""
+    recorded = _saved_config_value(directory, POOLING_ATTRIBUTE)
+    return recorded if recorded in ("cls", "mean") else None
+
+
+def _saved_config_value(directory: Path, key: str) -> Any:
+    """`key` of the config.json in `directory`, or None (absent, unreadable, not a JSON object)."""
     try:
-        recorded = json.loads((directory / "config.json").read_text()).get(POOLING_ATTRIBUTE)
+        return json.loads((directory / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return recorded if recorded in ("cls", "mean") else None
 
 
 def head_class(task: str, pooling: str):
@@ -274,10 +279,7 @@ def _as_config_class(config, config_class):
 
 def saved_model_type(directory: Path) -> str | None:
     """The `model_type` a checkpoint's config.json names, or None (unreadable, absent)."""
-    try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    model_type = _saved_config_value(directory, "model_type")
     return model_type if isinstance(model_type, str) else None
 
 
