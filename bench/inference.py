@@ -5,6 +5,7 @@ Prints Markdown tables: median latency (variants measured round-robin, spinning 
 baselines measured here; the Predictor on a real evaluation file (length-sorted, per-batch
 padding) against padding every text to max_seq_length; and, for a classifier, fp32 and int8
 accuracy on that file. Pass a run directory to include the Keras model (a bare bundle skips it).
+The bundle must ship all three models (`tfsft export RUN_DIR --export_variants fp32,fused,int8`).
 
     python bench/inference.py RUN_DIR_OR_BUNDLE [--eval_file F] [--repeats N]
 """
@@ -160,6 +161,9 @@ def main() -> None:
     path = Path(args.path)
     bundle = path / artifacts.ONNX_DIR if (path / artifacts.ONNX_DIR).is_dir() else path
     meta = Predictor(bundle).bundle
+    if "model" not in meta.files or "fused" not in meta.files:
+        sys.exit(f"{bundle} ships {sorted(meta.files.values())}; this benchmark compares the unfused and fused fp32 "
+                 "models: re-export with `tfsft export RUN_DIR --export_variants fp32,fused,int8`")
     runners = {}
     if bundle != path:
         runners["keras tf.function"] = keras_runner(path)

@@ -46,11 +46,23 @@ def test_saved_nested_config_is_accepted_as_config_file(tmp_path):
         ({"max_seq_length": 4}, "max_seq_length"),
         ({"xla": "maybe"}, "xla"),
         ({"num_train_epochs": 1.5}, "num_train_epochs"),
+        ({"export_variants": "fused,fp16"}, "export_variants='fused,fp16'"),
+        ({"export_variants": "int8,int8"}, "each once"),
+        ({"export_variants": "int8", "quantize_int8": False}, "nothing is left to export"),
+        ({"external_data": "sometimes"}, "external_data"),
     ],
 )
 def test_bad_values_fail_loudly(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
         RunConfig.from_flat(values)
+
+
+def test_export_variants_are_recorded_in_order_and_no_quantize_int8_drops_int8():
+    config = RunConfig.from_flat({"export_variants": " int8, fp32 "})
+    assert config.export.export_variants == "fp32,int8" and config.export.variants == ("fp32", "int8")
+    assert RunConfig().export.variants == ("fused", "int8")
+    assert RunConfig.from_flat({"quantize_int8": False}).export.variants == ("fused",)
+    assert RunConfig.from_dict(json.loads(config.to_json())) == config
 
 
 def test_every_flag_has_help_text():

@@ -1,5 +1,6 @@
 """Export of the tiny BERT: parity of every ONNX file, fusion, int8, no bundle on failure, the
-export at the end of `finetune` and `scripts/export.py`."""
+export at the end of `finetune` and `scripts/export.py`, the variants a bundle ships, weights as
+external data and the per-stage memory report."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def ort_logits(path, batches) -> np.ndarray:
 def exported(tmp_path_factory, tiny_checkpoint, sst2_slices):
     from tfsft.export import export_bundle
 
-    model, run_dir, examples, labels = make_run(tmp_path_factory.mktemp("export"), tiny_checkpoint, sst2_slices["dev"])
+    model, run_dir, examples, labels = make_run(tmp_path_factory.mktemp("export"), tiny_checkpoint, sst2_slices["dev"],
+                                                export_variants="fp32,fused,int8")
     report = export_bundle(model, run_dir, validation_data=(examples, labels))
     return model, run_dir, examples, labels, report
 
@@ -157,7 +159,7 @@ def test_int8_is_scored_in_the_runs_best_model_metric(tmp_path, tiny_checkpoint,
     int8_f1 = f1_score(subset_labels, int8.argmax(-1))
     assert report["int8"]["f1"] == pytest.approx(int8_f1, abs=1e-9)
     assert report["int8"]["f1_drop"] == pytest.approx(expected - int8_f1, abs=1e-9)
-    assert report["parity"][artifacts.BUNDLE_MODEL]["batch_8"]["f1"] == pytest.approx(expected, abs=1e-9)
+    assert report["parity"][artifacts.BUNDLE_MODEL_FUSED]["batch_8"]["f1"] == pytest.approx(expected, abs=1e-9)
     assert [parity_score_name("classification", m) for m in ("f1", "mcc", "loss")] == ["f1", "mcc", "accuracy"]
     assert parity_score_name("regression", "mse") == "spearman"
 
@@ -168,7 +170,8 @@ def test_mean_pooled_head_exports_with_parity_and_predicts_like_keras(tmp_path, 
     from tfsft.export import export_bundle
     from tfsft.inference import Predictor
 
-    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], pooling="mean")
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], pooling="mean",
+                                                export_variants="fp32,fused,int8")
     report = export_bundle(model, run_dir, validation_data=(examples.subset(range(64)), labels[:64]))
     for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
         for batch in ("batch_1", "batch_8"):
@@ -187,11 +190,12 @@ def test_parity_failure_leaves_no_model(tmp_path, tiny_checkpoint, sst2_slices, 
 
     from tfsft import export
 
-    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], quantize=False)
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], quantize=False,
+                                                export_variants="fp32,fused")
     convert = export.convert_to_onnx
 
-    def broken_convert(model, path, opset):
-        names = convert(model, path, opset)
+    def broken_convert(model, path, opset, **kwargs):
+        names = convert(model, path, opset, **kwargs)
         graph = onnx.load(str(path))
         weights = next(i for i in graph.graph.initializer if "classifier" in i.name)
         weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * np.float32(1.01), weights.name))
@@ -205,8 +209,9 @@ def test_parity_failure_leaves_no_model(tmp_path, tiny_checkpoint, sst2_slices, 
     assert not list(run_dir.rglob("*.onnx"))
 
 
-BUNDLE_FILES = (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED, artifacts.BUNDLE_MODEL_INT8,
-                artifacts.BUNDLE_TOKENIZER, artifacts.BUNDLE_FILE, artifacts.BUNDLE_REPORT, artifacts.CONFIG_FILE)
+BUNDLE_FILES = (artifacts.BUNDLE_MODEL_FUSED, artifacts.BUNDLE_MODEL_INT8, artifacts.BUNDLE_TOKENIZER,
+                artifacts.BUNDLE_FILE, artifacts.BUNDLE_REPORT, artifacts.CONFIG_FILE)
+"""What a bundle holds by default (`--export_variants fused,int8`): no plain model.onnx."""
 
 
 def test_finetune_with_export_writes_a_bundle_that_predicts_like_the_run(finished_tiny_run, sst2_slices):
@@ -219,10 +224,12 @@ def test_finetune_with_export_writes_a_bundle_that_predicts_like_the_run(finishe
 
     run_dir = finished_tiny_run
     bundle = run_dir / artifacts.ONNX_DIR
-    for name in BUNDLE_FILES:
-        assert (bundle / name).is_file(), name
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(BUNDLE_FILES)
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert json.loads((bundle / artifacts.BUNDLE_FILE).read_text())["files"] == {
+        "fused": artifacts.BUNDLE_MODEL_FUSED, "int8": artifacts.BUNDLE_MODEL_INT8}
     report = json.loads((bundle / artifacts.BUNDLE_REPORT).read_text())
+    assert set(report["parity"]) == {artifacts.BUNDLE_MODEL_FUSED, artifacts.BUNDLE_MODEL_INT8}
     assert report["parity"][artifacts.BUNDLE_MODEL_FUSED]["batch_8"]["max_abs_logit_diff"] <= 1e-4
 
     config = artifacts.read_config(run_dir)
@@ -254,11 +261,12 @@ def test_export_script_rebuilds_the_bundle_of_a_finished_run(finished_tiny_run, 
     (run_dir / artifacts.CONFIG_FILE).write_text(json.dumps(config))
     result = run_script("export.py", str(run_dir), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in BUNDLE_FILES:
-        assert (run_dir / artifacts.ONNX_DIR / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / artifacts.ONNX_DIR).iterdir()) == sorted(BUNDLE_FILES)
     printed = json.loads(result.stdout)
     assert printed == json.loads((run_dir / artifacts.ONNX_DIR / artifacts.BUNDLE_REPORT).read_text())
     assert printed["fusion"]["fused_operators"]["Attention"] == 2
+    assert "load_model" in printed["stages"], "the export of a run measures loading its model too"
+    assert "shape inference" not in result.stderr  # the optimizer's warnings about what export turned off
 
 
 def test_export_script_rejects_a_directory_that_is_not_a_run(tmp_path):
@@ -269,6 +277,193 @@ def test_export_script_rejects_a_directory_that_is_not_a_run(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0], result.stderr
     assert "not a finished tfsft run" in lines[0]
     assert not (tmp_path / artifacts.ONNX_DIR).exists()
+
+
+EXPORT_STAGES = {
+    "keras_logits", "convert", "convert/freeze", "convert/tf2onnx", "convert/optimize", "convert/save",
+    "optimize", "optimize/canonicalize", "optimize/fuse", "optimize/save", "quantize",
+    "inline/model.onnx", "inline/model.fused.onnx",
+    "parity/model.onnx", "parity/model.fused.onnx", "parity/model.int8.onnx",
+}
+"""Every stage of an export of all three variants (`export_run` adds load_model before them)."""
+
+
+def test_the_report_names_every_stage_with_its_peak_rss_and_seconds(exported):
+    report = exported[4]
+    stages = report["stages"]
+    assert set(stages) == EXPORT_STAGES
+    for name, stage in stages.items():
+        assert stage["seconds"] >= 0 and stage["started_s"] >= 0, name
+        assert stage["peak_rss_mb"] >= max(stage["rss_before_mb"], stage["rss_after_mb"]) > 0, name
+    assert stages["convert"]["seconds"] > 0 and stages["keras_logits"]["seconds"] > 0
+    order = sorted(stages, key=lambda name: stages[name]["started_s"])
+    assert order[0] == "keras_logits" and order[-1] == "parity/model.int8.onnx"
+    assert order.index("quantize") < order.index("parity/model.fused.onnx")
+    for name in EXPORT_STAGES:  # a sub-stage runs inside its stage, and peaks no higher
+        outer = stages[name.split("/")[0]] if "/" in name and name.split("/")[0] in stages else None
+        if outer is not None:
+            inner = stages[name]
+            assert outer["started_s"] <= inner["started_s"]
+            assert inner["started_s"] + inner["seconds"] <= outer["started_s"] + outer["seconds"] + 5e-3  # rounding
+            assert inner["peak_rss_mb"] <= outer["peak_rss_mb"]
+    assert report["peak_rss_mb"] == max(stage["peak_rss_mb"] for stage in stages.values())
+
+
+def test_the_lean_conversion_gives_the_graph_tf2onnx_gives(tmp_path, tiny_checkpoint, sst2_slices):
+    """The weights that leave the frozen graph early, and tf2onnx's optimizers run without their
+    copies, change nothing in the graph: node for node and logit for logit, it is the graph
+    of tf2onnx's own `convert.from_function`. (Weights are made non-zero first: grappler folds
+    `x + 0` where it sees a zero bias, as in a freshly initialised model, and the lean path,
+    which hides the weights from grappler, keeps that Add.)"""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+    import tf2onnx
+    from onnx import numpy_helper
+
+    from tfsft.export import convert_to_onnx
+    from tfsft.modeling import tf
+    from tfsft.tokenize import pad_batch
+
+    model, run_dir, examples, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        weight.assign(weight.numpy() + rng.normal(0, 0.01, weight.shape).astype(np.float32))
+    names = convert_to_onnx(model, tmp_path / "lean.onnx", 17)
+    signature = [tf.TensorSpec([None, None], tf.int32, name=name) for name in names]
+
+    @tf.function(input_signature=signature)
+    def forward(*inputs):
+        return {"logits": model(dict(zip(names, inputs)), training=False).logits}
+
+    tf2onnx.convert.from_function(forward, input_signature=signature, opset=17, output_path=str(tmp_path / "stock.onnx"))
+    lean, stock = (onnx.load(str(tmp_path / name)) for name in ("lean.onnx", "stock.onnx"))
+    assert Counter(n.op_type for n in lean.graph.node) == Counter(n.op_type for n in stock.graph.node)
+    values = [sorted((tuple(i.dims), numpy_helper.to_array(i).tobytes()) for i in m.graph.initializer) for m in (lean, stock)]
+    assert values[0] == values[1]
+    encoder = TextEncoder.from_file(run_dir / artifacts.MODEL_DIR / artifacts.BUNDLE_TOKENIZER, 64)
+    batch = pad_batch(encoder.encode(examples.texts[:8]), range(8), encoder.pad_id, multiple=64)
+    feed = {name: batch[name] for name in names}
+    outputs = [ort.InferenceSession(str(tmp_path / name)).run(None, feed)[0] for name in ("lean.onnx", "stock.onnx")]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+
+
+def test_skipping_the_quantizers_second_shape_inference_changes_nothing(exported, tmp_path):
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from tfsft.export import quantize_int8
+
+    source = exported[1] / artifacts.ONNX_DIR / artifacts.BUNDLE_MODEL_FUSED
+    quantize_int8(source, tmp_path / "lean.onnx")
+    quantize_dynamic(str(source), str(tmp_path / "stock.onnx"), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    assert (tmp_path / "lean.onnx").read_bytes() == (tmp_path / "stock.onnx").read_bytes()
+
+
+def test_a_model_that_nothing_fuses_ships_plain_and_is_quantized_from_it(tmp_path, tiny_checkpoint, sst2_slices,
+                                                                        monkeypatch):
+    """Default variants (fused, int8) where onnxruntime's optimizer fuses nothing: model.onnx is
+    the fp32 model shipped, int8 is quantized from it, and no model.fused.onnx is left."""
+    import shutil
+
+    from tfsft import export
+
+    def fuses_nothing(source, target, *args, **kwargs):
+        shutil.copy(source, target)
+        shutil.copy(export.external_data_path(source), export.external_data_path(target))
+        return {"rewrites": {}, "fused_operators": {}}
+
+    monkeypatch.setattr(export, "optimize", fuses_nothing)
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    report = export.export_bundle(model, run_dir, validation_data=(examples.subset(range(40)), labels[:40]))
+    bundle = run_dir / artifacts.ONNX_DIR
+    assert json.loads((bundle / artifacts.BUNDLE_FILE).read_text())["files"] == {
+        "model": artifacts.BUNDLE_MODEL, "int8": artifacts.BUNDLE_MODEL_INT8}
+    assert not list(bundle.glob("model.fused*")) and not list(bundle.glob("*.data"))
+    assert report["fusion"]["applied"] is False and report["int8"]["quantized_from"] == artifacts.BUNDLE_MODEL
+    assert report["parity"][artifacts.BUNDLE_MODEL]["batch_8"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_weights_stored_as_external_data_load_and_pass_parity(tmp_path, tiny_checkpoint, sst2_slices):
+    """--external_data always (what `auto` does past 1 GiB of weights, and protobuf's 2 GiB limit
+    needs): every model keeps its weights in FILE.data; the bundle, moved elsewhere, still
+    loads, and its fp32 models give Keras's logits."""
+    import shutil
+
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from tfsft.data import LengthBatchedData
+    from tfsft.evaluation import predict_logits
+    from tfsft.export import export_bundle
+    from tfsft.inference import Predictor
+
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"],
+                                                export_variants="fp32,fused,int8", external_data="always")
+    report = export_bundle(model, run_dir, validation_data=(examples.subset(range(48)), labels[:48]))
+    assert report["external_data"] is True
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run_dir / artifacts.ONNX_DIR), str(moved))
+    meta = json.loads((moved / artifacts.BUNDLE_FILE).read_text())
+    assert meta["external_data"] == {name: f"{name}.data" for name in meta["files"].values()}
+    for name in meta["files"].values():
+        graph = onnx.load(str(moved / name), load_external_data=False)
+        assert any(uses_external_data(init) for init in graph.graph.initializer), name
+        assert (moved / f"{name}.data").stat().st_size > 5 * (moved / name).stat().st_size, name
+    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+        for batch in ("batch_1", "batch_8", "batch_8_padded"):
+            assert report["parity"][name][batch]["max_abs_logit_diff"] <= 1e-4, (name, batch)
+    texts = examples.texts[:16]
+    for fused in (True, False):
+        predictor = Predictor(moved, fused=fused)
+        assert predictor.model_path.name == (artifacts.BUNDLE_MODEL_FUSED if fused else artifacts.BUNDLE_MODEL)
+        data = LengthBatchedData(predictor.encode(texts), None, 16, shuffle=False, pad_id=predictor.encoder.pad_id)
+        np.testing.assert_allclose(predictor.logits(texts), predict_logits(model, data), atol=1e-4)
+    assert len(Predictor(moved, int8=True).predict(texts)) == 16
+
+
+def test_external_data_is_chosen_by_size_and_required_past_protobufs_limit():
+    from tfsft.export import PROTOBUF_LIMIT_BYTES, wants_external_data
+
+    assert not wants_external_data("auto", 90 * 2**20) and wants_external_data("always", 90 * 2**20)
+    assert wants_external_data("auto", PROTOBUF_LIMIT_BYTES + 1) and not wants_external_data("never", 90 * 2**20)
+    with pytest.raises(ArtifactError, match="exceed protobuf's 2 GiB limit.*Received: external_data=never"):
+        wants_external_data("never", PROTOBUF_LIMIT_BYTES + 1)
+
+
+def test_a_model_written_in_pieces_is_the_model(tmp_path):
+    """The ONNX writer that streams initializers one at a time writes a file that parses back
+    to the same model."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tfsft.export import save_onnx
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(64, 64)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("h3", onnx.TensorProto.FLOAT, [1, 64])], weights)
+    model = helper.make_model(graph, producer_name="test")
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    save_onnx(model, tmp_path / "m.onnx")
+    written = onnx.load(str(tmp_path / "m.onnx"))
+    assert written == expected
+    assert not len(model.graph.initializer), "the writer gives the weights up as it writes them"
+
+
+def test_export_script_refuses_an_unknown_variant_before_tensorflow(finished_tiny_run, tmp_path):
+    from conftest import env_without_tensorflow
+
+    result = run_script("export.py", str(finished_tiny_run), "--export_variants", "fused,fp16", timeout=120,
+                        env=env_without_tensorflow(tmp_path / "no-tf"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Invalid value for --export_variants" in lines[0], result.stderr
+    assert "Received: export_variants='fused,fp16'" in lines[0]
 
 
 def test_multilabel_parity_score_uses_the_predictors_threshold():
@@ -361,13 +556,13 @@ def test_a_graph_that_ignores_the_attention_mask_fails_the_padded_parity_check(t
     from tfsft import export
 
     model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, equal_length_examples(tmp_path, 48),
-                                                quantize=False)
+                                                quantize=False, export_variants="fp32,fused")
     encoder = TextEncoder.from_file(run_dir / artifacts.MODEL_DIR / artifacts.BUNDLE_TOKENIZER, 64)
     assert len(set(encoder.encode(examples.texts).lengths.tolist())) == 1
     convert = export.convert_to_onnx
 
-    def convert_ignoring_the_mask(model, path, opset):
-        names = convert(model, path, opset)
+    def convert_ignoring_the_mask(model, path, opset, **kwargs):
+        names = convert(model, path, opset, **kwargs)
         ignore_attention_mask(path)
         return names
 
@@ -417,7 +612,7 @@ def test_a_mixed_precision_run_exports_a_float32_graph_with_parity(
     result = finetune(RunConfig.from_flat(dict(
         model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]),
         validation_file=str(sst2_slices["dev"]), max_train_samples=32, max_eval_samples=48, max_seq_length=64,
-        mixed_precision=True, export=True, quantize_int8=False, output_dir=str(tmp_path / "run"),
+        mixed_precision=True, export=True, export_variants="fp32,fused", output_dir=str(tmp_path / "run"),
     )), verbose=0)
     bundle = result.run_dir / artifacts.ONNX_DIR
     report = json.loads((bundle / artifacts.BUNDLE_REPORT).read_text())
@@ -452,7 +647,7 @@ def exported_examples(run_dir: Path, monkeypatch) -> list:
     from tfsft import export
 
     seen = []
-    monkeypatch.setattr(export, "export_bundle", lambda model, run, validation_data: seen.append(validation_data))
+    monkeypatch.setattr(export, "export_bundle", lambda model, run, validation_data, **kwargs: seen.append(validation_data))
     export.export_run(run_dir)
     return seen
 

@@ -159,7 +159,9 @@ def keras_probabilities(run_dir: Path, task: str, encoded, pad_id: int) -> np.nd
 def check_bundle(run_dir: Path, family: str) -> dict:
     """The bundle's metadata, after checking its parity report and tokenizer kind."""
     report = json.loads((run_dir / "onnx" / artifacts.BUNDLE_REPORT).read_text())
-    for name in (artifacts.BUNDLE_MODEL, artifacts.BUNDLE_MODEL_FUSED):
+    fp32 = [name for name in report["parity"] if name != artifacts.BUNDLE_MODEL_INT8]
+    assert fp32 == [artifacts.BUNDLE_MODEL_FUSED if report["fusion"]["applied"] else artifacts.BUNDLE_MODEL]
+    for name in fp32:
         for batch in ("batch_1", "batch_8"):
             assert report["parity"][name][batch]["max_abs_logit_diff"] < 1e-4, (name, batch)
             assert report["parity"][name][batch]["label_agreement"] == 1.0, (name, batch)

@@ -165,6 +165,62 @@ def test_predict_script_reports_malformed_line(bundle, tmp_path):
     assert "line 4" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_bundle_of_int8_alone_serves_and_passes_parity(tmp_path, tiny_checkpoint, sst2_slices):
+    """`tfsft export RUN_DIR --export_variants int8`: the bundle ships model.int8.onnx and no fp32
+    model; the fp32 model it was quantized from passed parity before it was dropped; the
+    Predictor, the server's precision choice and `tfsft predict` serve int8, close to Keras."""
+    from tfsft.export import record_validation
+    from tfsft.inference import Bundle, Predictor, choose_precision
+
+    model, run_dir, examples, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    record_validation(run_dir, examples.subset(range(48)))
+    artifacts.write_json(run_dir / artifacts.METRICS_FILE, {"eval_samples": 48})
+    result = run_script("export.py", str(run_dir), "--export_variants", "int8", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundle_dir = run_dir / artifacts.ONNX_DIR
+    assert sorted(p.name for p in bundle_dir.glob("*.onnx*")) == [artifacts.BUNDLE_MODEL_INT8]
+    assert json.loads((bundle_dir / artifacts.BUNDLE_FILE).read_text())["files"] == {"int8": artifacts.BUNDLE_MODEL_INT8}
+    assert json.loads((bundle_dir / artifacts.CONFIG_FILE).read_text())["export"]["export_variants"] == "int8"
+    report = json.loads(result.stdout)
+    assert report["variants"] == ["int8"] and set(report["parity"]) == {artifacts.BUNDLE_MODEL_INT8}
+    assert report["int8"]["quantized_from"] == artifacts.BUNDLE_MODEL_FUSED
+    for batch, checked in report["int8"]["source_parity"].items():
+        assert checked["max_abs_logit_diff"] <= 1e-4 and checked["label_agreement"] == 1.0, batch
+    assert report["parity"][artifacts.BUNDLE_MODEL_INT8]["batch_8"]["label_agreement"] >= 0.9
+
+    bundle = Bundle.load(bundle_dir)
+    choice = choose_precision(bundle, "auto")
+    assert choice.int8 and choice.reason == "the bundle ships only the int8 model"
+    with pytest.raises(ArtifactError, match="--precision fp32, but the bundle has no fp32 model"):
+        choose_precision(bundle, "fp32")
+    with pytest.raises(ArtifactError, match=r"no fp32 model .*--export_variants fused"):
+        Predictor(bundle_dir, int8=False)
+    predictor = Predictor(bundle_dir)
+    assert predictor.model_path.name == artifacts.BUNDLE_MODEL_INT8
+    texts = examples.texts[:32]
+    got, keras = predictor.logits(texts), keras_logits(model, bundle_dir, texts)
+    decided = np.abs(keras[:, 0] - keras[:, 1]) > 0.05
+    assert decided.sum() > 10 and (got.argmax(-1) == keras.argmax(-1))[decided].mean() >= 0.9
+    assert np.abs(got - keras).max() < 0.05
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:5]))
+    served = run_script("predict.py", str(bundle_dir), "--input", str(source), timeout=120)
+    assert served.returncode == 0, served.stderr
+    assert [json.loads(line)["label"] for line in served.stdout.splitlines()] == [
+        p.label for p in predictor.predict(texts[:5])]
+
+
+def test_a_missing_model_is_named_with_what_the_bundle_ships(bundle, tmp_path):
+    """The default bundle ships the fused fp32 and the int8 model: asking for the plain one says so."""
+    from tfsft.inference import Predictor
+
+    _, bundle_dir, _ = bundle
+    with pytest.raises(ArtifactError, match=r"no plain \(unfused\) fp32 model \(it ships model.fused.onnx, "
+                                            r"model.int8.onnx\); re-export .*--export_variants fp32"):
+        Predictor(bundle_dir, fused=False)
+
+
 # ------------------------------------------------------------------------------- tagging bundles
 
 NER_LABELS = ("B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER", "O")

@@ -270,14 +270,51 @@ def parse_class_weights(value: Optional[str]) -> Optional[str | dict[str, float]
     return weights
 
 
+EXPORT_VARIANTS = ("fp32", "fused", "int8")
+"""ONNX models a bundle can ship, in the order they are listed."""
+EXTERNAL_DATA_MODES = frozenset({"auto", "always", "never"})
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     export: bool = _field(True, "Export the fine-tuned model to ONNX at the end of the run.")
     opset: int = _field(17, "ONNX opset of the exported graph (17 or newer).")
-    quantize_int8: bool = _field(True, "Also write a dynamically int8-quantized model.int8.onnx.")
+    export_variants: str = _field(
+        "fused,int8",
+        "ONNX models the bundle ships, comma-separated: fp32 (model.onnx, as converted), fused (model.fused.onnx, "
+        "after onnxruntime's transformer fusions; model.onnx in its place when nothing fuses), int8 "
+        "(model.int8.onnx, dynamically quantized from the fused model). Every fp32 model shipped, and the one int8 "
+        "is quantized from, must match Keras.",
+    )
+    quantize_int8: bool = _field(
+        True, "Ship the int8 model when --export_variants lists it; --no_quantize_int8 leaves it out."
+    )
+    external_data: str = _field(
+        "auto",
+        "Store each ONNX file's weights beside it, in FILE.data (ONNX external data): 'always', 'never', or "
+        "'auto' (when the weights pass 1 GiB: one file cannot hold more than protobuf's 2 GiB).",
+    )
 
     def __post_init__(self) -> None:
         _require(self.opset >= 17, "opset", self.opset, "an integer >= 17")
+        names = [name.strip() for name in str(self.export_variants).split(",")]
+        _require(
+            all(name in EXPORT_VARIANTS for name in names) and len(set(names)) == len(names),
+            "export_variants", self.export_variants, f"a comma-separated list of {list(EXPORT_VARIANTS)}, each once",
+        )
+        object.__setattr__(self, "export_variants", ",".join(v for v in EXPORT_VARIANTS if v in names))
+        _require(
+            bool(self.variants), "quantize_int8", self.quantize_int8,
+            "true with --export_variants int8 (without int8 nothing is left to export)",
+        )
+        _require(self.external_data in EXTERNAL_DATA_MODES, "external_data", self.external_data,
+                 f"one of {sorted(EXTERNAL_DATA_MODES)}")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The models to ship, in EXPORT_VARIANTS order (int8 dropped under --no_quantize_int8)."""
+        names = self.export_variants.split(",")
+        return tuple(v for v in EXPORT_VARIANTS if v in names and (v != "int8" or self.quantize_int8))
 
 
 @dataclass(frozen=True)
@@ -510,30 +547,40 @@ def build_arg_parser(
     """
     parser = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file whose keys are these flag names; flags override it.")
-    defaults = RunConfig()
-    flat_defaults = _flatten(defaults.to_dict())
-    for name, group, f in iter_fields():
+    add_config_flags(parser, [name for name, _, _ in iter_fields()])
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: typing.Iterable[str], defaults_help: str = "") -> None:
+    """Add the flags of the config fields `names` to `parser`, each defaulting to None (unset).
+
+    `defaults_help`: said of every flag in place of its default (`tfsft export` defaults to the run's own).
+    """
+    flat_defaults = _flatten(RunConfig().to_dict())
+    fields = {name: f for name, _, f in iter_fields()}
+    for name in names:
+        f = fields[name]
         help_text = f.metadata.get("help", "")
         base = _base_type(f.type)
-        names = [name, *f.metadata.get("aliases", ())]
+        flag_names = [name, *f.metadata.get("aliases", ())]
         if base is bool:
             # Both forms, as transformers' HfArgumentParser: `--x` (or `--x true|false`) and `--no_x`.
+            shown = defaults_help or f" (default: {'on' if flat_defaults[name] else 'off'})"
             both = parser.add_mutually_exclusive_group()
             both.add_argument(
-                *(f"--{n}" for n in names), dest=name, type=_flag_bool, nargs="?", const=True, default=None,
-                metavar="true|false", help=f"{help_text} (default: {'on' if flat_defaults[name] else 'off'})",
+                *(f"--{n}" for n in flag_names), dest=name, type=_flag_bool, nargs="?", const=True, default=None,
+                metavar="true|false", help=help_text + shown,
             )
             both.add_argument(
-                *(f"--no_{n}" for n in names), dest=name, action="store_const", const=False, default=None,
+                *(f"--no_{n}" for n in flag_names), dest=name, action="store_const", const=False, default=None,
                 help=f"Turn --{name} off.",
             )
         else:
-            shown = "" if flat_defaults[name] is None else f" (default: {flat_defaults[name]})"
+            shown = defaults_help or ("" if flat_defaults[name] is None else f" (default: {flat_defaults[name]})")
             parser.add_argument(
-                *(f"--{n}" for n in names), dest=name, type=str, default=None, metavar=base.__name__.upper(),
+                *(f"--{n}" for n in flag_names), dest=name, type=str, default=None, metavar=base.__name__.upper(),
                 help=help_text + shown,
             )
-    return parser
 
 
 def _flag_bool(text: str) -> bool:

@@ -3,7 +3,12 @@
 The bundle (`RUN_DIR/onnx/`) is built in a temporary sibling directory and renamed into place
 only after every fp32 model matched the Keras logits, so a directory named `onnx` always holds
 models that were checked. Model inputs are int32 (`INPUT_DTYPE`), the dtype the training
-pipeline feeds, with dynamic batch and sequence axes; the output is `logits`.
+pipeline feeds, with dynamic batch and sequence axes; the output is `logits`. It ships the
+models `--export_variants` names (`ExportConfig.variants`), nothing else.
+
+Memory: the export holds few copies of the weights at once (the measures are in
+`convert_to_onnx`, `optimize`, `quantize_int8` and `save_onnx`), and its report names every
+stage with its seconds and peak RSS (`tfsft.memory`).
 
 Why the graph is rewritten before onnxruntime's transformer optimizer runs: tf2onnx writes
 Keras Dense layers as Reshape-MatMul-Reshape ("Tensordot"), LayerNorm as GlobalAveragePool
@@ -15,19 +20,22 @@ optimizer's `bert` fusions recognise.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
-import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tfsft import artifacts
-from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, LOWER_IS_BETTER, TASK_METRICS, TOKEN_TASKS, RunConfig
+from tfsft import artifacts, memory
+from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, LOWER_IS_BETTER, TASK_METRICS, TOKEN_TASKS, ExportConfig, RunConfig
 from tfsft.data import IGNORED_LABEL, Examples, LabelMap, LengthBatchedData, TokenExamples
 from tfsft.errors import ArtifactError
 from tfsft.evaluation import concat_padded, predict_logits, task_metrics
@@ -53,8 +61,17 @@ PADDED_PARITY_EXAMPLES = 256
 """The shuffled, padded parity batches take a seeded random sample of this many examples."""
 PARITY_SEED = 0
 """Seed of that sample and its order: every export of a run checks the same batches."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: `files` lists only the models shipped (`--export_variants`); 1 always had model, fused (and int8)."""
 RECORD_VERSION = 1
+EXTERNAL_DATA_SUFFIX = ".data"
+"""`model.onnx` keeps external weights in `model.onnx.data`, as onnxruntime's tools name them."""
+EXTERNAL_DATA_AUTO_BYTES = 2**30
+"""`--external_data auto` stores weights beyond this as external data: well under protobuf's 2 GiB
+limit, which the graph and the optimizers' added tensors share with the weights."""
+PROTOBUF_LIMIT_BYTES = 2**31
+EXTERNAL_MIN_BYTES = 1024
+"""Tensors smaller than this stay inside an ONNX file stored with external data (onnx's default)."""
 
 
 @dataclass(frozen=True)
@@ -116,23 +133,256 @@ def _register_erfc_handler() -> None:
     _ERFC_REGISTERED = True
 
 
-def convert_to_onnx(model, path: Path, opset: int) -> list[str]:
-    """Convert the Keras classifier with tf2onnx; returns the input names, in order."""
-    import tf2onnx
+def convert_to_onnx(model, path: Path, opset: int, *, external_data: bool = False) -> list[str]:
+    """Convert the Keras classifier with tf2onnx; returns the input names, in order.
+
+    The steps are tf2onnx's `convert.from_function` (freeze, grappler, tf2onnx's handlers and
+    optimizers, save), arranged so that few copies of the weights are alive at once:
+
+    - the variables are frozen into constants and taken out of the graph at once: grappler and
+      tf2onnx's handlers convert a graph whose weights are placeholders, and the weights join
+      the ONNX graph as constants only before tf2onnx's optimizers (which fold and move them);
+    - those optimizers run without their per-pass deep copy of the graph (`catch_errors`), and
+      each pass ends by moving the node protos into fresh memory (`_compact_node_protos`).
+
+    The weights are written to `PATH.data` beside the graph (ONNX external data) as they leave
+    the graph; without `external_data` they are then moved into the ONNX file.
+    """
+    from tf2onnx import optimizer as onnx_optimizer
+    from tf2onnx.tfonnx import process_tf_graph
 
     _register_erfc_handler()
     names = list(feature_names(model))
+    try:
+        with tf.device("/cpu:0"):
+            with memory.stage("convert/freeze"):
+                frozen = _frozen_graph(model, names)
+            memory.release_memory()
+            with memory.stage("convert/tf2onnx"):
+                with tf.Graph().as_default() as tf_graph:
+                    tf.import_graph_def(frozen.graph_def, name="")
+                    graph = process_tf_graph(
+                        tf_graph, continue_on_error=True, opset=opset, input_names=frozen.inputs,
+                        output_names=frozen.outputs, tensors_to_rename=frozen.renames,
+                    )
+                del tf_graph
+                _add_weights(graph, frozen.weights)
+            del frozen
+            memory.release_memory()
+            with memory.stage("convert/optimize"):
+                detached: weakref.WeakSet = weakref.WeakSet()
+                optimizers = {
+                    name: _compacting(factory, detached) for name, factory in onnx_optimizer._get_optimizers().items()
+                }
+                graph = onnx_optimizer.optimize_graph(graph, catch_errors=False, optimizers=optimizers)
+            with memory.stage("convert/save"):
+                _save_graph(graph, path)
+                del graph
+            if not external_data:
+                memory.release_memory()
+                with memory.stage("convert/inline"):
+                    inline_external_data(path)
+    except ArtifactError:
+        raise
+    except Exception as error:
+        raise ArtifactError(f"ONNX conversion failed ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    return names
+
+
+@dataclass
+class _FrozenGraph:
+    """A frozen, optimized TF graph whose weights are placeholders; their values in `weights`
+    (by placeholder name)."""
+
+    graph_def: Any
+    weights: dict[str, np.ndarray]
+    inputs: list[str]
+    outputs: list[str]
+    renames: dict[str, str]
+
+
+def _frozen_graph(model, names: Sequence[str]) -> _FrozenGraph:
+    """The model's inference function as a frozen, grappler-optimized TF graph (as tf2onnx's
+    `tf_loader.from_function` makes it), its weights taken out of it as soon as they are frozen.
+
+    Grappler sees the weights as placeholders of their shape: there is nothing in them to fold,
+    and it copies none of them several times.
+    """
+    from tensorflow.core.framework import graph_pb2
+    from tf2onnx import tf_loader
+    from tf2onnx.convert import tensor_names_from_structed
+
     signature = [tf.TensorSpec([None, None], getattr(tf, INPUT_DTYPE), name=name) for name in names]
 
     @tf.function(input_signature=signature)
     def forward(*inputs):
         return {OUTPUT_NAME: model(dict(zip(names, inputs)), training=False).logits}
 
-    try:
-        tf2onnx.convert.from_function(forward, input_signature=signature, opset=opset, output_path=str(path))
-    except Exception as error:
-        raise ArtifactError(f"ONNX conversion failed ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-    return names
+    concrete = forward.get_concrete_function(*signature)
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.dtypes.resource]
+    outputs = [t.name for t in concrete.outputs if t.dtype != tf.dtypes.resource]
+    renames = tensor_names_from_structed(concrete, inputs, outputs)
+    variables = {t.op.name for t in concrete.graph.internal_captures}
+    graph_def = tf_loader.convert_variables_to_constants_large_model(concrete)
+    del concrete, forward
+    weights: dict[str, np.ndarray] = {}
+    node = tensor = None
+    for node in graph_def.node:
+        tensor = node.attr["value"].tensor if node.op == "Const" else None
+        if tensor is None or node.name not in variables or not tensor.tensor_content:
+            continue
+        dtype = tf.dtypes.as_dtype(tensor.dtype)
+        shape = [dim.size for dim in tensor.tensor_shape.dim]
+        weights[node.name] = np.frombuffer(tensor.tensor_content, dtype.as_numpy_dtype).reshape(shape)
+        node.op = "Placeholder"
+        node.attr["shape"].shape.CopyFrom(tensor.tensor_shape)
+        del node.attr["value"]
+        node.attr["dtype"].type = dtype.as_datatype_enum
+    # The old message's memory holds every weight until it is freed, and any reference into it
+    # (these loop variables too) keeps all of it.
+    compact = graph_pb2.GraphDef()
+    compact.CopyFrom(graph_def)
+    del graph_def, node, tensor
+    graph_def = tf_loader.fix_freezing_errors_part2(compact)
+    with tf.Graph().as_default() as graph, tf_loader.tf_session(graph=graph) as session:
+        tf.import_graph_def(graph_def, name="")
+        graph_def = tf_loader.tf_optimize(tf_loader.inputs_without_resource(session, inputs), outputs, graph_def)
+    return _FrozenGraph(graph_def, weights, inputs, outputs, renames)
+
+
+def _add_weights(graph, weights: dict[str, np.ndarray]) -> None:
+    """Replace each weight placeholder of the tf2onnx graph by a constant of its value, emptying
+    `weights` as it goes (each value is freed once it is in the graph)."""
+    for name in list(weights):
+        value = weights.pop(name)
+        output = f"{name}:0"
+        node = graph.get_node_by_output(output)
+        if node is None:  # grappler found it unused
+            continue
+        graph.remove_node(node.name)
+        graph.make_const(output, value)
+
+
+def _compacting(factory, detached: "weakref.WeakSet"):
+    """A tf2onnx optimizer class whose passes end with `_compact_node_protos`."""
+
+    class Compacting(factory):
+        def optimize(self, graph, iteration):
+            graph = super().optimize(graph, iteration)
+            _compact_node_protos(graph, detached)
+            return graph
+
+    Compacting.__name__ = factory.__name__
+    return Compacting
+
+
+def _compact_node_protos(graph, detached: "weakref.WeakSet") -> None:
+    """Give every node of a tf2onnx graph a fresh proto without attributes.
+
+    Each tf2onnx optimizer pass rewrites every node's proto from the node's attributes
+    (`Node.update_proto`, which runs again whenever the proto is used), copying the constants
+    into it; protobuf's upb backend frees what a message held only with the whole message, so
+    without this each pass keeps one more copy of the weights alive (there are tens of passes).
+    A node's attributes start out inside its first proto: they are copied out once (`detached`),
+    so that proto can go too. A tf2onnx whose nodes are built otherwise is left as it is.
+    """
+    import copy
+
+    for node in graph.get_nodes():
+        proto, attrs = getattr(node, "_op", None), getattr(node, "_attr", None)
+        if proto is None or not isinstance(attrs, dict):
+            return
+        if node not in detached:
+            node._attr = {name: copy.deepcopy(value) for name, value in attrs.items()}
+            detached.add(node)
+        del proto.attribute[:]
+        fresh = type(proto)()
+        fresh.CopyFrom(proto)
+        node._op = fresh
+        for body in (node.get_body_graphs() or {}).values():
+            _compact_node_protos(body, detached)
+
+
+def _save_graph(graph, path: Path) -> None:
+    """Write a tf2onnx graph as an ONNX file with its weights as external data (`PATH.data`),
+    each constant's bytes written out and dropped before the next: the whole model is never
+    held in one message (tf2onnx's `make_model` copies the weights twice more)."""
+    from onnx import TensorProto
+
+    data = external_data_path(path)
+    with open(data, "wb") as f:
+        for node in graph.get_nodes():
+            attr = node.get_attr("value") if node.is_const() else None
+            tensor = attr.t if attr is not None else None
+            if tensor is None or tensor.data_location == TensorProto.EXTERNAL or tensor.ByteSize() < EXTERNAL_MIN_BYTES:
+                continue
+            raw = tensor.raw_data if tensor.HasField("raw_data") else None
+            if raw is None:
+                continue
+            stub = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            stub.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(f.tell())), ("length", str(len(raw)))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+            f.write(raw)
+            del raw
+            node.set_attr("value", stub)
+    save_onnx(graph.make_model("converted from the Keras model by tfsft"), path)
+
+
+def save_onnx(model, path: Path) -> None:
+    """Write `model` as one ONNX file, one initializer at a time (emptying the graph's initializer
+    list as it goes): the bytes a parser reads as `model`, in another field order, without the
+    whole model serialized in memory (twice over, by protobuf's upb backend). Tensors that point
+    to external data keep pointing there."""
+    from onnx import GraphProto, ModelProto
+
+    graph = model.graph
+    tensors = list(graph.initializer)
+    del graph.initializer[:]
+    head = ModelProto()
+    head.CopyFrom(model)
+    head.ClearField("graph")
+    graph_head = graph.SerializeToString()
+    tag = _field_tag(GraphProto.DESCRIPTOR.fields_by_name["initializer"].number)
+    sizes = [tensor.ByteSize() for tensor in tensors]
+    graph_size = len(graph_head) + sum(len(tag) + len(_varint(size)) + size for size in sizes)
+    with open(path, "wb") as f:
+        f.write(head.SerializeToString())
+        f.write(_field_tag(ModelProto.DESCRIPTOR.fields_by_name["graph"].number) + _varint(graph_size))
+        f.write(graph_head)
+        for index, size in enumerate(sizes):
+            f.write(tag + _varint(size))
+            f.write(tensors[index].SerializeToString())
+            tensors[index] = None
+
+
+def _field_tag(number: int) -> bytes:
+    """The key of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def inline_external_data(path: Path) -> None:
+    """Rewrite an ONNX file stored with external data as one self-contained file."""
+    import onnx
+
+    model = onnx.load(str(path))
+    external_data_path(path).unlink(missing_ok=True)
+    save_onnx(model, path)
+
+
+def external_data_path(path: Path) -> Path:
+    """Where the weights of an ONNX file stored as external data are: `PATH.data`."""
+    return path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
 
 
 # ---------------------------------------------------------------------------- graph rewriting
@@ -142,11 +392,9 @@ class _Graph:
     """Producer/consumer lookups over an ONNX graph, and a queue of node replacements."""
 
     def __init__(self, model, prefix: str) -> None:
-        from onnx import numpy_helper
-
         self.model = model
         self.graph = model.graph
-        self.constants = {init.name: numpy_helper.to_array(init) for init in self.graph.initializer}
+        self.constants = _Initializers(self.graph.initializer)
         self.producer = {out: node for node in self.graph.node for out in node.output}
         self.consumers: dict[str, list] = {}
         for node in self.graph.node:
@@ -207,9 +455,26 @@ class _Graph:
         del self.graph.node[:]
         self.graph.node.extend(_topological(nodes, {i.name for i in self.graph.input}))
         used = {name for n in self.graph.node for name in n.input}
-        keep = [init for init in self.graph.initializer if init.name in used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(keep)
+        # Deleted one by one: re-adding the kept ones would copy every weight into the model again.
+        for index in reversed([i for i, init in enumerate(self.graph.initializer) if init.name not in used]):
+            del self.graph.initializer[index]
+
+
+class _Initializers:
+    """Initializer name -> numpy value, converted when asked: the rewrites read shapes and
+    scalars, and only test whether a weight is a constant, so no weight is copied."""
+
+    def __init__(self, initializers) -> None:
+        self._protos = {init.name: init for init in initializers}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._protos
+
+    def get(self, name: str) -> Optional[np.ndarray]:
+        from onnx import numpy_helper
+
+        proto = self._protos.get(name)
+        return None if proto is None else numpy_helper.to_array(proto)
 
 
 def _live_nodes(nodes: list, outputs: list[str]) -> list:
@@ -260,7 +525,7 @@ def _collapse_tensordot(g: _Graph) -> int:
     """
     count = 0
     for matmul in list(g.graph.node):
-        if matmul.op_type != "MatMul" or g.constants.get(matmul.input[1]) is None:
+        if matmul.op_type != "MatMul" or matmul.input[1] not in g.constants:
             continue
         flatten = g.parent(matmul, 0, "Reshape")
         restore = g.only_child(matmul.output[0], "Reshape")
@@ -485,49 +750,134 @@ def canonicalize(model, num_heads: int, hidden_size: int, opset: int) -> dict[st
     return counts
 
 
-def optimize(source: Path, target: Path, num_heads: int, hidden_size: int, opset: int) -> dict[str, Any]:
-    """Canonicalize, then run onnxruntime's transformer optimizer; returns the fusion counts."""
+def optimize(
+    source: Path, target: Path, num_heads: int, hidden_size: int, opset: int, *, external_data: bool = False
+) -> dict[str, Any]:
+    """Canonicalize, then run onnxruntime's transformer optimizer; returns the fusion counts.
+    `external_data`: store the weights of `target` in `TARGET.data`."""
     import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model = onnx.load(str(source))
-    rewrites = canonicalize(model, num_heads, hidden_size, opset)
-    canonical = target.with_name(f".canonical.{target.name}")
-    onnx.save(model, str(canonical))
-    try:
-        optimized = optimize_model(
-            str(canonical), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0
-        )
-    finally:
-        canonical.unlink(missing_ok=True)
-    optimized.save_model_to_file(str(target))
-    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    with memory.stage("optimize/canonicalize"):
+        model = onnx.load(str(source))
+        rewrites = canonicalize(model, num_heads, hidden_size, opset)
+    with memory.stage("optimize/fuse"):
+        options = FusionOptions("bert")
+        # Each symbolic shape inference of the optimizer copies the whole model, weights included,
+        # and the canonical graph fuses just as fully without its shape checks.
+        options.enable_shape_inference = False
+        with _quiet_loggers(*OPTIMIZER_LOGGERS):
+            optimized = optimize_model(
+                model, model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
+                optimization_options=options,
+            )
+        del model
+        fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    with memory.stage("optimize/save"):
+        external_data_path(target).unlink(missing_ok=True)
+        optimized.save_model_to_file(str(target), use_external_data_format=True)  # without a serialized copy
+        del optimized
+    if not external_data:
+        memory.release_memory()
+        with memory.stage("optimize/inline"):
+            inline_external_data(target)
     return {"rewrites": rewrites, "fused_operators": fused}
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantization of weights (activations are quantized at run time)."""
+OPTIMIZER_LOGGERS = ("onnxruntime.transformers.optimizer", "fusion_skiplayernorm")
+"""Loggers of onnxruntime's transformer optimizer whose warnings say nothing about these graphs:
+that tf2onnx, not PyTorch, produced them, and that shape inference is off (on purpose)."""
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Only errors from the loggers `names` inside the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def quantize_int8(source: Path, target: Path, *, external_data: bool = False) -> None:
+    """Dynamic int8 quantization of weights (activations are quantized at run time).
+    `external_data`: store the weights of `target` in `TARGET.data`."""
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(source), str(target), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": TensorProto.FLOAT}
-    )
+    external_data_path(target).unlink(missing_ok=True)
+    with _no_second_shape_inference():
+        quantize_dynamic(
+            str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=external_data,
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+
+
+@contextlib.contextmanager
+def _no_second_shape_inference():
+    """Skip the quantizer's second shape inference where it would infer what the first did.
+
+    onnxruntime's dynamic quantizer loads the model with shape inference, replaces Gemm nodes by
+    MatMul, then infers shapes again on a deep copy saved to disk and reloaded: three copies of
+    the weights at once. Without a Gemm (none in these encoders) nothing was replaced, and the
+    model it has is the one that inference would give back. The hook is onnxruntime's module
+    function, restored on exit; an onnxruntime without it quantizes as it always does.
+    """
+    try:
+        from onnxruntime.quantization import onnx_quantizer
+
+        original = onnx_quantizer.save_and_reload_model_with_shape_infer
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def reload(model):
+        return original(model) if _has_op(model.graph, "Gemm") else model
+
+    onnx_quantizer.save_and_reload_model_with_shape_infer = reload
+    try:
+        yield
+    finally:
+        onnx_quantizer.save_and_reload_model_with_shape_infer = original
+
+
+def _has_op(graph, op_type: str) -> bool:
+    """Whether `graph` or one of its subgraphs has a node of `op_type`."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        if node.op_type == op_type:
+            return True
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            if any(_has_op(subgraph, op_type) for subgraph in subgraphs):
+                return True
+    return False
 
 
 # ------------------------------------------------------------------------------------- parity
 
 
-def onnx_logits(path: Path, data: LengthBatchedData) -> np.ndarray:
-    """Logits of an ONNX model over `data`, in the examples' original order."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def onnx_logits(model: Path | Any, data: LengthBatchedData) -> np.ndarray:
+    """Logits of an ONNX model (a path, or an open onnxruntime session) over `data`, in the
+    examples' original order. Batches are padded as they are run, one at a time."""
+    session = _session(model) if isinstance(model, (str, os.PathLike)) else model
     chunks = [session.run([OUTPUT_NAME], features)[0] for features in data]
     logits = concat_padded(chunks)
     out = np.empty_like(logits)
     out[data.order()] = logits
     return out
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def spread_by_length(lengths: np.ndarray, count: int) -> np.ndarray:
@@ -681,8 +1031,9 @@ def _parity_set(
 def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERANCE) -> dict[str, ParityResult]:
     """Compare one ONNX model with Keras on every parity set."""
     results = {}
+    session = _session(path)  # one session for every set; the caller's next model gets the memory back
     for name, data in parity.data.items():
-        logits = onnx_logits(path, data)
+        logits = onnx_logits(session, data)
         reference = parity.keras[name]
         token_labels = parity.labels[name] if parity.task in TOKEN_TASKS else None
         agreement, decided = label_agreement(parity.task, logits, reference, tolerance, parity.threshold, token_labels)
@@ -733,29 +1084,26 @@ def _bundle_metadata(
     }
 
 
-def _timed(step: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = step()
-    return result, round(time.perf_counter() - start, 3)
-
-
 def export_bundle(
     model,
     run_dir: str | os.PathLike,
     validation_data: tuple[Examples, np.ndarray],
     *,
     tolerance: float = FP32_TOLERANCE,
+    settings: Optional[ExportConfig] = None,
 ) -> dict[str, Any]:
     """Export `model` to `run_dir/onnx/` and return the export report.
 
     A model that computes in float16 (a --mixed_precision run) is exported, and checked, as a
     float32 copy of its weights: the ONNX graph is float32 whatever the training precision.
+    The report names every stage with its seconds and peak RSS (`stages`, see `tfsft.memory`).
 
     Args:
         model: the fine-tuned HF TF classifier (a Keras model).
         run_dir: a (partial or finished) run directory holding `config.json` and `model/`.
         validation_data: evaluation examples and their int32 label ids, for the parity checks.
         tolerance: largest accepted |ONNX - Keras| logit difference for the fp32 models.
+        settings: export settings in place of the run's own (`config.json`'s `export`).
 
     Returns:
         The export report, also written to `run_dir/onnx/export_report.json`.
@@ -766,6 +1114,8 @@ def export_bundle(
     """
     run_dir = Path(run_dir)
     config = artifacts.read_config(run_dir)
+    if settings is not None:
+        config = dataclasses.replace(config, export=settings)
     examples, labels = validation_data
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
@@ -773,18 +1123,39 @@ def export_bundle(
     artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
-        decision = artifacts.read_decision(run_dir)
-        with float32_policy():
-            model = float32_model(model)
-            report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision)
+        with contextlib.ExitStack() as stack:
+            memory.release_memory()  # what a training left unreferenced, before the export's first stage
+            monitor = memory.active_monitor() or stack.enter_context(memory.StageMonitor())
+            stack.enter_context(monitor.activate())
+            decision = artifacts.read_decision(run_dir)
+            with float32_policy():
+                model = float32_model(model)
+                report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision)
+            del model
+        report["stages"] = monitor.report()
+        report["peak_rss_mb"] = round(monitor.peak_rss / memory.MB, 1)
         shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
-        shutil.copy(run_dir / artifacts.CONFIG_FILE, work / artifacts.CONFIG_FILE)
+        artifacts.save_config(config, work)
         artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
         os.chmod(work, 0o755)
         artifacts.publish_dir(work, run_dir / artifacts.ONNX_DIR)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def wants_external_data(mode: str, weight_bytes: int) -> bool:
+    """Whether the bundle's ONNX files keep their weights as external data (`--external_data`)."""
+    if mode == "never" and weight_bytes >= PROTOBUF_LIMIT_BYTES:
+        raise ArtifactError(
+            f"the model's weights ({weight_bytes / 2**30:.2f} GiB) exceed protobuf's 2 GiB limit of a single-file "
+            "ONNX model; export with --external_data auto or always. Received: external_data=never"
+        )
+    return mode == "always" or (mode == "auto" and weight_bytes > EXTERNAL_DATA_AUTO_BYTES)
+
+
+def _weight_bytes(model) -> int:
+    return sum(int(np.prod(weight.shape)) * weight.dtype.size for weight in model.weights)
 
 
 def _build_bundle(
@@ -797,53 +1168,105 @@ def _build_bundle(
     tolerance: float,
     decision: dict[str, Any],
 ) -> dict[str, Any]:
+    """Keras logits, convert, fuse, check, quantize, check: each stage frees what it no longer
+    needs before the next starts, and onnxruntime sessions are opened one at a time."""
+    settings = config.export
+    variants = settings.variants
     plain, fused, int8 = (work / artifacts.BUNDLE_MODEL, work / artifacts.BUNDLE_MODEL_FUSED, work / artifacts.BUNDLE_MODEL_INT8)
-    names, convert_s = _timed(lambda: convert_to_onnx(model, plain, config.export.opset))
-    heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
-    fusion, optimize_s = _timed(lambda: optimize(plain, fused, heads, hidden, config.export.opset))
+    external = wants_external_data(settings.external_data, _weight_bytes(model))
+    names = list(feature_names(model))
     score_name = parity_score_name(config.model.task, config.train.metric_for_best_model)
-    parity_set = _parity_set(
-        model, encoded, labels, encoder.pad_id, names, encoder.max_length, config.model.task, decision, score_name
-    )
+    with memory.stage("keras_logits"):
+        parity_set = _parity_set(
+            model, encoded, labels, encoder.pad_id, names, encoder.max_length, config.model.task, decision, score_name
+        )
     keras_score = parity_set.score(parity_set.keras["batch_8"], "batch_8")
+    # Every model is written with external data first: onnx.load and onnxruntime's quantizer then
+    # read its weights a tensor at a time; shipped models are made single files (inlined) last.
+    with memory.stage("convert"):
+        names = convert_to_onnx(model, plain, settings.opset, external_data=True)
+    memory.release_memory()
+    fusion: dict[str, Any] = {"applied": False}
+    if variants != ("fp32",):
+        heads, hidden = int(model.config.num_attention_heads), int(model.config.hidden_size)
+        with memory.stage("optimize"):
+            fusion = optimize(plain, fused, heads, hidden, settings.opset, external_data=True)
+        fusion["applied"] = bool(fusion["fused_operators"])
+        memory.release_memory()
+    best = fused if fusion["applied"] else plain  # what "fused" ships as, and what int8 is quantized from
+    files = {}
+    if "fp32" in variants:
+        files["model"] = plain.name
+    if "fused" in variants:
+        files["fused" if best == fused else "model"] = best.name
+    checked = list(dict.fromkeys([work / name for name in files.values()] + ([best] if "int8" in variants else [])))
+    if "int8" in variants:
+        with memory.stage("quantize"):
+            quantize_int8(best, int8, external_data=external)
+        memory.release_memory()
+    if not external:
+        for name in files.values():
+            with memory.stage(f"inline/{name}"):
+                inline_external_data(work / name)
+            memory.release_memory()
     parity: dict[str, Any] = {}
-    for path in (plain, fused):
-        results = check_parity(path, parity_set, tolerance)
-        _require_fp32_parity(path.name, results, tolerance)
-        parity[path.name] = {name: r.to_dict() for name, r in results.items()}
-    files = {"model": plain.name, "fused": fused.name}
     report: dict[str, Any] = {
-        "opset": config.export.opset,
+        "opset": settings.opset,
         "input_dtype": INPUT_DTYPE,
         "tolerance": tolerance,
+        "variants": list(variants),
+        "external_data": external,
         "fusion": fusion,
         f"keras_{score_name}": keras_score,
         "parity": parity,
-        "seconds": {"convert": convert_s, "optimize": optimize_s},
     }
-    if config.export.quantize_int8:
-        _, report["seconds"]["quantize"] = _timed(lambda: quantize_int8(fused, int8))
-        results = check_parity(int8, parity_set, tolerance)
+    for path in checked:
+        with memory.stage(f"parity/{path.name}"):
+            results = check_parity(path, parity_set, tolerance)
+        memory.release_memory()
+        _require_fp32_parity(path.name, results, tolerance)
+        parity[path.name] = {name: r.to_dict() for name, r in results.items()}
+    if "int8" in variants:
+        with memory.stage(f"parity/{int8.name}"):
+            results = check_parity(int8, parity_set, tolerance)
+        memory.release_memory()
         parity[int8.name] = {name: r.to_dict() for name, r in results.items()}
         report["int8"] = {
             "label_agreement": results["batch_8"].label_agreement,
             score_name: results["batch_8"].score,
             f"{score_name}_drop": keras_score - results["batch_8"].score,
-            "size_ratio": round(plain.stat().st_size / int8.stat().st_size, 2),
+            "size_ratio": round(_stored_bytes(best) / _stored_bytes(int8), 2),
+            "quantized_from": best.name,
         }
         files["int8"] = int8.name
-    report["sizes_bytes"] = {name: (work / name).stat().st_size for name in files.values()}
-    artifacts.write_json(work / artifacts.BUNDLE_FILE, _bundle_metadata(model, config, names, encoder.pad_id, files, decision))
+    shipped = {name for model_file in files.values() for name in (model_file, external_data_path(work / model_file).name)}
+    for path in (plain, fused, int8, external_data_path(plain), external_data_path(fused), external_data_path(int8)):
+        if path.name not in shipped:
+            path.unlink(missing_ok=True)
+    if best.name not in files.values() and best.name in parity:
+        report["int8"]["source_parity"] = parity.pop(best.name)  # checked, not shipped
+    report["sizes_bytes"] = {path.name: path.stat().st_size for path in sorted(work.iterdir()) if path.name in shipped}
+    metadata = _bundle_metadata(model, config, names, encoder.pad_id, files, decision)
+    stored = {name: external_data_path(work / name).name for name in files.values()}
+    metadata["external_data"] = {name: data for name, data in stored.items() if (work / data).is_file()}
+    artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
     return report
 
 
-def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+def _stored_bytes(path: Path) -> int:
+    """Bytes of an ONNX file with its external data, if any."""
+    data = external_data_path(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def export_run(run_dir: str | os.PathLike, settings: Optional[ExportConfig] = None) -> dict[str, Any]:
     """Export a finished run, checking parity on the validation examples it was evaluated on.
 
     Those are the run's record of them (`record_validation`), so neither data file is read: not
     the training file (a whole corpus under --streaming), nor files moved or changed since. A run
     saved before runs recorded them re-reads its validation file, sampled as training sampled it,
-    or, for a hold-out, the training file, split as training split it.
+    or, for a hold-out, the training file, split as training split it. `settings` replace the
+    run's export settings (`tfsft export --export_variants ...`).
     """
     from tfsft.data import encode_labels
     from tfsft.modeling import load_finetuned
@@ -854,10 +1277,12 @@ def export_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     validation = recorded_validation(run)
     if validation is None:
         validation = _reread_validation(config)
-    model = load_finetuned(artifacts.run_model_dir(run), task)
-    label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
-    labels = encode_labels(task, label_map, validation, config.data.label_delimiter)
-    return export_bundle(model, run, validation_data=(validation, labels))
+    with memory.StageMonitor() as monitor, monitor.activate():
+        with memory.stage("load_model"):
+            model = load_finetuned(artifacts.run_model_dir(run), task)
+        label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
+        labels = encode_labels(task, label_map, validation, config.data.label_delimiter)
+        return export_bundle(model, run, validation_data=(validation, labels), settings=settings)
 
 
 def _reread_validation(config: RunConfig) -> Examples | TokenExamples:

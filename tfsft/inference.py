@@ -132,8 +132,16 @@ class Bundle:
             raise ArtifactError(f"{path}: a {task} label map needs {expected} label(s). Received: labels={list(labels)}")
         return bundle
 
-    def model_path(self, int8: bool = False, fused: bool = True) -> Path:
-        """The ONNX file to serve: int8 if asked, else the fused fp32 model when present."""
+    @property
+    def has_fp32(self) -> bool:
+        return "fused" in self.files or "model" in self.files
+
+    def model_path(self, int8: Optional[bool] = None, fused: bool = True) -> Path:
+        """The ONNX file to serve: the int8 model (`int8=True`), an fp32 one (`False`: the fused
+        model when shipped, unless `fused=False` asks for the plain one), or (`None`) fp32 when
+        the bundle ships one, else int8. A bundle ships what `--export_variants` chose."""
+        if int8 is None:
+            int8 = not self.has_fp32
         if int8:
             key = "int8"
         elif fused and "fused" in self.files:
@@ -141,7 +149,14 @@ class Bundle:
         else:
             key = "model"
         if key not in self.files:
-            raise ArtifactError(f"{self.directory / artifacts.BUNDLE_FILE}: the bundle has no {key} model")
+            shipped = ", ".join(sorted(self.files.values())) or "no model"
+            what, variant = {"int8": ("int8", "int8"), "model": ("fp32", "fused")}[key]
+            if key == "model" and not fused:
+                what, variant = "plain (unfused) fp32", "fp32"
+            raise ArtifactError(
+                f"{self.directory / artifacts.BUNDLE_FILE}: the bundle has no {what} model (it ships {shipped}); "
+                f"re-export the run with `tfsft export RUN_DIR --export_variants {variant},...`"
+            )
         return self.directory / self.files[key]
 
     def report(self) -> Optional[dict[str, Any]]:
@@ -174,15 +189,19 @@ def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice
     score within INT8_MAX_SCORE_DROP of the Keras model's on validation, else fp32)."""
     if requested not in PRECISIONS:
         raise ConfigError(f"Invalid value for --precision: expected one of {list(PRECISIONS)}. Received: precision={requested!r}")
-    if requested == "fp32":
-        return PrecisionChoice(False, requested, "fp32 requested")
     has_int8 = "int8" in bundle.files
-    if requested == "int8":
-        if not has_int8:
-            raise ArtifactError(f"{bundle.directory / artifacts.BUNDLE_FILE}: --precision int8, but the bundle has no int8 model")
-        return PrecisionChoice(True, requested, "int8 requested")
+    for name, missing in (("fp32", not bundle.has_fp32), ("int8", not has_int8)):
+        if requested == name and missing:
+            raise ArtifactError(
+                f"{bundle.directory / artifacts.BUNDLE_FILE}: --precision {name}, but the bundle has no {name} model "
+                f"(it ships {', '.join(sorted(bundle.files.values()))}). Received: precision={requested!r}"
+            )
+    if requested != "auto":
+        return PrecisionChoice(requested == "int8", requested, f"{requested} requested")
     if not has_int8:
         return PrecisionChoice(False, requested, "the bundle has no int8 model")
+    if not bundle.has_fp32:
+        return PrecisionChoice(True, requested, "the bundle ships only the int8 model")
     report = bundle.report() or {}
     int8_report = report.get("int8") or {}
     drops = {key[: -len("_drop")]: value for key, value in int8_report.items() if key.endswith("_drop")}
@@ -200,13 +219,15 @@ class Predictor:
     """Classify or score texts or text pairs with an exported bundle. Safe to share between threads.
 
     `onnxruntime.InferenceSession.run` may be called concurrently, and the tokenizer is
-    configured once here and only read afterwards, so no lock is needed.
+    configured once here and only read afterwards, so no lock is needed. `int8`: serve the int8
+    model (True), an fp32 one (False), or (None) fp32 when the bundle ships one, else int8
+    (`Bundle.model_path`).
     """
 
     def __init__(
         self,
         bundle_dir: str | os.PathLike,
-        int8: bool = False,
+        int8: Optional[bool] = None,
         fused: bool = True,
         batch_size: int = 32,
         num_threads: Optional[int] = None,

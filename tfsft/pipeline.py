@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import RunConfig, parse_class_weights
+from tfsft.config import ExportConfig, RunConfig, parse_class_weights
 from tfsft.data import (
     STRATIFIED_TASKS,
     Examples,
@@ -326,13 +326,14 @@ def _export_trained(model, run_dir: Path, validation: tuple[Examples, np.ndarray
     export_bundle(model, run_dir, validation_data=validation)
 
 
-def export_finished_run(run_dir: str | Path) -> dict[str, Any]:
+def export_finished_run(run_dir: str | Path, settings: Optional[ExportConfig] = None) -> dict[str, Any]:
     """(Re-)export a finished run (`tfsft export`); a failure leaves the run as it was
-    (an earlier bundle included) and says how to retry. Returns the export report."""
+    (an earlier bundle included) and says how to retry. `settings` replace the run's export
+    settings. Returns the export report."""
     run = artifacts.require_run_dir(run_dir)
     from tfsft.export import export_run
 
-    return _export_published(run, lambda: export_run(run), just_trained=False)
+    return _export_published(run, lambda: export_run(run, settings), just_trained=False)
 
 
 def _export_published(run_dir: Path, export, just_trained: bool = True) -> Any:

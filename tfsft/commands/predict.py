@@ -31,7 +31,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--text_pair_column", help="Field or column of the second text of a pair; default: the one the run trained on.")
     parser.add_argument("--output", default="-", help="Where to write predictions (default: stdout).")
     parser.add_argument("--output_format", choices=("jsonl", "csv"), default="jsonl")
-    parser.add_argument("--int8", action="store_true", help="Use the int8-quantized model.")
+    parser.add_argument("--int8", action="store_const", const=True, default=None,
+                        help="Use the int8-quantized model (default: the fp32 model, or int8 in a bundle that ships "
+                             "only that).")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--num_threads", type=positive_int, default=None, help="onnxruntime intra-op threads.")
     return parser

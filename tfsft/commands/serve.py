@@ -26,7 +26,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=port_number, default=8080)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="Model to serve: fp32 (the fused model), int8, or auto (default): int8 when the "
-                             "bundle's export report shows its validation score within 1 point of Keras'.")
+                             "bundle's export report shows its validation score within 1 point of Keras', or when "
+                             "the bundle ships only int8.")
     parser.add_argument("--int8", dest="precision", action="store_const", const="int8", help="Same as --precision int8.")
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="Server processes on the one port, each with its own model (default 1).")
