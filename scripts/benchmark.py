@@ -2,9 +2,9 @@
 
 Each task is one ordinary `finetune` run (train, evaluate, export with parity, int8), so every
 figure in the table can be reproduced from its run directory. The score is the task's usual
-metric on the split the literature reports: SST-2 and STS-B on dev (their test labels are not
-public), MRPC and CoNLL-2003 on test. That split is never used to choose anything: the best
-epoch is picked on a held-out slice of train (SST-2, MRPC, STS-B) or on CoNLL's dev set, and the
+metric on the split the literature reports: SST-2, STS-B and SQuAD v1.1 on dev (their test
+labels are not public), MRPC and CoNLL-2003 on test. That split is never used to choose anything: the best
+epoch is picked on a held-out slice of train (SST-2, MRPC, STS-B, SQuAD) or on CoNLL's dev set, and the
 reported split is scored once, at the end. The int8 column is the quantized ONNX model on the
 validation split, beside the Keras model on the same examples, so the two are comparable.
 Each task has its own learning rate and epoch count (see TASKS); the flags override them.
@@ -58,6 +58,11 @@ TASKS = {
         flags=dict(task="ner", num_train_epochs=5, learning_rate=1e-4, early_stopping_patience=1),
         metric="test_f1", name="CoNLL-2003 test entity F1",
     ),
+    "squad": dict(
+        folder="squad-v1.1", files=dict(train_file="train-v1.1.json", test_file="dev-v1.1.json"),
+        flags=dict(task="qa", validation_split_percentage=5, num_train_epochs=2, learning_rate=1e-4),
+        metric="test_f1", name="SQuAD v1.1 dev F1",
+    ),
 }
 
 
@@ -77,7 +82,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pooling", default=None,
                         help="Sequence head pooling for every task: auto, cls or mean (default: per task).")
     parser.add_argument("--per_device_train_batch_size", type=positive_int, default=32)
-    parser.add_argument("--max_seq_length", type=positive_int, default=128)
+    parser.add_argument("--max_seq_length", type=positive_int, default=None,
+                        help="Tokens per example (window, for squad) for every task (default: 128; 384 for squad).")
     parser.add_argument("--output_dir", default="saved_models/benchmark", help="Run directories go here, one per task.")
     parser.add_argument("--output", default=None, help="Markdown table file (default: OUTPUT_DIR/results.md).")
     return parser.parse_args()
@@ -89,7 +95,7 @@ def task_config(args: argparse.Namespace, task: str) -> RunConfig:
     files = {flag: str(folder / name) for flag, name in spec["files"].items()}
     overrides = {
         name: getattr(args, name)
-        for name in ("num_train_epochs", "learning_rate", "layer_lr_decay", "pooling", "seed")
+        for name in ("num_train_epochs", "learning_rate", "layer_lr_decay", "pooling", "seed", "max_seq_length")
         if getattr(args, name) is not None
     }
     source = start_from(args, task)
@@ -98,7 +104,7 @@ def task_config(args: argparse.Namespace, task: str) -> RunConfig:
         model_name_or_path=model, **files, **{**spec["flags"], **overrides},
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         max_predict_samples=args.max_eval_samples,
-        per_device_train_batch_size=args.per_device_train_batch_size, max_seq_length=args.max_seq_length,
+        per_device_train_batch_size=args.per_device_train_batch_size,
         output_dir=str(Path(args.output_dir) / task), overwrite_output_dir=True, export=True, quantize_int8=True,
     ))
 

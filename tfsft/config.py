@@ -25,7 +25,7 @@ EMBEDDED_TRAIN_SAMPLES = 16000
 """Training sample the no-argument default job takes from the embedded data set (38k tweets), so
 that it finishes within 15 minutes on 2 CPU cores; --max_train_samples overrides it."""
 
-TASKS = frozenset({"classification", "regression", "multilabel", "ner"})
+TASKS = frozenset({"classification", "regression", "multilabel", "ner", "qa"})
 STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
 POOLINGS = frozenset({"auto", "cls", "mean"})
 TASK_METRICS = {
@@ -33,12 +33,17 @@ TASK_METRICS = {
     "regression": ("spearman", "pearson", "mse", "loss"),
     "multilabel": ("f1_micro", "f1_macro", "loss"),
     "ner": ("f1", "precision", "recall", "loss"),
+    "qa": ("f1", "exact_match", "loss"),
 }
 """Validation metrics each task can select the best epoch by; the first is its default."""
 TOKEN_TASKS = frozenset({"ner"})
 """Tasks that label each word rather than the whole text."""
 FILE_ONLY_TASKS = frozenset({"ner"})
 """Tasks that need --train_file (no embedded default data set, no Hub loader)."""
+SPAN_TASKS = frozenset({"qa"})
+"""Tasks that answer with a span of a context: start and end logits per token, decoded per question."""
+DEFAULT_MAX_SEQ_LENGTH = {"qa": 384}
+"""--max_seq_length of a task when not given (else 128): a QA window holds a question and a context passage."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
 DEFAULT_MULTILABEL_THRESHOLD = 0.5
@@ -89,8 +94,8 @@ class ModelConfig:
         _require(self.task in TASKS, "task", self.task, f"one of {sorted(TASKS)}")
         _require(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {sorted(POOLINGS)}")
         _require(
-            self.pooling != "mean" or self.task not in TOKEN_TASKS, "pooling", self.pooling,
-            f"'auto' or 'cls': --task {self.task} tags tokens and pools nothing",
+            self.pooling != "mean" or self.task not in TOKEN_TASKS | SPAN_TASKS, "pooling", self.pooling,
+            f"'auto' or 'cls': --task {self.task} reads every token and pools nothing",
         )
 
 
@@ -124,7 +129,11 @@ class DataConfig:
         "|", "--task multilabel: separator of the labels in a label cell ('pos|negation'); a JSON list also works."
     )
     no_header: bool = _field(False, "CSV/TSV files have no header row: name columns by 0-based index.")
-    max_seq_length: int = _field(128, "Maximum tokens per example after tokenization; longer inputs are truncated.")
+    max_seq_length: Optional[int] = _field(
+        None,
+        "Maximum tokens per example after tokenization; longer inputs are truncated (--task qa: split into "
+        "overlapping windows). Default 128; 384 for --task qa.",
+    )
     max_train_samples: Optional[int] = _field(None, "Train on a seeded random sample of this many examples.")
     max_eval_samples: Optional[int] = _field(
         None, "Validate on a seeded random sample of this many validation examples."
@@ -134,6 +143,24 @@ class DataConfig:
     )
     validation_split_percentage: int = _field(
         10, "Percent of the training file held out (stratified) when no --validation_file is given."
+    )
+    question_column: str = _field("question", "--task qa: the question column.", aliases=("question_column_name",))
+    context_column: str = _field("context", "--task qa: the context (passage) column.", aliases=("context_column_name",))
+    answers_column: str = _field(
+        "answers",
+        "--task qa: the answers column, as the Hub's squad rows ({\"text\": [...], \"answer_start\": [...]}); "
+        "CSV/TSV files may give answer_text and answer_start columns instead.",
+        aliases=("answer_column_name",),
+    )
+    doc_stride: int = _field(
+        128, "--task qa: tokens shared by consecutive windows of a context longer than one window."
+    )
+    max_answer_length: int = _field(30, "--task qa: longest answer, in tokens, the span decoding returns.")
+    n_best_size: int = _field(20, "--task qa: start and end candidates per window the span decoding considers.")
+    version_2_with_negative: bool = _field(
+        False,
+        "--task qa: some questions have no answer in their context (SQuAD v2): the model may answer \"\", at a "
+        "null-score threshold chosen on validation.",
     )
     streaming: bool = _field(
         False,
@@ -147,7 +174,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.label_delimiter) > 0, "label_delimiter", self.label_delimiter, "a non-empty string")
-        _require(8 <= self.max_seq_length <= 8192, "max_seq_length", self.max_seq_length, "an integer in [8, 8192]")
+        length = self.max_seq_length
+        _require(length is None or 8 <= length <= 8192, "max_seq_length", length, "an integer in [8, 8192]")
+        _require(self.doc_stride >= 1, "doc_stride", self.doc_stride, "a positive integer")
+        _require(self.max_answer_length >= 1, "max_answer_length", self.max_answer_length, "a positive integer")
+        _require(self.n_best_size >= 1, "n_best_size", self.n_best_size, "a positive integer")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "a positive integer")
@@ -336,7 +367,17 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        """Fill in the task's default best-model metric, and refuse one the task does not compute."""
+        """Fill in the task's defaults (best-model metric, sequence length), and refuse what the task does not do."""
+        task = self.model.task
+        if self.data.max_seq_length is None:
+            length = DEFAULT_MAX_SEQ_LENGTH.get(task, 128)
+            object.__setattr__(self, "data", dataclasses.replace(self.data, max_seq_length=length))
+        if task in SPAN_TASKS:
+            length = self.data.max_seq_length
+            _require(
+                self.data.doc_stride < length // 2, "doc_stride", self.data.doc_stride,
+                f"fewer than half of --max_seq_length ({length}), so that windows advance through a long context",
+            )
         allowed = TASK_METRICS[self.model.task]
         metric = self.train.metric_for_best_model
         if metric is None:

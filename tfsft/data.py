@@ -536,6 +536,8 @@ def encode_targets(examples: Examples) -> np.ndarray:
 REGRESSION_OUTPUT = "score"
 """Name of the single output of a regression head (its one-entry label map)."""
 STRATIFIED_TASKS = frozenset({"classification"})
+SPAN_OUTPUTS = ("start", "end")
+"""The two outputs per token of a span head (question answering): the answer's first and last token."""
 """Tasks whose default validation hold-out is stratified by label."""
 
 def label_set(label: str, delimiter: str, source: str, row: int) -> list[str]:
@@ -613,14 +615,24 @@ _LABEL_MAPS: dict[str, Callable[[Any, str], LabelMap]] = {
     "regression": lambda train, _: LabelMap((REGRESSION_OUTPUT,)),
     "multilabel": _multilabel_map,
     "ner": _tag_map,
+    "qa": lambda train, _: LabelMap(SPAN_OUTPUTS),
 }
 _LABEL_ENCODERS: dict[str, Callable[[LabelMap, Examples, str], np.ndarray]] = {
     "classification": lambda label_map, examples, _: label_map.encode(_single_labels(examples)),
     "regression": lambda label_map, examples, _: encode_targets(examples),
     "multilabel": encode_label_sets,
     "ner": encode_tags,
+    "qa": lambda label_map, examples, _: np.asarray([len(answers) for answers in examples.answers], dtype=np.int64),
 }
-_READERS: dict[str, Callable[[str, DataConfig], Any]] = {"ner": read_token_examples}
+def read_qa_examples(path: str, config: DataConfig) -> Any:
+    """Questions with their contexts and answers (`tfsft.qa.QAExamples`) from a SQuAD JSON,
+    JSONL, CSV or TSV file."""
+    from tfsft import qa
+
+    return qa.read_qa_examples(path, config.question_column, config.context_column, config.answers_column)
+
+
+_READERS: dict[str, Callable[[str, DataConfig], Any]] = {"ner": read_token_examples, "qa": read_qa_examples}
 """Tasks whose files are not one labeled text (or pair) per row; the others use read_examples."""
 
 
@@ -718,14 +730,7 @@ def hub_splits(config: DataConfig) -> dict[str, Examples]:
     predictions only: it is left out, with a log line, rather than scored against -1. Class
     labels keep the order the data set declares (`ClassLabel.names`) on `Examples.label_names`.
     """
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("--dataset_name needs the optional package `datasets` (pip install datasets)") from None
-    try:
-        loaded = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
-    except Exception as error:
-        raise DataError(f"{config.dataset_name}: cannot load from the Hub: {str(error).splitlines()[0]}") from None
+    loaded = _load_hub_dataset(config)
     out: dict[str, Examples] = {}
     warned = False
     for split_name, split in loaded.items():
@@ -748,6 +753,32 @@ def hub_splits(config: DataConfig) -> dict[str, Examples]:
             examples = dataclasses.replace(examples, label_names=tuple(map(str, names)))
         out[split_name] = examples
     return out
+
+
+def hub_qa_splits(config: DataConfig) -> dict[str, Any]:
+    """Question-answering splits of a Hub data set laid out as `squad` is (id, question, context,
+    answers: {"text": [...], "answer_start": [...]}); needs `datasets` and internet."""
+    from tfsft import qa
+
+    loaded = _load_hub_dataset(config)
+    return {
+        name: qa.examples_from_records(
+            [(number, dict(row)) for number, row in enumerate(split, start=1)], f"{config.dataset_name}[{name}]",
+            config.question_column, config.context_column, config.answers_column,
+        )
+        for name, split in loaded.items()
+    }
+
+
+def _load_hub_dataset(config: DataConfig) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("--dataset_name needs the optional package `datasets` (pip install datasets)") from None
+    try:
+        return datasets.load_dataset(config.dataset_name, config.dataset_config_name)
+    except Exception as error:
+        raise DataError(f"{config.dataset_name}: cannot load from the Hub: {str(error).splitlines()[0]}") from None
 
 
 def _unlabeled(value: Any) -> bool:
@@ -773,7 +804,7 @@ def load_splits(
     """
     test = None
     if config.dataset_name:
-        hub = hub_splits(config)
+        hub = hub_qa_splits(config) if reader is read_qa_examples else hub_splits(config)
         if "train" not in hub:
             raise DataError(
                 f"{config.dataset_name}: the Hub data set has no labeled 'train' split. Received: splits={sorted(hub)}"
@@ -789,7 +820,7 @@ def load_splits(
     if validation is None:
         split = stratified_split if stratify else random_split
         train, validation = split(train, config.validation_split_percentage, seed)
-    if (train.pairs is None) != (validation.pairs is None):
+    if (getattr(train, "pairs", None) is None) != (getattr(validation, "pairs", None) is None):
         raise DataError(f"{validation.source}: sentence pairs in one split but single texts in the other")
     return Splits(
         train=sample(train, config.max_train_samples, seed),

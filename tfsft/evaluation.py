@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from tfsft.artifacts import CONFUSION_PLOT, write_json
+from tfsft.config import DataConfig
 from tfsft.data import IGNORED_LABEL, LabelMap, LengthBatchedData
 from tfsft.modeling import tf
 
@@ -151,6 +153,85 @@ def json_safe(report: dict[str, Any]) -> dict[str, Any]:
     return {key: {k: float(v) if k != "support" else int(v) for k, v in row.items()} for key, row in report.items()}
 
 
+@dataclass(frozen=True)
+class SpanReference:
+    """What question-answering logits are scored against: the questions with their gold
+    answers (`tfsft.qa.QAExamples`), their windows (`QAWindows`, in the logits' row order), and
+    the run's decoding settings (n_best_size, max_answer_length, version_2_with_negative)."""
+
+    examples: Any
+    windows: Any
+    settings: DataConfig
+
+
+def span_loss(logits: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> float:
+    """Mean over windows of the start and end cross-entropies, each over the window's own tokens."""
+    total = 0.0
+    for row, (start, end) in enumerate(np.asarray(positions)):
+        own = np.asarray(logits[row, : lengths[row]], dtype=np.float64)
+        log_probabilities = log_softmax(own.T)
+        total += -(log_probabilities[0, start] + log_probabilities[1, end]) / 2.0
+    return total / max(len(positions), 1)
+
+
+def span_metrics(
+    reference: SpanReference, logits: np.ndarray, label_map: LabelMap, prefix: str = "eval",
+    null_threshold: Optional[float] = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """SQuAD exact match and F1 (official normalisation, as fractions) of the best span of each
+    question over all its windows, and the windows' span loss.
+
+    SQuAD v2 data (`version_2_with_negative`): a question gets "" when its null score beats its
+    best span's by more than the null threshold. Without `null_threshold` the threshold with the
+    best F1 on these questions is chosen (on validation only, as the official v2 script's best_f1
+    does): it is the decision shipped (report["decision"]) and the test set's threshold, and the
+    scores taken at it are in-sample. With it (the test set, a saved run) the scores are at it.
+    """
+    from tfsft import qa
+
+    examples, windows, settings = reference.examples, reference.windows, reference.settings
+    spans = qa.best_spans(
+        logits, windows, examples, n_best=settings.n_best_size, max_answer_length=settings.max_answer_length
+    )
+    golds = examples.answer_texts()
+    metrics: dict[str, Any] = {f"{prefix}_loss": span_loss(logits, windows.positions, windows.encoded.lengths)}
+    report: dict[str, Any] = {}
+    answered = spans
+    if settings.version_2_with_negative:
+        if null_threshold is None:
+            _, null_threshold = qa.squad_v2_scores(spans, golds)
+            selection = "tuned on these questions (in-sample): the threshold with the best F1"
+        else:
+            selection = "fixed before scoring (chosen on validation)"
+        answered = [qa.apply_null_threshold(span, null_threshold) for span in spans]
+        scores = _has_answer_scores([span.answer for span in answered], golds)
+        metrics[f"{prefix}_null_threshold"] = float(null_threshold)
+        report["decision"] = {"null_threshold": float(null_threshold)}
+        report["threshold_selection"] = selection
+    else:
+        scores = qa.squad_scores([span.answer for span in answered], golds)
+    metrics.update({f"{prefix}_{name}": float(value) for name, value in scores.items()})
+    metrics[f"{prefix}_samples"] = len(examples)
+    metrics[f"{prefix}_windows"] = len(windows)
+    report["predictions"] = [
+        {"id": example_id, **span.to_dict()} for example_id, span in zip(examples.ids, answered)
+    ]
+    return metrics, report
+
+
+def _has_answer_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
+    """SQuAD v2 scores: overall, and over the questions with and without an answer."""
+    from tfsft import qa
+
+    scores = qa.squad_scores(predictions, golds)
+    for name, keep in (("has_ans", [bool(g) for g in golds]), ("no_ans", [not g for g in golds])):
+        chosen = [i for i, k in enumerate(keep) if k]
+        if chosen:
+            part = qa.squad_scores([predictions[i] for i in chosen], [golds[i] for i in chosen])
+            scores.update({f"{name}_{metric}": value for metric, value in part.items()})
+    return scores
+
+
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 """Multilabel decision thresholds tried on validation (0.05 to 0.95)."""
 
@@ -266,6 +347,9 @@ TASK_METRICS: dict[str, Callable[..., tuple[dict[str, float], dict[str, Any]]]] 
         labels, logits, label_map, prefix, decision.get("threshold")
     ),
     "ner": lambda labels, logits, label_map, prefix, decision: ner_metrics(labels, logits, label_map, prefix),
+    "qa": lambda reference, logits, label_map, prefix, decision: span_metrics(
+        reference, logits, label_map, prefix, decision.get("null_threshold")
+    ),
 }
 """Task -> f(labels, logits, label map, prefix, decision) -> (metrics, report). `decision` holds
 settings fixed by the user or chosen on validation (multilabel: the threshold); a report's

@@ -35,10 +35,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts, memory
-from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, LOWER_IS_BETTER, TASK_METRICS, TOKEN_TASKS, ExportConfig, RunConfig
+from tfsft.config import (
+    DEFAULT_MULTILABEL_THRESHOLD,
+    LOWER_IS_BETTER,
+    SPAN_TASKS,
+    TASK_METRICS,
+    TOKEN_TASKS,
+    ExportConfig,
+    RunConfig,
+)
 from tfsft.data import IGNORED_LABEL, Examples, LabelMap, LengthBatchedData, TokenExamples
 from tfsft.errors import ArtifactError
-from tfsft.evaluation import concat_padded, predict_logits, task_metrics
+from tfsft.evaluation import SpanReference, concat_padded, predict_logits, task_metrics
 from tfsft.modeling import feature_names, float32_model, float32_policy, tf
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch
 
@@ -924,6 +932,7 @@ def label_agreement(
     tolerance: float,
     threshold: Optional[float] = None,
     token_labels: Optional[np.ndarray] = None,
+    lengths: Optional[np.ndarray] = None,
 ) -> tuple[Optional[float], int]:
     """(share of the reference's decided predictions that `candidate` makes too, how many there are).
 
@@ -937,6 +946,8 @@ def label_agreement(
     """
     if task == "regression":
         return None, 0
+    if task in SPAN_TASKS:
+        return _span_agreement(candidate, reference, tolerance, lengths)
     if task == "multilabel":
         chosen = DEFAULT_MULTILABEL_THRESHOLD if threshold is None else float(threshold)
         cut = float(np.log(chosen / (1.0 - chosen)))
@@ -951,6 +962,24 @@ def label_agreement(
         agrees = candidate.argmax(-1) == reference.argmax(-1)
     count = int(decided.sum())
     return (float(agrees[decided].mean()) if count else None), count
+
+
+def _span_agreement(
+    candidate: np.ndarray, reference: np.ndarray, tolerance: float, lengths: Optional[np.ndarray]
+) -> tuple[Optional[float], int]:
+    """Question answering: per window, whether the most likely start and end tokens (over the
+    window's own tokens, `lengths`) are the same; decided when each is more than 2 x tolerance
+    ahead of the runner-up."""
+    agrees, decided = [], []
+    for row in range(len(reference)):
+        width = int(lengths[row]) if lengths is not None else reference.shape[1]
+        own, other = reference[row, :width], candidate[row, :width]
+        top_two = np.sort(own, axis=0)[-2:]
+        decided.append(bool(np.all(top_two[1] - top_two[0] > 2 * tolerance)))
+        agrees.append(bool(np.array_equal(own.argmax(0), other.argmax(0))))
+    decided_rows = np.asarray(decided, dtype=bool)
+    count = int(decided_rows.sum())
+    return (float(np.asarray(agrees)[decided_rows].mean()) if count else None), count
 
 
 def _scored_tokens(token_labels: Optional[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -982,6 +1011,8 @@ class _ParitySet:
     names: tuple[str, ...] = ()
     score_name: str = "accuracy"
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    references: dict[str, Any] = field(default_factory=dict)
+    """Question answering: each set's SpanReference (its windows and their questions)."""
 
     @property
     def threshold(self) -> Optional[float]:
@@ -991,7 +1022,8 @@ class _ParitySet:
         """The `score_name` metric, computed as the run's evaluation computes it, at the
         threshold the Predictor will use (the default one when the run recorded none)."""
         decision = {"threshold": DEFAULT_MULTILABEL_THRESHOLD, **(self.decision or {})}
-        metrics, _ = task_metrics(self.task, self.labels[name], logits, LabelMap(self.names), "parity", decision)
+        labels = self.references.get(name, self.labels[name])
+        metrics, _ = task_metrics(self.task, labels, logits, LabelMap(self.names), "parity", decision)
         return metrics[f"parity_{self.score_name}"]
 
 
@@ -1005,7 +1037,9 @@ def _parity_set(
     task: str = "classification",
     decision: Optional[dict[str, Any]] = None,
     score_name: str = "accuracy",
+    span: Optional[SpanReference] = None,
 ) -> _ParitySet:
+    """`span`: question answering's questions and windows (`encoded` are the windows)."""
     count = len(encoded)
     indices = {
         "batch_1": spread_by_length(encoded.lengths, MAX_SINGLE_EXAMPLES),
@@ -1025,7 +1059,16 @@ def _parity_set(
     return _ParitySet(
         data, keras, {name: labels[chosen] for name, chosen in indices.items()}, task, decision, label_names,
         score_name, {name: encoded.lengths[chosen] for name, chosen in indices.items()},
+        {} if span is None else {name: _span_subset(span, chosen) for name, chosen in indices.items()},
     )
+
+
+def _span_subset(span: SpanReference, chosen: np.ndarray) -> SpanReference:
+    """The windows at `chosen` and the questions they belong to (so a set scores only questions it has windows of)."""
+    windows = span.windows.subset(chosen)
+    questions = np.unique(windows.example_index)
+    remapped = dataclasses.replace(windows, example_index=np.searchsorted(questions, windows.example_index))
+    return SpanReference(span.examples.subset(questions.tolist()), remapped, span.settings)
 
 
 def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERANCE) -> dict[str, ParityResult]:
@@ -1036,7 +1079,9 @@ def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERAN
         logits = onnx_logits(session, data)
         reference = parity.keras[name]
         token_labels = parity.labels[name] if parity.task in TOKEN_TASKS else None
-        agreement, decided = label_agreement(parity.task, logits, reference, tolerance, parity.threshold, token_labels)
+        agreement, decided = label_agreement(
+            parity.task, logits, reference, tolerance, parity.threshold, token_labels, parity.lengths[name]
+        )
         results[name] = ParityResult(
             max_abs_diff=_max_abs_diff(logits, reference, parity.lengths[name]),
             label_agreement=agreement,
@@ -1081,6 +1126,16 @@ def _bundle_metadata(
         "pad_id": pad_id,
         "files": files,
         "decision": decision,
+        **(_span_settings(config) if config.model.task in SPAN_TASKS else {}),
+    }
+
+
+def _span_settings(config: RunConfig) -> dict[str, Any]:
+    """How the Predictor windows contexts and decodes answers: as the run's evaluation did."""
+    data = config.data
+    return {
+        "doc_stride": data.doc_stride, "max_answer_length": data.max_answer_length, "n_best_size": data.n_best_size,
+        "version_2_with_negative": data.version_2_with_negative,
     }
 
 
@@ -1119,7 +1174,14 @@ def export_bundle(
     examples, labels = validation_data
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
-    encoded, labels = examples.encode(encoder, labels)
+    span = None
+    if config.model.task in SPAN_TASKS:
+        from tfsft.qa import make_windows
+
+        windows = make_windows(encoder, examples, config.data.doc_stride)
+        encoded, labels, span = windows.encoded, windows.positions, SpanReference(examples, windows, config.data)
+    else:
+        encoded, labels = examples.encode(encoder, labels)
     artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
@@ -1130,7 +1192,9 @@ def export_bundle(
             decision = artifacts.read_decision(run_dir)
             with float32_policy():
                 model = float32_model(model)
-                report = _build_bundle(model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision)
+                report = _build_bundle(
+                    model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision, span
+                )
             del model
         report["stages"] = monitor.report()
         report["peak_rss_mb"] = round(monitor.peak_rss / memory.MB, 1)
@@ -1167,6 +1231,7 @@ def _build_bundle(
     labels: np.ndarray,
     tolerance: float,
     decision: dict[str, Any],
+    span: Optional[SpanReference] = None,
 ) -> dict[str, Any]:
     """Keras logits, convert, fuse, check, quantize, check: each stage frees what it no longer
     needs before the next starts, and onnxruntime sessions are opened one at a time."""
@@ -1178,7 +1243,8 @@ def _build_bundle(
     score_name = parity_score_name(config.model.task, config.train.metric_for_best_model)
     with memory.stage("keras_logits"):
         parity_set = _parity_set(
-            model, encoded, labels, encoder.pad_id, names, encoder.max_length, config.model.task, decision, score_name
+            model, encoded, labels, encoder.pad_id, names, encoder.max_length, config.model.task, decision, score_name,
+            span,
         )
     keras_score = parity_set.score(parity_set.keras["batch_8"], "batch_8")
     # Every model is written with external data first: onnx.load and onnxruntime's quantizer then
@@ -1301,6 +1367,12 @@ def record_validation(run_dir: str | os.PathLike, examples: Examples | TokenExam
     (`artifacts.VALIDATION_EXAMPLES`), for `export_run` to check parity on exactly those."""
     if isinstance(examples, TokenExamples):
         values: dict[str, Any] = {"kind": "tokens", "words": examples.words}
+    elif hasattr(examples, "contexts"):
+        values = {
+            "kind": "questions", "ids": examples.ids, "questions": examples.questions, "contexts": examples.contexts,
+            "answers": examples.answers, "source": examples.source, "format_version": RECORD_VERSION,
+        }
+        return artifacts.write_text(Path(run_dir) / artifacts.VALIDATION_EXAMPLES, json.dumps(values, ensure_ascii=False) + "\n")
     else:
         values = {"kind": "texts", "texts": examples.texts, "pairs": examples.pairs}
     values.update(labels=examples.labels, rows=examples.rows, source=examples.source, format_version=RECORD_VERSION)
@@ -1314,6 +1386,8 @@ def recorded_validation(run_dir: str | os.PathLike) -> Optional[Examples | Token
     if not path.exists():
         return None
     values = artifacts.read_json(path, "validation record")
+    if isinstance(values, dict) and values.get("kind") == "questions":
+        return _recorded_questions(values, path)
     try:
         kind, common = values["kind"], {"labels": values["labels"], "rows": values["rows"], "source": values["source"]}
         examples: Examples | TokenExamples
@@ -1332,3 +1406,21 @@ def recorded_validation(run_dir: str | os.PathLike) -> Optional[Examples | Token
             f"Corrupt validation record {path}: {detail}; delete it to re-read the validation data"
         ) from None
     return examples
+
+
+def _recorded_questions(values: dict[str, Any], path: Path) -> Any:
+    """The question-answering validation examples `record_validation` wrote."""
+    from tfsft.qa import QAExamples
+
+    try:
+        columns = [values[name] for name in ("ids", "questions", "contexts", "answers")]
+        if len({len(column) for column in columns}) != 1:
+            raise ValueError("its columns differ in length")
+        answers = [[(str(text), int(start)) for text, start in row] for row in values["answers"]]
+        return QAExamples(
+            ids=list(map(str, columns[0])), questions=list(columns[1]), contexts=list(columns[2]), answers=answers,
+            source=str(values["source"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise ArtifactError(f"Corrupt validation record {path}: {detail}; delete it to re-read the validation data") from None

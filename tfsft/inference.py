@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, TOKEN_TASKS
+from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, SPAN_TASKS, TOKEN_TASKS
 from tfsft.errors import ArtifactError, ConfigError, DataError
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls, split_words
 
@@ -87,7 +87,24 @@ class Entities:
         return [json.dumps(self.entities, ensure_ascii=False), json.dumps(self.truncated)]
 
 
-AnyPrediction = Union[Prediction, Score, LabelSet, Entities]
+@dataclass(frozen=True)
+class Answer:
+    """The answer a question-answering bundle found in a context: `answer == context[start:end]`
+    (character offsets), `score` the start plus end logit of the span ("" with no answer)."""
+
+    answer: str
+    start: int
+    end: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "start": self.start, "end": self.end, "score": self.score}
+
+    def csv_fields(self, labels: Sequence[str]) -> list[str]:
+        return [self.answer, str(self.start), str(self.end), f"{self.score:.6g}"]
+
+
+AnyPrediction = Union[Prediction, Score, LabelSet, Entities, Answer]
 """What the Predictor returns for one input, by the bundle's task."""
 
 LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {
@@ -95,6 +112,7 @@ LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {
     "regression": (1, 1),
     "multilabel": (2, None),
     "ner": (2, None),
+    "qa": (2, 2),
 }
 """Task -> (fewest, most) labels its bundle.json may name; the bundle's task must be one of these."""
 
@@ -281,12 +299,48 @@ class Predictor:
         order = np.argsort(encoded.lengths, kind="stable")
         return [order[start:end] for start, end in split_into_calls(encoded.lengths[order], self.batch_size)]
 
-    def predict(self, inputs: Sequence[TextInput]) -> list[AnyPrediction]:
+    def predict(self, inputs: Sequence[Any]) -> list[AnyPrediction]:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
-        a label with probabilities (classification), a score (regression) or a label set (multilabel)."""
+        a label with probabilities (classification), a score (regression), a label set
+        (multilabel), entity spans (ner), or for question answering, inputs
+        `{"question": ..., "context": ...}` (or `(question, context)`), an answer (`predict_answers`)."""
+        if self.bundle.task in SPAN_TASKS:
+            return self.predict_answers(inputs)
         if self.bundle.task in TOKEN_TASKS:
             return self.predict_entities(inputs)
         return _DECODERS[self.bundle.task](self.logits(inputs), self.bundle)
+
+    def predict_answers(self, inputs: Sequence[Any]) -> list[Answer]:
+        """The answer span of each question in its context, decoded as evaluation decodes it.
+
+        A context longer than one window is split into overlapping windows (the bundle's
+        doc_stride); every window of every question goes through the model in length-sorted
+        batches, and each question's best span over all its windows is its answer.
+        """
+        from tfsft import qa
+
+        pairs = [_question_context(item, position) for position, item in enumerate(inputs)]
+        if not pairs:
+            return []
+        examples = qa.QAExamples(
+            ids=[str(i) for i in range(len(pairs))], questions=[q for q, _ in pairs], contexts=[c for _, c in pairs],
+            answers=[[] for _ in pairs], source="inputs",
+        )
+        meta = self.bundle.metadata
+        windows = qa.make_windows(self.encoder, examples, int(meta.get("doc_stride", qa.DEFAULT_DOC_STRIDE)))
+        logits: list[Optional[np.ndarray]] = [None] * len(windows)
+        for indices in self._batches(windows.encoded):
+            batch = self._run(pad_batch(windows.encoded, indices, self.encoder.pad_id))
+            for row, i in enumerate(indices):
+                logits[i] = batch[row, : windows.encoded.lengths[i]]
+        threshold = (meta.get("decision") or {}).get("null_threshold")
+        spans = qa.best_spans(
+            logits, windows, examples,
+            n_best=int(meta.get("n_best_size", qa.DEFAULT_N_BEST)),
+            max_answer_length=int(meta.get("max_answer_length", qa.DEFAULT_MAX_ANSWER_LENGTH)),
+            null_threshold=None if threshold is None else float(threshold),
+        )
+        return [Answer(s.answer, int(s.start), int(s.end), float(s.score)) for s in spans]
 
     def predict_entities(self, inputs: Sequence[TextInput]) -> list[Entities]:
         """Entity spans of each text: split into words as CoNLL text is (`split_words`), one tag per
@@ -308,6 +362,22 @@ class Predictor:
 
     def predict_one(self, text: TextInput) -> AnyPrediction:
         return self.predict([text])[0]
+
+
+def _question_context(item: Any, position: int) -> tuple[str, str]:
+    """(question, context) of one question-answering input: a dict with both fields, or a pair."""
+    if isinstance(item, dict):
+        values = [item.get("question"), item.get("context")]
+    elif isinstance(item, (list, tuple)) and len(item) == 2:
+        values = list(item)
+    else:
+        raise ValueError(
+            f"input {position}: expected an object with 'question' and 'context' strings. Received: {item!r:.80}"
+        )
+    for name, value in zip(("question", "context"), values):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"input {position}: {name!r} must be a non-empty string. Received: {value!r:.60}")
+    return values[0], values[1]
 
 
 def _classify(logits: np.ndarray, bundle: Bundle) -> list[Prediction]:
@@ -516,6 +586,8 @@ class InputFields:
         nothing about an input file.
         """
         path = bundle.directory / artifacts.CONFIG_FILE
+        if bundle.task in SPAN_TASKS:
+            return cls((text_column or "question",), (text_pair_column or "context",), True)
         saved = artifacts.read_json(path, "run config") if path.is_file() and bundle.task not in TOKEN_TASKS else {}
         data = saved.get("data") if isinstance(saved, dict) else None
         columns = [data.get(name) if isinstance(data, dict) else None for name in ("text_column", "text_pair_column")]
@@ -637,7 +709,8 @@ def csv_header(labels: Sequence[str], task: str = "classification") -> str:
     buffer = io.StringIO()
     probabilities = [f"p_{label}" for label in labels]
     columns = {
-        "regression": ["score"], "ner": ["entities", "truncated"], "multilabel": ["labels", *probabilities]
+        "regression": ["score"], "ner": ["entities", "truncated"], "multilabel": ["labels", *probabilities],
+        "qa": ["answer", "start", "end", "score"],
     }.get(task, ["label", *probabilities])
     csv.writer(buffer, lineterminator="\n").writerow(columns)
     return buffer.getvalue()

@@ -25,7 +25,7 @@ from tfsft.checkpoint import (  # noqa: F401  (TF-free; re-exported for callers 
     weights_file,
 )
 from tfsft.artifacts import write_text
-from tfsft.config import TOKEN_TASKS
+from tfsft.config import SPAN_TASKS, TOKEN_TASKS
 from tfsft.data import LabelMap
 from tfsft.errors import ArtifactError, ConfigError
 from tfsft.runtime import import_tensorflow
@@ -158,12 +158,61 @@ def _saved_config_value(directory: Path, key: str) -> Any:
 
 def head_class(task: str, pooling: str):
     """The model class of a task's head with the given (resolved) pooling."""
+    if task in SPAN_TASKS:
+        return StackedSpanModel
     return _mean_pooled_class() if pooling == "mean" else model_class(task)
+
+
+class StackedSpanModel:
+    """`TFAutoModelForQuestionAnswering` whose output stacks the start and end logits into one
+    `logits` tensor [batch, length, 2] (channel 0 start, 1 end).
+
+    Every other tfsft head has one `logits` output, so training (one loss on `logits`),
+    evaluation, parity and export treat a span head as a token head with two channels. The
+    model is transformers' own class underneath (same layers, weights and saved
+    `architectures`), so a saved run loads with `TFAutoModelForQuestionAnswering` as well.
+    """
+
+    @staticmethod
+    def from_config(config):
+        return _stacked_span_class(_question_answering_class(config))(config)
+
+    @staticmethod
+    def from_pretrained(path: str, config=None, **kwargs: Any):
+        from transformers import AutoConfig
+
+        config = config if config is not None else AutoConfig.from_pretrained(path)
+        return _stacked_span_class(_question_answering_class(config)).from_pretrained(path, config=config, **kwargs)
+
+
+def _question_answering_class(config):
+    from transformers import TFAutoModelForQuestionAnswering
+
+    try:
+        return TFAutoModelForQuestionAnswering._model_mapping[type(config)]
+    except KeyError:
+        raise ConfigError(
+            f"--task qa: transformers has no TensorFlow question-answering head for model type "
+            f"{getattr(config, 'model_type', type(config).__name__)!r}"
+        ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _stacked_span_class(base):
+    from transformers.modeling_tf_outputs import TFTokenClassifierOutput
+
+    @functools.wraps(base.call)  # keeps call's signature: transformers reads the model's inputs from it
+    def call(self, *args, **kwargs):
+        outputs = base.call(self, *args, **kwargs)
+        logits = tf.stack([outputs.start_logits, outputs.end_logits], axis=-1)
+        return TFTokenClassifierOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    return type(base.__name__, (base,), {"call": call, "__doc__": StackedSpanModel.__doc__, "__module__": __name__})
 
 
 def resolve_pooling(requested: str, checkpoint: Path, model_type: str, task: str) -> str:
     """The pooling a new sequence head gets: `requested`, or under 'auto' what the checkpoint was trained with."""
-    if task in TOKEN_TASKS:
+    if task in TOKEN_TASKS or task in SPAN_TASKS:
         return "cls"
     if requested == "auto":
         pooling = checkpoint_pooling(checkpoint)

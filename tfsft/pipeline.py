@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import ExportConfig, RunConfig, parse_class_weights
+from tfsft.config import SPAN_TASKS, ExportConfig, RunConfig, parse_class_weights
 from tfsft.data import (
     STRATIFIED_TASKS,
     Examples,
@@ -47,7 +47,7 @@ from tfsft.checkpoint import (
     text_encoder,
     weights_file,
 )
-from tfsft.errors import ArtifactError, ConfigError, ExportFailed, RunInterrupted, TfsftError, stage
+from tfsft.errors import ArtifactError, ConfigError, DataError, ExportFailed, RunInterrupted, TfsftError, stage
 from tfsft.streaming import StreamCache, open_cache
 
 
@@ -222,6 +222,8 @@ def read_inputs(config: RunConfig) -> RunInputs:
             "validation": encode_labels(task, label_map, splits.validation, delimiter),
             "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
         }
+    if task in SPAN_TASKS and not config.data.version_2_with_negative:
+        _require_answers(splits)
     if task == "classification" and config.train.metric_for_best_model == "f1" and len(label_map.names) != 2:
         raise ConfigError(
             f"--metric_for_best_model f1 is the F1 of the second of two labels; {config.data.train_file or 'the data'} "
@@ -232,12 +234,25 @@ def read_inputs(config: RunConfig) -> RunInputs:
     _log(
         f"data: {len(train_labels)} train / {len(splits.validation)} validation"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
-        + f" examples, labels {list(label_map.names)}"
+        + (" questions" if task in SPAN_TASKS else f" examples, labels {list(label_map.names)}")
         + (" (training data streamed)" if stream is not None else "")
     )
     if stream is None:
         checkpoint, tokenizer, encoder = _open_checkpoint(config)
     return RunInputs(splits, labels, label_map, weights, stream, checkpoint, tokenizer, encoder, read_columns(splits))
+
+
+def _require_answers(splits: Splits) -> None:
+    """Without --version_2_with_negative every question of every split has an answer."""
+    for examples in (splits.train, splits.validation, splits.test):
+        if examples is None:
+            continue
+        missing = next((i for i, answers in enumerate(examples.answers) if not answers), None)
+        if missing is not None:
+            raise DataError(
+                f"{examples.source}: question {examples.ids[missing]!r} has no answer; pass "
+                "--version_2_with_negative for data with unanswerable questions (SQuAD v2)"
+            )
 
 
 def _finetune(
@@ -388,12 +403,28 @@ def _train_and_save(
     from tfsft.training import compile_model, fit, is_chief, make_strategy
 
     task = config.model.task
+    windows: dict[int, Any] = {}
+    """Question answering: each split's windows (`tfsft.qa.QAWindows`), by id of its examples."""
 
     def encode(examples: Examples, y: np.ndarray):
-        """Token ids, and the labels as the loss sees them (per-token ones aligned to word pieces)."""
+        """Token ids, and the labels as the loss sees them (per-token ones aligned to word pieces;
+        for question answering, the windows of each question and the answer's token positions)."""
+        if task in SPAN_TASKS:
+            from tfsft.qa import make_windows
+
+            windows[id(examples)] = split_windows = make_windows(encoder, examples, config.data.doc_stride)
+            return split_windows.encoded, split_windows.positions
         encoded, y = examples.encode(encoder, y)
         encoder.warn_truncated(encoded, examples.source)
         return encoded, y
+
+    def reference(examples: Examples, data: LengthBatchedData) -> Any:
+        """What `task_metrics` scores logits against: the labels, or the questions and windows."""
+        if task in SPAN_TASKS:
+            from tfsft.evaluation import SpanReference
+
+            return SpanReference(examples, windows[id(examples)], config.data)
+        return data.labels
 
     with stage("model"):
         strategy = make_strategy(config.train.strategy)
@@ -432,6 +463,7 @@ def _train_and_save(
         )
 
     validation_data = eval_data(splits.validation, labels["validation"])
+    validation_reference = reference(splits.validation, validation_data)
     with strategy.scope():
         compile_model(
             model, config.train, len(train_data) * config.train.num_train_epochs, task, steps_per_epoch=len(train_data)
@@ -441,7 +473,7 @@ def _train_and_save(
 
     def validation_scores(current_model) -> dict[str, float]:
         logits = predict_logits(current_model, validation_data)
-        scores, _ = task_metrics(task, validation_data.labels, logits, label_map, "eval", decision)
+        scores, _ = task_metrics(task, validation_reference, logits, label_map, "eval", decision)
         return {name[len("eval_"):]: value for name, value in scores.items() if name != "eval_samples"}
 
     with stage("training"):
@@ -459,13 +491,14 @@ def _train_and_save(
         record_validation(partial, splits.validation)
     with stage("evaluation"):
         logits = predict_logits(model, validation_data)
-        metrics, report = task_metrics(task, validation_data.labels, logits, label_map, "eval", decision)
+        metrics, report = task_metrics(task, validation_reference, logits, label_map, "eval", decision)
         write_evaluation(partial, metrics, report, "eval")
         if splits.test is not None:
             test_data = eval_data(splits.test, labels["test"])
             test_logits = predict_logits(model, test_data)
             decided = report.get("decision")
-            test_metrics, test_report = task_metrics(task, test_data.labels, test_logits, label_map, "test", decided)
+            test_reference = reference(splits.test, test_data)
+            test_metrics, test_report = task_metrics(task, test_reference, test_logits, label_map, "test", decided)
             write_evaluation(partial, test_metrics, test_report, "test")
             metrics.update(test_metrics)
     losses = [row["loss"] for row in history if "loss" in row]
@@ -479,6 +512,7 @@ def _train_and_save(
         epochs_resumed=len(losses) - epochs_run,
         replicas=replicas,
         padding_fraction=round(train_data.padding_fraction(), 4),
+        **({"train_windows": len(train_data.encoded)} if task in SPAN_TASKS else {}),
         newly_initialized=list(load_report.newly_initialized),
     )
     if weights is not None:
@@ -527,14 +561,22 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     from tfsft.modeling import feature_names, load_finetuned
 
     model = load_finetuned(model_dir, task)
-    encoded, labels = examples.encode(encoder, labels)
-    encoder.warn_truncated(encoded, file)
+    if task in SPAN_TASKS:
+        from tfsft.evaluation import SpanReference
+        from tfsft.qa import make_windows
+
+        windows = make_windows(encoder, examples, config.data.doc_stride)
+        encoded, labels, reference = windows.encoded, windows.positions, SpanReference(examples, windows, config.data)
+    else:
+        encoded, labels = examples.encode(encoder, labels)
+        encoder.warn_truncated(encoded, file)
+        reference = labels
     data = LengthBatchedData(
         encoded, labels, batch_size or config.train.per_device_eval_batch_size,
         shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),
     )
     decision = artifacts.read_decision(run)
-    metrics, report = task_metrics(task, labels, predict_logits(model, data), label_map, "eval", decision)
+    metrics, report = task_metrics(task, reference, predict_logits(model, data), label_map, "eval", decision)
     report["data_file"] = str(file)
     evaluations = run / EVALUATIONS_DIR
     name = Path(file).stem.lstrip(".") or "data"  # never "..": that would be the run itself

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import TOKEN_TASKS, AnyPrediction, PrecisionChoice, Predictor, TextInput, choose_precision
+from tfsft.inference import SPAN_TASKS, TOKEN_TASKS, AnyPrediction, PrecisionChoice, Predictor, TextInput, choose_precision
 
 
 @dataclass(frozen=True)
@@ -360,8 +360,10 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return b"".join(chunks)
 
 
-def parse_request(body: bytes, limits: Limits) -> list[Any]:
-    """The inputs of a /predict body: a list of texts or of [text, pair] lists.
+def parse_request(body: bytes, limits: Limits, task: Optional[str] = None) -> list[Any]:
+    """The inputs of a /predict body: a list of texts, of [text, pair] lists, or (question
+    answering) of {"question": ..., "context": ...} objects, as (question, context) pairs.
+    `task`: the bundle's task; inputs of a kind it does not take are refused.
 
     Raises:
         RequestError: naming the offending field or item.
@@ -373,11 +375,16 @@ def parse_request(body: bytes, limits: Limits) -> list[Any]:
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(f"body is not valid JSON: {str(error).splitlines()[0]}") from None
     if not isinstance(payload, dict):
-        raise RequestError('body must be a JSON object like {"texts": ["..."]} or {"pairs": [["...", "..."]]}')
-    keys = [key for key in ("texts", "pairs") if key in payload]
+        raise RequestError(
+            'body must be a JSON object like {"texts": ["..."]}, {"pairs": [["...", "..."]]} or '
+            '{"questions": [{"question": "...", "context": "..."}]}'
+        )
+    keys = [key for key in INPUT_KEYS if key in payload]
     if len(keys) != 1:
-        raise RequestError('body must have exactly one of the fields "texts" or "pairs"')
+        raise RequestError('body must have exactly one of the fields "texts", "pairs" or "questions"')
     key = keys[0]
+    if task is not None:
+        _check_kind(task, key)
     items = payload[key]
     if not isinstance(items, list):
         raise RequestError(f'"{key}" must be a list. Received: {type(items).__name__}')
@@ -387,20 +394,41 @@ def parse_request(body: bytes, limits: Limits) -> list[Any]:
         raise RequestError(f'"{key}" holds {len(items)} inputs; at most {limits.max_texts} per request', 413)
     for index, item in enumerate(items):
         _check_item(key, index, item, limits)
+    if key == "questions":
+        return [(item["question"], item["context"]) for item in items]
     return [tuple(item) for item in items] if key == "pairs" else items
 
 
+INPUT_KEYS = ("texts", "pairs", "questions")
+"""The fields a /predict body may hold its inputs in (exactly one)."""
+
+
 def _check_item(key: str, index: int, item: Any, limits: Limits) -> None:
-    texts = [item] if key == "texts" else item
-    if key == "pairs" and not (isinstance(item, list) and len(item) == 2):
-        raise RequestError(f'"pairs"[{index}] must be a list of two strings')
-    for text in texts:
+    if key == "questions":
+        if not isinstance(item, dict):
+            raise RequestError(f'"questions"[{index}] must be an object with "question" and "context" strings')
+        fields = {f'"questions"[{index}].{name}': item.get(name) for name in ("question", "context")}
+    else:
+        if key == "pairs" and not (isinstance(item, list) and len(item) == 2):
+            raise RequestError(f'"pairs"[{index}] must be a list of two strings')
+        fields = {f'"{key}"[{index}]': text for text in ([item] if key == "texts" else item)}
+    for where, text in fields.items():
         if not isinstance(text, str):
-            raise RequestError(f'"{key}"[{index}] must be a string. Received: {type(text).__name__}')
+            raise RequestError(f'{where} must be a string. Received: {type(text).__name__}')
         if not text.strip():
-            raise RequestError(f'"{key}"[{index}] is empty')
+            raise RequestError(f'{where} is empty')
         if len(text) > limits.max_chars:
-            raise RequestError(f'"{key}"[{index}] has {len(text)} characters; at most {limits.max_chars}', 413)
+            raise RequestError(f'{where} has {len(text)} characters; at most {limits.max_chars}', 413)
+
+
+def _check_kind(task: str, key: str) -> None:
+    """Refuse inputs of a kind the bundle's task does not take."""
+    if task in SPAN_TASKS and key != "questions":
+        raise RequestError('a question-answering model takes {"questions": [{"question": "...", "context": "..."}]}')
+    if task not in SPAN_TASKS and key == "questions":
+        raise RequestError(f'a {task} model takes "texts" or "pairs", not "questions"')
+    if task in TOKEN_TASKS and key == "pairs":
+        raise RequestError(f'a {task} model tags single texts: send "texts", not "pairs"')
 
 
 def create_app(
@@ -440,9 +468,7 @@ def create_app(
 
     async def predict(request: Request) -> JSONResponse:
         try:
-            inputs = parse_request(await read_body(request, limits), limits)
-            if bundle.task in TOKEN_TASKS and not isinstance(inputs[0], str):
-                raise RequestError(f'a {bundle.task} model tags single texts: send "texts", not "pairs"')
+            inputs = parse_request(await read_body(request, limits), limits, bundle.task)
         except RequestError as error:
             if error.refused:
                 metrics.refused.labels(error.refused).inc()

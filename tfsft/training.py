@@ -343,11 +343,27 @@ def _token_objective() -> tuple[Any, list]:
     return masked_token_loss, []
 
 
+def span_loss(y_true, y_pred):
+    """Mean of the start and end cross-entropies over each window's tokens (transformers' QA loss).
+    `y_true`: [batch, 2] token positions of the answer's first and last token ([CLS], 0, when the
+    window does not hold it); `y_pred`: [batch, length, 2] start and end logits."""
+    positions = tf.cast(y_true, tf.int32)
+    logits = tf.cast(y_pred, tf.float32)
+    start = tf.keras.losses.sparse_categorical_crossentropy(positions[:, 0], logits[:, :, 0], from_logits=True)
+    end = tf.keras.losses.sparse_categorical_crossentropy(positions[:, 1], logits[:, :, 1], from_logits=True)
+    return (start + end) / 2.0
+
+
+def _span_objective() -> tuple[Any, list]:
+    return span_loss, []
+
+
 TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
     "classification": _classification_objective,
     "regression": _regression_objective,
     "multilabel": _multilabel_objective,
     "ner": _token_objective,
+    "qa": _span_objective,
 }
 """Task -> (loss on the logits, Keras metrics logged per epoch)."""
 

@@ -1,10 +1,11 @@
-"""Classify every line of a CSV, TSV or JSONL file (or stdin) with an ONNX bundle.
+"""Predict every line of a CSV, TSV or JSONL file (or stdin) with an ONNX bundle.
 
 Predictions are written in input order as they are computed (JSONL objects with `label` and
 `probabilities`, or CSV rows), so large files stream in bounded memory. The text (and pair) are
 read from the columns the run trained on, as its config.json in the bundle records them, else
 from `text`/`sentence`/... (and `text_pair`/`sentence2`/...); --text_column and
---text_pair_column choose others.
+--text_pair_column choose others. A question-answering bundle reads `question` and `context` and
+writes `answer`, `start`, `end` (character offsets into the context) and `score`.
 """
 
 from __future__ import annotations
