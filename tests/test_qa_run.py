@@ -265,3 +265,28 @@ def test_saved_qa_model_loads_with_transformers_own_auto_class(qa_run):
     plain = theirs(inputs)
     np.testing.assert_allclose(stacked[..., 0], plain.start_logits.numpy(), atol=1e-6)
     np.testing.assert_allclose(stacked[..., 1], plain.end_logits.numpy(), atol=1e-6)
+
+
+def test_dataset_name_squad_reads_the_hub_rows(monkeypatch, squad_slices):
+    """`--dataset_name squad` through a stand-in `datasets` module serving the Hub's squad rows."""
+    import sys
+    import types
+
+    from tfsft.data import example_reader, load_splits
+
+    rows = squad_rows(squad_slices["dev"])
+    module = types.ModuleType("datasets")
+    module.load_dataset = lambda name, config_name=None: {"train": rows[:30], "validation": rows[30:]}
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    config = RunConfig.from_flat({"task": "qa", "dataset_name": "squad", "max_train_samples": 12})
+    splits = load_splits(config.data, 0, stratify=False, reader=example_reader("qa"))
+    assert len(splits.train) == 12 and len(splits.validation) == len(rows) - 30
+    assert splits.train.source == "squad[train]"
+    by_id = {row["id"]: row for row in rows}
+    for i, question_id in enumerate(splits.validation.ids):
+        row = by_id[question_id]
+        assert splits.validation.questions[i] == row["question"]
+        assert splits.validation.answers[i][0] == (row["answers"]["text"][0], row["answers"]["answer_start"][0])
+    rows[31]["answers"] = {"text": ["x"]}
+    with pytest.raises(DataError, match=r"squad\[validation\]: row 2: field 'answers'"):
+        load_splits(config.data, 0, stratify=False, reader=example_reader("qa"))
