@@ -201,24 +201,15 @@ def training_part(args) -> list[str]:
 def naive_answers(predictor, examples: qa.QAExamples) -> list:
     """Answers from one onnxruntime call per window (batch 1, unpadded) on the Predictor's session,
     decoded with the bundle's settings, as `Predictor.predict_answers` decodes."""
-    from tfsft.inference import Answer
     from tfsft.tokenize import pad_batch
 
-    meta = predictor.bundle.metadata
-    windows = qa.make_windows(predictor.encoder, examples, int(meta.get("doc_stride", qa.DEFAULT_DOC_STRIDE)))
+    windows = predictor.windows(examples)
     logits = []
     for i in range(len(windows)):
         padded = pad_batch(windows.encoded, [i], predictor.encoder.pad_id, 1)
         feed = {name: padded[name].astype(predictor.input_dtypes[name], copy=False) for name in predictor.bundle.inputs}
         logits.append(predictor.session.run(None, feed)[0][0, : windows.encoded.lengths[i]])
-    threshold = (meta.get("decision") or {}).get("null_threshold")
-    spans = qa.best_spans(
-        logits, windows, examples,
-        n_best=int(meta.get("n_best_size", qa.DEFAULT_N_BEST)),
-        max_answer_length=int(meta.get("max_answer_length", qa.DEFAULT_MAX_ANSWER_LENGTH)),
-        null_threshold=None if threshold is None else float(threshold),
-    )
-    return [Answer(s.answer, int(s.start), int(s.end), float(s.score)) for s in spans]
+    return predictor.decode_answers(logits, windows, examples)
 
 
 def interleaved(steps: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:

@@ -326,13 +326,27 @@ class Predictor:
             ids=[str(i) for i in range(len(pairs))], questions=[q for q, _ in pairs], contexts=[c for _, c in pairs],
             answers=[[] for _ in pairs], source="inputs",
         )
-        meta = self.bundle.metadata
-        windows = qa.make_windows(self.encoder, examples, int(meta.get("doc_stride", qa.DEFAULT_DOC_STRIDE)))
+        windows = self.windows(examples)
         logits: list[Optional[np.ndarray]] = [None] * len(windows)
         for indices in self._batches(windows.encoded):
             batch = self._run(pad_batch(windows.encoded, indices, self.encoder.pad_id))
             for row, i in enumerate(indices):
                 logits[i] = batch[row, : windows.encoded.lengths[i]]
+        return self.decode_answers(logits, windows, examples)
+
+    def windows(self, examples: Any) -> Any:
+        """The model inputs of question-answering examples (`tfsft.qa.QAExamples`): windows of
+        question and context, cut with the bundle's doc_stride as training cut them."""
+        from tfsft import qa
+
+        return qa.make_windows(self.encoder, examples, int(self.bundle.metadata.get("doc_stride", qa.DEFAULT_DOC_STRIDE)))
+
+    def decode_answers(self, logits: Sequence[np.ndarray], windows: Any, examples: Any) -> list[Answer]:
+        """Each question's best span from its windows' start/end logits, decoded with the bundle's
+        settings (n-best, longest answer, the null threshold of a SQuAD v2 run) as evaluation did."""
+        from tfsft import qa
+
+        meta = self.bundle.metadata
         threshold = (meta.get("decision") or {}).get("null_threshold")
         spans = qa.best_spans(
             logits, windows, examples,
