@@ -164,6 +164,14 @@ class SpanReference:
     settings: DataConfig
 
 
+def span_reference(encoder: Any, examples: Any, settings: DataConfig) -> SpanReference:
+    """Question-answering examples cut into their windows (`settings.doc_stride`), with what
+    scores them: the windows' `encoded` and `positions` are the model's inputs and labels."""
+    from tfsft.qa import make_windows
+
+    return SpanReference(examples, make_windows(encoder, examples, settings.doc_stride), settings)
+
+
 def span_loss(logits: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> float:
     """Mean over windows of the start and end cross-entropies, each over the window's own tokens."""
     total = 0.0

@@ -46,7 +46,7 @@ from tfsft.config import (
 )
 from tfsft.data import IGNORED_LABEL, Examples, LabelMap, LengthBatchedData, TokenExamples
 from tfsft.errors import ArtifactError
-from tfsft.evaluation import SpanReference, concat_padded, predict_logits, task_metrics
+from tfsft.evaluation import SpanReference, concat_padded, predict_logits, span_reference, task_metrics
 from tfsft.modeling import feature_names, float32_model, float32_policy, tf
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch
 
@@ -1176,10 +1176,8 @@ def export_bundle(
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
     span = None
     if config.model.task in SPAN_TASKS:
-        from tfsft.qa import make_windows
-
-        windows = make_windows(encoder, examples, config.data.doc_stride)
-        encoded, labels, span = windows.encoded, windows.positions, SpanReference(examples, windows, config.data)
+        span = span_reference(encoder, examples, config.data)
+        encoded, labels = span.windows.encoded, span.windows.positions
     else:
         encoded, labels = examples.encode(encoder, labels)
     artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)

@@ -403,28 +403,24 @@ def _train_and_save(
     from tfsft.training import compile_model, fit, is_chief, make_strategy
 
     task = config.model.task
-    windows: dict[int, Any] = {}
-    """Question answering: each split's windows (`tfsft.qa.QAWindows`), by id of its examples."""
+    span_references: dict[int, Any] = {}
+    """Question answering: each split's windows and questions (`SpanReference`), by id of its examples."""
 
     def encode(examples: Examples, y: np.ndarray):
         """Token ids, and the labels as the loss sees them (per-token ones aligned to word pieces;
         for question answering, the windows of each question and the answer's token positions)."""
         if task in SPAN_TASKS:
-            from tfsft.qa import make_windows
+            from tfsft.evaluation import span_reference
 
-            windows[id(examples)] = split_windows = make_windows(encoder, examples, config.data.doc_stride)
-            return split_windows.encoded, split_windows.positions
+            span_references[id(examples)] = split = span_reference(encoder, examples, config.data)
+            return split.windows.encoded, split.windows.positions
         encoded, y = examples.encode(encoder, y)
         encoder.warn_truncated(encoded, examples.source)
         return encoded, y
 
     def reference(examples: Examples, data: LengthBatchedData) -> Any:
         """What `task_metrics` scores logits against: the labels, or the questions and windows."""
-        if task in SPAN_TASKS:
-            from tfsft.evaluation import SpanReference
-
-            return SpanReference(examples, windows[id(examples)], config.data)
-        return data.labels
+        return span_references[id(examples)] if task in SPAN_TASKS else data.labels
 
     with stage("model"):
         strategy = make_strategy(config.train.strategy)
@@ -562,11 +558,10 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
 
     model = load_finetuned(model_dir, task)
     if task in SPAN_TASKS:
-        from tfsft.evaluation import SpanReference
-        from tfsft.qa import make_windows
+        from tfsft.evaluation import span_reference
 
-        windows = make_windows(encoder, examples, config.data.doc_stride)
-        encoded, labels, reference = windows.encoded, windows.positions, SpanReference(examples, windows, config.data)
+        reference = span_reference(encoder, examples, config.data)
+        encoded, labels = reference.windows.encoded, reference.windows.positions
     else:
         encoded, labels = examples.encode(encoder, labels)
         encoder.warn_truncated(encoded, file)
