@@ -51,6 +51,11 @@ DEFAULT_MULTILABEL_THRESHOLD = 0.5
 CLASS_WEIGHT_MODES = frozenset({"balanced"})
 WEIGHTED_TASKS = frozenset({"classification"})
 """Tasks whose examples --class_weights can weigh."""
+FEW_SHOT_MODES = frozenset({"auto", "on", "off"})
+FEW_SHOT_TASKS = frozenset({"classification", "multilabel"})
+"""Tasks --few_shot trains: one label (or label set) per text, so texts can be paired by label."""
+FEW_SHOT_MAX_PER_CLASS = 64
+"""--few_shot auto turns on when the smallest class has at most this many training examples."""
 
 
 def _field(default: Any, help: str, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -171,6 +176,12 @@ class DataConfig:
     streaming_cache_dir: Optional[str] = _field(
         None, "--streaming: where token caches are kept; default ~/.cache/tfsft/streaming."
     )
+    unlabeled_file: Optional[str] = _field(
+        None,
+        "--few_shot self-training: texts without labels, one per line (.txt) or a CSV/TSV/JSONL file with "
+        "the training data's text column(s); the model labels them and retrains on the confident ones.",
+    )
+    max_unlabeled_samples: Optional[int] = _field(None, "Use a seeded random sample of this many --unlabeled_file texts.")
 
     def __post_init__(self) -> None:
         _require(len(self.label_delimiter) > 0, "label_delimiter", self.label_delimiter, "a non-empty string")
@@ -179,7 +190,7 @@ class DataConfig:
         _require(self.doc_stride >= 1, "doc_stride", self.doc_stride, "a positive integer")
         _require(self.max_answer_length >= 1, "max_answer_length", self.max_answer_length, "a positive integer")
         _require(self.n_best_size >= 1, "n_best_size", self.n_best_size, "a positive integer")
-        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_unlabeled_samples"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "a positive integer")
         _require(
@@ -247,6 +258,28 @@ class TrainConfig:
         None, "Stop after this many epochs without improvement of --metric_for_best_model."
     )
     logging_steps: int = _field(20, "Write loss and learning rate to TensorBoard every this many steps.")
+    few_shot: str = _field(
+        "auto",
+        "Few labels (SetFit): 'on' trains the encoder contrastively on pairs of labelled texts (same class "
+        "pulled together, different classes pushed apart), then fits the head by logistic regression on its "
+        "embeddings; 'auto' (recorded in config.json as on or off) is on when the smallest class has at most "
+        f"{FEW_SHOT_MAX_PER_CLASS} training examples and the checkpoint is a sentence encoder (mean pooling, as "
+        "the embedded MiniLM); classification and multilabel.",
+    )
+    few_shot_pairs: int = _field(20, "--few_shot: sentence pairs drawn per labelled example (half same-class, half not).")
+    few_shot_epochs: int = _field(1, "--few_shot: passes over the sentence pairs.")
+    few_shot_batch_size: int = _field(16, "--few_shot: sentence pairs per batch (per replica) of the contrastive stage.")
+    few_shot_learning_rate: float = _field(2e-5, "--few_shot: peak learning rate of the contrastive stage.")
+    few_shot_end_to_end_epochs: int = _field(
+        0, "--few_shot: epochs of ordinary fine-tuning (encoder and head) after the head is fitted; 0: none."
+    )
+    pseudo_label_threshold: float = _field(
+        0.9, "--unlabeled_file: probability a prediction needs to become a pseudo-label."
+    )
+    pseudo_labels_per_class: int = _field(
+        64, "--unlabeled_file: most pseudo-labels added per class in one self-training round (the most confident)."
+    )
+    self_training_rounds: int = _field(1, "--unlabeled_file: rounds of label, keep the confident, retrain.")
 
     def __post_init__(self) -> None:
         for name in (
@@ -281,6 +314,13 @@ class TrainConfig:
         _require(threshold is None or 0 < threshold < 1, "multilabel_threshold", threshold, "a float in (0, 1)")
         patience = self.early_stopping_patience
         _require(patience is None or patience >= 1, "early_stopping_patience", patience, "a positive integer")
+        _require(self.few_shot in FEW_SHOT_MODES, "few_shot", self.few_shot, f"one of {sorted(FEW_SHOT_MODES)}")
+        for name in ("few_shot_pairs", "few_shot_epochs", "few_shot_batch_size", "pseudo_labels_per_class", "self_training_rounds"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        _require(self.few_shot_end_to_end_epochs >= 0, "few_shot_end_to_end_epochs", self.few_shot_end_to_end_epochs, "an integer >= 0")
+        _require(0 < self.few_shot_learning_rate < 1, "few_shot_learning_rate", self.few_shot_learning_rate, "a float in (0, 1)")
+        threshold = self.pseudo_label_threshold
+        _require(0 < threshold < 1, "pseudo_label_threshold", threshold, "a float in (0, 1)")
 
 
 def parse_class_weights(value: Optional[str]) -> Optional[str | dict[str, float]]:
@@ -394,6 +434,21 @@ class RunConfig:
         )
         if self.data.streaming:
             self._check_streaming()
+        self._check_few_shot()
+
+    def _check_few_shot(self) -> None:
+        """--few_shot on needs a task with labels to pair, a single machine and examples in memory;
+        --unlabeled_file is only read by its self-training."""
+        task, mode = self.model.task, self.train.few_shot
+        if mode == "on":
+            _require(task in FEW_SHOT_TASKS, "few_shot", mode, f"off for --task {task} (it pairs texts by label: {sorted(FEW_SHOT_TASKS)})")
+            _require(not self.data.streaming, "few_shot", mode, "off with --streaming (pairs need the examples in memory)")
+            _require(self.train.strategy != "multiworker", "few_shot", mode, "off with --strategy multiworker")
+        if self.data.unlabeled_file is not None:
+            _require(
+                mode != "off" and task in FEW_SHOT_TASKS, "unlabeled_file", self.data.unlabeled_file,
+                "no value unless --few_shot is on or auto (its self-training reads it) for classification or multilabel",
+            )
 
     def _check_streaming(self) -> None:
         """--streaming reads the training file once, in order: what needs it whole is refused."""

@@ -449,6 +449,40 @@ def read_examples(path: str, config: DataConfig) -> Examples:
     return records_to_examples(records, text, pair, label, path)
 
 
+def read_unlabeled(path: str, config: DataConfig, columns: tuple[Optional[str], Optional[str]]) -> Examples:
+    """Texts without labels for self-training (--unlabeled_file): one per line of a .txt file, or
+    the `columns` (text, pair; the training data's, else the usual defaults) of a CSV/TSV/JSONL
+    file. Blank lines of a .txt file are skipped; a blank text in a column is an error."""
+    text_column, pair_column = columns
+    if Path(path).suffix.lower() == ".txt":
+        text = _decode(_check_path(path))
+        if pair_column is not None:
+            raise DataError(
+                f"{path}: a .txt file holds one text per line, but the training data are text pairs "
+                f"({text_column!r}, {pair_column!r}): give a CSV, TSV or JSONL file with both columns"
+            )
+        rows = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        if not rows:
+            raise DataError(f"{path}: file holds no texts")
+        texts = [line for _, line in rows]
+        return Examples(texts, None, [""] * len(texts), [number for number, _ in rows], path)
+    names, records = read_records(path, config.no_header)
+    text_column = text_column or config.text_column or next((c for c in TEXT_COLUMN_DEFAULTS if c in names), None)
+    if text_column is None:
+        raise DataError(
+            f"{path}: no text column found: expected one of {list(TEXT_COLUMN_DEFAULTS)} or pass --text_column. "
+            f"Received columns: {names}"
+        )
+    for name, column in (("text_column", text_column), ("text_pair_column", pair_column)):
+        if column is not None and column not in names:
+            raise DataError(f"{path}: missing column {column!r} (--{name}). Received columns: {names}")
+    texts = [_text_field(record.get(text_column), path, number, text_column) for number, record in records]
+    pairs = None if pair_column is None else [
+        _text_field(record.get(pair_column), path, number, pair_column) for number, record in records
+    ]
+    return Examples(texts, pairs, [""] * len(texts), [number for number, _ in records], path)
+
+
 def read_columns(splits: "Splits") -> dict[str, Optional[str]]:
     """The columns every split was read from, as config fields, so the run's config.json says
     what trained; empty when they differ between splits or were never named (the embedded data

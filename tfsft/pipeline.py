@@ -11,6 +11,7 @@ finetune command again finishes the export.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from tfsft.data import (
     example_reader,
     load_splits,
     read_columns,
+    read_unlabeled,
     sample,
     task_label_map,
 )
@@ -102,6 +104,8 @@ def awaits_export(config: RunConfig, output_dir: Path) -> bool:
         return False
     columns = ("text_column", "text_pair_column", "label_column")  # the run recorded the ones it detected
     detected = {name: getattr(saved.data, name) for name in columns if getattr(config.data, name) is None}
+    if config.train.few_shot == "auto":  # and what --few_shot auto resolved to
+        detected["few_shot"] = saved.train.few_shot
     return saved.replace(overwrite_output_dir=False) == config.replace(overwrite_output_dir=False, **detected)
 
 
@@ -197,6 +201,8 @@ class RunInputs:
     tokenizer: Any
     encoder: Any
     columns: dict[str, Optional[str]]
+    unlabeled: Optional[Examples] = None
+    """--unlabeled_file's texts (self-training under --few_shot)."""
 
 
 def read_inputs(config: RunConfig) -> RunInputs:
@@ -239,7 +245,20 @@ def read_inputs(config: RunConfig) -> RunInputs:
     )
     if stream is None:
         checkpoint, tokenizer, encoder = _open_checkpoint(config)
-    return RunInputs(splits, labels, label_map, weights, stream, checkpoint, tokenizer, encoder, read_columns(splits))
+    columns = read_columns(splits)
+    unlabeled = None
+    if config.data.unlabeled_file is not None:
+        with stage("data"):
+            train_columns = getattr(splits.train, "columns", None) or (None, None, None)
+            unlabeled = read_unlabeled(config.data.unlabeled_file, config.data, train_columns[:2])
+            if (unlabeled.pairs is None) != (splits.train.pairs is None):
+                raise DataError(
+                    f"{config.data.unlabeled_file}: the training data are "
+                    f"{'single texts' if splits.train.pairs is None else 'text pairs'}, the unlabelled texts are not"
+                )
+            unlabeled = sample(unlabeled, config.data.max_unlabeled_samples, config.train.seed)
+        _log(f"data: {len(unlabeled)} unlabelled texts for self-training")
+    return RunInputs(splits, labels, label_map, weights, stream, checkpoint, tokenizer, encoder, columns, unlabeled)
 
 
 def _require_answers(splits: Splits) -> None:
@@ -280,6 +299,7 @@ def _finetune(
     config = config.replace(**inputs.columns)  # config.json names the columns that trained
     splits, labels, label_map, weights, stream = inputs.splits, inputs.labels, inputs.label_map, inputs.weights, inputs.stream
     checkpoint, tokenizer, encoder = inputs.checkpoint, inputs.tokenizer, inputs.encoder
+    config = config.replace(few_shot=_resolve_few_shot(config, inputs))  # config.json says on or off
 
     from tfsft.training import set_precision, set_seed
 
@@ -289,7 +309,8 @@ def _finetune(
     _log(f"writing the run to {output_dir} (in progress: {partial})")
     try:
         metrics, model = _train_and_save(
-            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights, stream
+            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights, stream,
+            inputs.unlabeled,
         )
     except KeyboardInterrupt:
         multiworker = config.train.strategy == "multiworker"
@@ -318,6 +339,24 @@ def _finetune(
         _export_published(output_dir, lambda: _export_trained(model, output_dir, validation))
     _log(f"done: {output_dir}")
     return FinetuneResult(metrics=metrics, run_dir=output_dir)
+
+
+def _resolve_few_shot(config: RunConfig, inputs: RunInputs) -> str:
+    """'on' or 'off': what --few_shot (auto: by the smallest class and the checkpoint's pooling) means for this run."""
+    from tfsft.few_shot import resolve_few_shot
+    from tfsft.modeling import resolve_pooling
+
+    model_type = checkpoint_config(inputs.checkpoint).get("model_type", "")
+    pooling = resolve_pooling(config.model.pooling, inputs.checkpoint, model_type, config.model.task)
+    on, why = resolve_few_shot(config, inputs.labels["train"], len(inputs.label_map.names), pooling)
+    if config.train.few_shot != "off":
+        _log(f"few-shot {'on' if on else 'off'}: {why}")
+    if not on and config.data.unlabeled_file is not None:
+        raise ConfigError(
+            f"--unlabeled_file is read by the few-shot self-training, which is off for this run ({why}); pass "
+            f"--few_shot on or leave --unlabeled_file out. Received: unlabeled_file={config.data.unlabeled_file!r}"
+        )
+    return "on" if on else "off"
 
 
 def _open_checkpoint(config: RunConfig):
@@ -390,12 +429,14 @@ def _streaming_splits(config: RunConfig, encoder) -> tuple[StreamCache, Splits]:
 
 
 def _train_and_save(
-    config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights=None, stream=None
+    config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights=None, stream=None,
+    unlabeled=None,
 ):
     """Build, fit, evaluate and save into `partial`; returns (metrics, model).
 
     `weights`: per-class loss weights by label id (--class_weights), fed as sample weights.
     `stream`: the training file's StreamCache under --streaming (then `splits.train` is None).
+    `unlabeled`: --unlabeled_file's examples, for the self-training of --few_shot.
     """
     from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
     from tfsft.modeling import build_classifier, feature_names, save_pretrained
@@ -460,9 +501,13 @@ def _train_and_save(
 
     validation_data = eval_data(splits.validation, labels["validation"])
     validation_reference = reference(splits.validation, validation_data)
+    few_shot = config.train.few_shot == "on"
+    fit_config = config.train
+    if few_shot:
+        fit_config = dataclasses.replace(config.train, num_train_epochs=max(config.train.few_shot_end_to_end_epochs, 1))
     with strategy.scope():
         compile_model(
-            model, config.train, len(train_data) * config.train.num_train_epochs, task, steps_per_epoch=len(train_data)
+            model, fit_config, len(train_data) * fit_config.num_train_epochs, task, steps_per_epoch=len(train_data)
         )
 
     decision = {"threshold": config.train.multilabel_threshold}
@@ -472,11 +517,24 @@ def _train_and_save(
         scores, _ = task_metrics(task, validation_reference, logits, label_map, "eval", decision)
         return {name[len("eval_"):]: value for name, value in scores.items() if name != "eval_samples"}
 
+    few_shot_report: dict[str, Any] = {}
+    history, epochs_run, seconds = [], 0, 0.0
     with stage("training"):
-        history, epochs_run, seconds = fit(
-            model, train_data, validation_data, config.train, partial, callbacks, verbose,
-            validation_scores=None if keras_scores(task, config.train.metric_for_best_model) else validation_scores,
-        )
+        if few_shot:
+            from tfsft.few_shot import few_shot_train
+
+            few_shot_report = few_shot_train(
+                model, train_data.encoded, labels["train"], label_map.names, config.train, strategy=strategy,
+                feature_names=names, pad_id=encoder.pad_id,
+                unlabeled=None if unlabeled is None else unlabeled.encode(encoder, None)[0],
+                sample_weights=None if weights is None else weights[labels["train"]], verbose=verbose,
+            )
+        if not few_shot or config.train.few_shot_end_to_end_epochs:
+            history, epochs_run, seconds = fit(
+                model, train_data, validation_data, fit_config, partial, callbacks, verbose,
+                validation_scores=None if keras_scores(task, config.train.metric_for_best_model) else validation_scores,
+            )
+        seconds += few_shot_report.get("few_shot_seconds", 0.0)
     if not is_chief(strategy):
         return _worker_metrics(history, epochs_run, seconds, replicas), model
 
@@ -510,6 +568,8 @@ def _train_and_save(
         padding_fraction=round(train_data.padding_fraction(), 4),
         **({"train_windows": len(train_data.encoded)} if task in SPAN_TASKS else {}),
         newly_initialized=list(load_report.newly_initialized),
+        few_shot=config.train.few_shot,
+        **few_shot_report,
     )
     if weights is not None:
         metrics["class_weights"] = {name: round(float(w), 6) for name, w in zip(label_map.names, weights)}
