@@ -365,3 +365,39 @@ def test_few_shot_on_refuses_a_head_it_cannot_fit():
 
     with pytest.raises(ConfigError, match="--few_shot on needs a model"):
         check_few_shot_model(Headless())
+
+
+def test_few_shot_text_pairs_with_unlabeled_pairs(tmp_path, tiny_checkpoint, mrpc_slices):
+    """MRPC: each example is a sentence pair embedded jointly; the unlabelled file gives pairs too."""
+    from tfsft import finetune
+
+    columns = dict(text_column="#1 String", text_pair_column="#2 String", label_column="Quality")
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(mrpc_slices["train"]), max_train_samples=24,
+        validation_file=str(mrpc_slices["test"]), max_eval_samples=32, max_seq_length=64, pooling="mean",
+        few_shot="on", few_shot_pairs=2, unlabeled_file=str(mrpc_slices["test"]), max_unlabeled_samples=40,
+        pseudo_label_threshold=0.5, pseudo_labels_per_class=3, output_dir=str(tmp_path / "run"), export=False,
+        **columns,
+    ))
+    metrics = finetune(config, verbose=0).metrics
+    assert metrics["few_shot"] == "on" and metrics["few_shot_pairs_trained"] == 24 * 2
+    assert metrics["self_training"][0]["candidates"] == 40 and "eval_f1" in metrics
+
+
+def test_few_shot_multilabel_run(tmp_path, tiny_checkpoint, sst2_slices):
+    from tfsft import finetune
+
+    rows = [line.rsplit("\t", 1) for line in Path(sst2_slices["train"]).read_text(encoding="utf-8").splitlines()[1:25]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(
+        json.dumps({"text": text, "labels": ["pos" if label == "1" else "neg"] + (["short"] if len(text.split()) < 6 else [])}) + "\n"
+        for text, label in rows
+    ), encoding="utf-8")
+    config = RunConfig.from_flat(dict(
+        task="multilabel", model_name_or_path=str(tiny_checkpoint), train_file=str(train), validation_file=str(train),
+        label_column="labels", max_seq_length=48, pooling="mean", few_shot_pairs=2, output_dir=str(tmp_path / "run"),
+        export=False,
+    ))
+    metrics = finetune(config, verbose=0).metrics
+    assert metrics["few_shot"] == "on"  # auto: every label has at most 64 examples, mean pooling
+    assert 0 <= metrics["few_shot_head_train_accuracy"] <= 1 and "eval_f1_micro" in metrics
