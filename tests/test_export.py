@@ -357,9 +357,41 @@ def test_skipping_the_quantizers_second_shape_inference_changes_nothing(exported
 
     source = exported[1] / artifacts.ONNX_DIR / artifacts.BUNDLE_MODEL_FUSED
     quantize_int8(source, tmp_path / "lean.onnx")
-    quantize_dynamic(str(source), str(tmp_path / "stock.onnx"), weight_type=QuantType.QInt8,
+    quantize_dynamic(str(source), str(tmp_path / "stock.onnx"), weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": TensorProto.FLOAT})
     assert (tmp_path / "lean.onnx").read_bytes() == (tmp_path / "stock.onnx").read_bytes()
+
+
+def quantized_weight_columns(path: Path) -> dict[str, tuple[str, int, int]]:
+    """{node: (op type, weight columns, weight zero points)} for the int8 graph's MatMulInteger and
+    QAttention nodes: one zero point per column is a per-channel weight, one in all a per-tensor one."""
+    import onnx
+
+    model = onnx.load(str(path))
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    zero_point_input = {"MatMulInteger": 3, "QAttention": 7}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in zero_point_input:
+            weight, zero_point = initializers[node.input[1]], initializers[node.input[zero_point_input[node.op_type]]]
+            found[node.name] = (node.op_type, int(weight.dims[-1]), int(np.prod(zero_point.dims)))
+    return found
+
+
+def test_int8_weights_have_a_scale_per_output_column(exported):
+    """Every quantized MatMul and Attention of the int8 model, the classifier head included, is
+    quantized per output column, and the report says so."""
+    import onnx
+
+    bundle = exported[1] / artifacts.ONNX_DIR
+    fused = [node.op_type for node in onnx.load(str(bundle / artifacts.BUNDLE_MODEL_FUSED)).graph.node]
+    columns = quantized_weight_columns(bundle / artifacts.BUNDLE_MODEL_INT8)
+    kinds = [kind for kind, _, _ in columns.values()]
+    assert kinds.count("MatMulInteger") == fused.count("MatMul")
+    assert kinds.count("QAttention") == fused.count("Attention")
+    assert {name: width for name, (_, width, _) in columns.items()} == {
+        name: points for name, (_, _, points) in columns.items()}
+    assert exported[4]["int8"]["weight_scales"] == "per_channel"
 
 
 def test_a_model_that_nothing_fuses_ships_plain_and_is_quantized_from_it(tmp_path, tiny_checkpoint, sst2_slices,

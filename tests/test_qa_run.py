@@ -147,6 +147,50 @@ def test_qa_bundle_matches_keras_and_answers_like_evaluation(qa_run, squad_slice
         predictor.predict([{"question": "q", "context": "c"}, {"question": "q", "context": " "}])
 
 
+def test_qa_int8_quantizes_every_weight_per_column_and_reports_its_f1_drop(qa_run):
+    """The span head and every encoder MatMul and Attention of the int8 model have a scale per
+    output column (one per matrix cost QA several F1 points: start and end argmaxes are sensitive
+    to rounding noise), and the report's int8 F1 and drop are the int8 model's, recomputed here."""
+    import onnx
+    import onnxruntime as ort
+
+    from tfsft.data import LabelMap, LengthBatchedData
+    from tfsft.evaluation import span_metrics, span_reference
+    from tfsft.export import recorded_validation
+    from tfsft.tokenize import TextEncoder
+
+    run_dir, bundle = qa_run.run_dir, qa_run.run_dir / artifacts.ONNX_DIR
+    model = onnx.load(str(bundle / artifacts.BUNDLE_MODEL_INT8))
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    zero_point_input = {"MatMulInteger": 3, "QAttention": 7}
+    quantized = [node for node in model.graph.node if node.op_type in zero_point_input]
+    fused = [node.op_type for node in onnx.load(str(bundle / artifacts.BUNDLE_MODEL_FUSED)).graph.node]
+    assert len(quantized) == fused.count("MatMul") + fused.count("Attention")
+    assert any("qa_outputs" in node.input[1] for node in quantized), "the span head is quantized"
+    for node in quantized:
+        columns = initializers[node.input[1]].dims[-1]
+        zero_points = initializers[node.input[zero_point_input[node.op_type]]].dims
+        assert list(zero_points) == [columns], (node.name, list(zero_points))
+
+    report = json.loads((bundle / artifacts.BUNDLE_REPORT).read_text())
+    meta = json.loads((bundle / artifacts.BUNDLE_FILE).read_text())
+    config = artifacts.read_config(run_dir)
+    encoder = TextEncoder.from_file(bundle / artifacts.BUNDLE_TOKENIZER, MAX_SEQ_LENGTH)
+    reference = span_reference(encoder, recorded_validation(run_dir), config.data)
+    data = LengthBatchedData(reference.windows.encoded, None, 8, shuffle=False, pad_id=encoder.pad_id,
+                             feature_names=meta["inputs"])
+    session = ort.InferenceSession(str(bundle / artifacts.BUNDLE_MODEL_INT8), providers=["CPUExecutionProvider"])
+    chunks = [session.run(["logits"], features)[0] for features in data]
+    logits = np.zeros((len(reference.windows), MAX_SEQ_LENGTH, 2), dtype=np.float32)
+    for rows, chunk in zip(data.batches(), chunks):
+        logits[rows, : chunk.shape[1]] = chunk
+    int8_f1 = span_metrics(reference, logits, LabelMap(("start", "end")), "int8")[0]["int8_f1"]
+    assert report["keras_f1"] == pytest.approx(qa_run.metrics["eval_f1"], abs=1e-6)
+    assert report["int8"]["f1"] == pytest.approx(int8_f1, abs=1e-9)
+    assert report["int8"]["f1_drop"] == pytest.approx(report["keras_f1"] - int8_f1, abs=1e-9)
+    assert report["int8"]["weight_scales"] == "per_channel"
+
+
 def test_qa_server_and_predict_command(qa_run, tmp_path):
     from starlette.testclient import TestClient
 
