@@ -47,23 +47,29 @@ def class_counts(label_ids: np.ndarray, num_labels: int) -> np.ndarray:
     return np.bincount(label_ids.astype(np.int64), minlength=num_labels)
 
 
-def resolve_few_shot(config: RunConfig, label_ids: Optional[np.ndarray], num_labels: int, pooling: str) -> tuple[bool, str]:
-    """(on, why) for the run's --few_shot. `auto` is on when the smallest class has at most
-    FEW_SHOT_MAX_PER_CLASS training examples and the checkpoint is a sentence encoder (it pools
-    by mean: the embedded MiniLM, sentence-transformers checkpoints), which is what SetFit's
-    contrastive stage was designed for; `pooling` is the head's resolved pooling."""
+def resolve_few_shot(
+    config: RunConfig, label_ids: Optional[np.ndarray], num_labels: int, pooling: str
+) -> tuple[bool, str]:
+    """(on, why) for the run's --few_shot. `auto` is on when the smallest class (of those in the
+    training data) has at most FEW_SHOT_MAX_PER_CLASS examples and the checkpoint is a sentence
+    encoder (it pools by mean: the embedded MiniLM, sentence-transformers checkpoints), which is
+    what SetFit's contrastive stage was designed for; `pooling` is the head's resolved pooling."""
     mode, task = config.train.few_shot, config.model.task
-    if mode == "off":
-        return False, "--few_shot off"
-    if mode == "on":
-        return True, "--few_shot on"
-    if task not in FEW_SHOT_TASKS or label_ids is None or config.data.streaming or config.train.strategy == "multiworker":
-        return False, f"--few_shot auto: not for --task {task}" if task not in FEW_SHOT_TASKS else "--few_shot auto: streamed or multi-worker run"
-    smallest = int(class_counts(label_ids, num_labels).min()) if num_labels else 0
+    if mode != "auto":
+        return mode == "on", f"--few_shot {mode}"
+    if task not in FEW_SHOT_TASKS:
+        return False, f"--few_shot auto: not for --task {task}"
+    if label_ids is None or config.data.streaming or config.train.strategy == "multiworker":
+        return False, "--few_shot auto: not for a streamed or multi-worker run"
+    counts = class_counts(label_ids, num_labels)
+    smallest = int(counts[counts > 0].min())
     if smallest > FEW_SHOT_MAX_PER_CLASS:
         return False, f"--few_shot auto: the smallest class has {smallest} training examples (> {FEW_SHOT_MAX_PER_CLASS})"
     if pooling != "mean":
-        return False, f"--few_shot auto: the smallest class has {smallest} examples, but the checkpoint is not a sentence encoder (pooling {pooling}); --few_shot on forces it"
+        return False, (
+            f"--few_shot auto: the smallest class has {smallest} training examples, but the checkpoint is not a "
+            f"sentence encoder (pooling {pooling}); --few_shot on forces it"
+        )
     return True, f"--few_shot auto: the smallest class has {smallest} training examples (<= {FEW_SHOT_MAX_PER_CLASS})"
 
 
@@ -399,7 +405,8 @@ def logistic_head(
         return kernel.astype(np.float32), bias.astype(np.float32)
     present = np.unique(label_ids)
     if len(present) < 2:
-        raise ConfigError(f"--few_shot: the training data hold one class only ({int(present[0])}); a classifier needs two")
+        only = int(present[0])
+        raise ConfigError(f"--few_shot: the training data hold one class only ({only}); a classifier needs two")
     regression = LogisticRegression(max_iter=1000).fit(embeddings, label_ids, sample_weight=sample_weight)
     if len(regression.classes_) == 2:
         half = regression.coef_[0] / 2.0
@@ -463,9 +470,12 @@ def few_shot_train(
     multilabel = label_ids.ndim == 2
     common = dict(feature_names=feature_names, pad_id=pad_id)
     start = time.perf_counter()
-    contrastive = contrastive_fit(model, encoded, label_ids, config, strategy=strategy, seed=config.seed, verbose=verbose, **common)
+    contrastive = contrastive_fit(
+        model, encoded, label_ids, config, strategy=strategy, seed=config.seed, verbose=verbose, **common
+    )
     _log(
-        f"few-shot: contrastive stage on {contrastive['pairs']} sentence pairs, loss (first -> last tenth of batches) {contrastive['loss_first']:.4f} -> "
+        f"few-shot: contrastive stage on {contrastive['pairs']} sentence pairs, loss (first -> last tenth of "
+        f"batches) {contrastive['loss_first']:.4f} -> "
         f"{contrastive['loss_last']:.4f} in {contrastive['seconds']:.1f} s"
     )
     head = fit_head(model, encoded, label_ids, num_labels, sample_weight=sample_weights, **common)
@@ -519,7 +529,7 @@ def self_train(
         if len(chosen.indices) == 0:
             record["seconds"] = round(time.perf_counter() - started, 3)
             rounds.append(record)
-            _log(f"self-training round {number}: no class had a prediction at >= {config.pseudo_label_threshold}; stopping")
+            _log(f"self-training round {number}: some class had no prediction >= {config.pseudo_label_threshold}; stopping")
             break
         picked = remaining[chosen.indices]
         remaining = np.setdiff1d(remaining, picked)
@@ -537,7 +547,7 @@ def self_train(
             seconds=round(time.perf_counter() - started, 3),
         )
         rounds.append(record)
-        _log(f"self-training round {number}: added {record['added']} pseudo-labels; retrained on {len(train_labels)} examples")
+        _log(f"self-training round {number}: added pseudo-labels {record['added']}; retrained on {len(train_labels)} examples")
     return rounds
 
 
