@@ -983,9 +983,18 @@ class LengthBatchedData:
         signature: Any = features if labels is None else (features, labels)
         if labels is not None and self.sample_weights is not None:
             signature = (features, labels, tf.TensorSpec([None], tf.float32))
-        dataset = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=signature)
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        options.deterministic = True
-        return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+        return batches_dataset(self, signature)
+
+
+def batches_dataset(batches: Any, signature: Any):
+    """A `tf.data.Dataset` of one pass over `batches` (iterable, with a length), in order,
+    split between workers by data, prefetched."""
+    from tfsft.runtime import import_tensorflow
+
+    tf = import_tensorflow()
+    dataset = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(batches)))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    options.deterministic = True
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

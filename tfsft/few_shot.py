@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft.config import FEW_SHOT_MAX_PER_CLASS, FEW_SHOT_TASKS, RunConfig, TrainConfig
+from tfsft.data import batches_dataset
 from tfsft.errors import ConfigError
 from tfsft.tokenize import EncodedTexts, pad_batch
 
@@ -124,21 +125,18 @@ def sample_pairs(label_ids: np.ndarray, pairs_per_example: int, seed: int) -> Se
     )
 
 
+@dataclass
 class PairBatches:
     """Sentence pairs as padded batches: each batch stacks the first texts over the second ones
     ([2 x batch, length]), so one encoder call embeds both; reshuffled every pass."""
 
-    def __init__(
-        self, encoded: EncodedTexts, pairs: SentencePairs, batch_size: int, *, seed: int, pad_id: int,
-        feature_names: Sequence[str],
-    ):
-        self.encoded = encoded
-        self.pairs = pairs
-        self.batch_size = batch_size
-        self.seed = seed
-        self.pad_id = pad_id
-        self.feature_names = tuple(feature_names)
-        self.passes = 0
+    encoded: EncodedTexts
+    pairs: SentencePairs
+    batch_size: int
+    seed: int
+    pad_id: int
+    feature_names: tuple[str, ...]
+    passes: int = 0
 
     def __len__(self) -> int:
         return math.ceil(len(self.pairs) / self.batch_size)
@@ -156,13 +154,7 @@ class PairBatches:
         from tfsft.modeling import tf
 
         features = {name: tf.TensorSpec([None, None], tf.int32, name=name) for name in self.feature_names}
-        signature = (features, tf.TensorSpec([None], tf.float32))
-        dataset = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=signature)
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(len(self)))
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        options.deterministic = True
-        return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+        return batches_dataset(self, (features, tf.TensorSpec([None], tf.float32)))
 
 
 # ---------------------------------------------------------------------------- pseudo-labels
@@ -302,7 +294,7 @@ def contrastive_fit(
     pairs = sample_pairs(label_ids, config.few_shot_pairs, seed)
     batches = PairBatches(
         encoded, pairs, config.few_shot_batch_size * strategy.num_replicas_in_sync,
-        seed=seed, pad_id=pad_id, feature_names=feature_names,
+        seed=seed, pad_id=pad_id, feature_names=tuple(feature_names),
     )
     settings = dataclasses.replace(
         config, learning_rate=config.few_shot_learning_rate, gradient_accumulation_steps=1, layer_lr_decay=1.0,
