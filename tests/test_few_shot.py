@@ -313,7 +313,7 @@ def test_few_shot_run_with_self_training_exports_and_serves(tmp_path, tiny_check
     result = _run(
         tmp_path, tiny_checkpoint, few_label_files, few_shot="on", few_shot_pairs=4, pooling="mean",
         unlabeled_file=str(few_label_files["unlabeled"]), pseudo_label_threshold=0.5, pseudo_labels_per_class=5,
-        self_training_rounds=2, export=True,
+        self_training_rounds=2, export=True, class_weights="balanced",  # weighs labelled and pseudo-labelled examples
     )
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["few_shot"] == "on" and metrics["few_shot_pairs_trained"] == 16 * 4

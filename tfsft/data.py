@@ -342,17 +342,28 @@ def resolve_columns(config: DataConfig, columns: Sequence[str], source: str) -> 
                     text, pair = first, pair or second
                     break
         if text is None:
-            text = next((c for c in TEXT_COLUMN_DEFAULTS if c in cols), None)
-        if text is None:
-            raise DataError(
-                f"{source}: no text column found: expected one of {list(TEXT_COLUMN_DEFAULTS)} or pass "
-                f"--text_column. Received columns: {cols}"
-            )
+            text = default_text_column(cols, source)
         label = config.label_column or LABEL_COLUMN_DEFAULT
-    for name, column in (("text_column", text), ("text_pair_column", pair), ("label_column", label)):
-        if column is not None and column not in cols:
-            raise DataError(f"{source}: missing column {column!r} (--{name}). Received columns: {cols}")
+    require_columns(cols, source, text_column=text, text_pair_column=pair, label_column=label)
     return text, pair, label
+
+
+def default_text_column(columns: Sequence[str], source: str) -> str:
+    """The first of TEXT_COLUMN_DEFAULTS the file has, or a DataError."""
+    text = next((c for c in TEXT_COLUMN_DEFAULTS if c in columns), None)
+    if text is None:
+        raise DataError(
+            f"{source}: no text column found: expected one of {list(TEXT_COLUMN_DEFAULTS)} or pass "
+            f"--text_column. Received columns: {list(columns)}"
+        )
+    return text
+
+
+def require_columns(columns: Sequence[str], source: str, **named: Optional[str]) -> None:
+    """Each named column (by its flag: text_column=...) that is set must be one of `columns`."""
+    for name, column in named.items():
+        if column is not None and column not in columns:
+            raise DataError(f"{source}: missing column {column!r} (--{name}). Received columns: {list(columns)}")
 
 
 def warn_unused_text(
@@ -467,15 +478,8 @@ def read_unlabeled(path: str, config: DataConfig, columns: tuple[Optional[str], 
         texts = [line for _, line in rows]
         return Examples(texts, None, [""] * len(texts), [number for number, _ in rows], path)
     names, records = read_records(path, config.no_header)
-    text_column = text_column or config.text_column or next((c for c in TEXT_COLUMN_DEFAULTS if c in names), None)
-    if text_column is None:
-        raise DataError(
-            f"{path}: no text column found: expected one of {list(TEXT_COLUMN_DEFAULTS)} or pass --text_column. "
-            f"Received columns: {names}"
-        )
-    for name, column in (("text_column", text_column), ("text_pair_column", pair_column)):
-        if column is not None and column not in names:
-            raise DataError(f"{path}: missing column {column!r} (--{name}). Received columns: {names}")
+    text_column = text_column or config.text_column or default_text_column(names, path)
+    require_columns(names, path, text_column=text_column, text_pair_column=pair_column)
     texts = [_text_field(record.get(text_column), path, number, text_column) for number, record in records]
     pairs = None if pair_column is None else [
         _text_field(record.get(pair_column), path, number, pair_column) for number, record in records

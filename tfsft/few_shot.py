@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft.config import FEW_SHOT_MAX_PER_CLASS, FEW_SHOT_TASKS, RunConfig, TrainConfig
-from tfsft.data import batches_dataset
+from tfsft.data import batches_dataset, plan_batches
 from tfsft.errors import ConfigError
 from tfsft.tokenize import EncodedTexts, pad_batch
 
@@ -352,7 +352,6 @@ def _batch_losses_callback():
     return BatchLossesCallback()
 
 
-
 def embed(model, encoded: EncodedTexts, feature_names: Sequence[str], pad_id: int) -> np.ndarray:
     """Pooled embeddings [N, hidden] (float32, inference mode), in the order of `encoded`;
     texts of similar length are batched together."""
@@ -364,10 +363,8 @@ def embed(model, encoded: EncodedTexts, feature_names: Sequence[str], pad_id: in
     def call(features):
         return tf.cast(pooled_embedding(model, features, training=False), tf.float32)
 
-    order = np.argsort(encoded.lengths, kind="stable")
     out = np.zeros((len(encoded), int(model.config.hidden_size)), dtype=np.float32)
-    for start in range(0, len(order), EMBED_BATCH_SIZE):
-        rows = order[start : start + EMBED_BATCH_SIZE]
+    for rows in plan_batches(encoded.lengths, EMBED_BATCH_SIZE, shuffle=False):
         padded = pad_batch(encoded, rows, pad_id)
         out[rows] = call({name: padded[name] for name in feature_names}).numpy()
     return out
@@ -452,14 +449,14 @@ def concat_encoded(first: EncodedTexts, second: EncodedTexts) -> EncodedTexts:
 def few_shot_train(
     model, encoded: EncodedTexts, label_ids: np.ndarray, label_names: Sequence[str], config: TrainConfig, *,
     strategy, feature_names: Sequence[str], pad_id: int, unlabeled: Optional[EncodedTexts] = None,
-    sample_weights: Optional[np.ndarray] = None, verbose: int = 0,
+    class_weights: Optional[np.ndarray] = None, verbose: int = 0,
 ) -> dict[str, Any]:
     """The few-label recipe on `model` in place: contrastive stage, logistic-regression head, then
-    --self_training_rounds of pseudo-labelling `unlabeled` when given. Returns what metrics.json
-    records of it."""
+    --self_training_rounds of pseudo-labelling `unlabeled` when given. `class_weights`: the
+    --class_weights of each label id (single-label runs), which weigh the head's examples.
+    Returns what metrics.json records of it."""
     check_few_shot_model(model)
     num_labels = len(label_names)
-    multilabel = label_ids.ndim == 2
     common = dict(feature_names=feature_names, pad_id=pad_id)
     start = time.perf_counter()
     contrastive = contrastive_fit(
@@ -470,7 +467,7 @@ def few_shot_train(
         f"batches) {contrastive['loss_first']:.4f} -> "
         f"{contrastive['loss_last']:.4f} in {contrastive['seconds']:.1f} s"
     )
-    head = fit_head(model, encoded, label_ids, num_labels, sample_weight=sample_weights, **common)
+    head = fit_head(model, encoded, label_ids, num_labels, sample_weight=_weights(class_weights, label_ids), **common)
     _log(f"few-shot: logistic-regression head, training accuracy {head['train_accuracy']:.4f}")
     report: dict[str, Any] = {
         "few_shot_pairs_trained": contrastive["pairs"],
@@ -481,7 +478,7 @@ def few_shot_train(
     if unlabeled is not None:
         report["self_training"] = self_train(
             model, encoded, label_ids, label_names, unlabeled, config, strategy=strategy,
-            sample_weights=sample_weights, verbose=verbose, **common,
+            class_weights=class_weights, verbose=verbose, **common,
         )
     report["few_shot_seconds"] = round(time.perf_counter() - start, 3)
     return report
@@ -490,7 +487,7 @@ def few_shot_train(
 def self_train(
     model, encoded: EncodedTexts, label_ids: np.ndarray, label_names: Sequence[str], unlabeled: EncodedTexts,
     config: TrainConfig, *, strategy, feature_names: Sequence[str], pad_id: int,
-    sample_weights: Optional[np.ndarray] = None, verbose: int = 0,
+    class_weights: Optional[np.ndarray] = None, verbose: int = 0,
 ) -> list[dict[str, Any]]:
     """Rounds of: label the remaining unlabelled texts with the model, add the confident ones
     (balanced, see `select_pseudo_labels`) to the training set, continue the contrastive stage and
@@ -500,7 +497,6 @@ def self_train(
     classes = [c for c, n in enumerate(class_counts(label_ids, len(label_names))) if n > 0]
     remaining = np.arange(len(unlabeled))
     train_encoded, train_labels = encoded, label_ids
-    weights = sample_weights
     rounds = []
     for number in range(1, config.self_training_rounds + 1):
         if len(remaining) == 0:
@@ -527,13 +523,14 @@ def self_train(
         remaining = np.setdiff1d(remaining, picked)
         train_encoded = concat_encoded(train_encoded, unlabeled.subset(picked))
         train_labels = np.concatenate([train_labels, chosen.labels.astype(train_labels.dtype)])
-        if weights is not None:
-            weights = np.concatenate([weights, _pseudo_weights(sample_weights, label_ids, chosen.labels)])
         contrastive = contrastive_fit(
             model, train_encoded, train_labels, config, strategy=strategy, seed=config.seed + number, verbose=verbose,
             **common,
         )
-        head = fit_head(model, train_encoded, train_labels, len(label_names), sample_weight=weights, **common)
+        head = fit_head(
+            model, train_encoded, train_labels, len(label_names), sample_weight=_weights(class_weights, train_labels),
+            **common,
+        )
         record.update(
             pairs_trained=contrastive["pairs"], head_train_accuracy=head["train_accuracy"],
             seconds=round(time.perf_counter() - started, 3),
@@ -543,7 +540,6 @@ def self_train(
     return rounds
 
 
-def _pseudo_weights(weights: np.ndarray, label_ids: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
-    """Per-example class weights of pseudo-labelled examples (single-label runs weigh by class)."""
-    by_class = {int(c): float(w) for c, w in zip(label_ids, weights)}
-    return np.asarray([by_class.get(int(c), 1.0) for c in pseudo], dtype=np.float32)
+def _weights(class_weights: Optional[np.ndarray], label_ids: np.ndarray) -> Optional[np.ndarray]:
+    """Each example's weight for the head: its class's --class_weights entry (None: unweighted)."""
+    return None if class_weights is None else class_weights[label_ids]

@@ -527,7 +527,7 @@ def _train_and_save(
                 model, train_data.encoded, labels["train"], label_map.names, config.train, strategy=strategy,
                 feature_names=names, pad_id=encoder.pad_id,
                 unlabeled=None if unlabeled is None else unlabeled.encode(encoder, None)[0],
-                sample_weights=None if weights is None else weights[labels["train"]], verbose=verbose,
+                class_weights=weights, verbose=verbose,
             )
         if not few_shot or config.train.few_shot_end_to_end_epochs:
             history, epochs_run, seconds = fit(
