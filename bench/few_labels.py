@@ -60,7 +60,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -72,6 +71,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tfsft.artifacts import atomic_path, read_history, write_text  # noqa: E402  (TF-free; after the path)
 
 SST2 = ROOT.parent / "shared" / "data" / "glue" / "SST-2"
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "few_labels"
@@ -169,22 +170,8 @@ def unlabeled_indices(texts: Sequence[str], excluded: Sequence[int], count: Opti
     return sorted(pool)
 
 
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write `path` through a temp file in its folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_labeled(path: Path, texts: Sequence[str], labels: Sequence[str]) -> Path:
-    return write_atomic(path, "sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in zip(texts, labels)))
+    return write_text(path, "sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in zip(texts, labels)))
 
 
 def file_hash(path: Path) -> str:
@@ -200,7 +187,7 @@ def prepare_draw(folder: Path, texts: Sequence[str], labels: Sequence[str], size
     for k, indices in drawn.items():
         files[k] = write_labeled(folder / f"k{k}.tsv", [texts[i] for i in indices], [labels[i] for i in indices])
     pool = unlabeled_indices(texts, drawn[max(drawn)], unlabeled_samples, draw)
-    unlabeled = write_atomic(folder / "unlabeled.txt", "".join(texts[i] + "\n" for i in pool))
+    unlabeled = write_text(folder / "unlabeled.txt", "".join(texts[i] + "\n" for i in pool))
     return {"labeled": files, "unlabeled": unlabeled, "drawn": drawn, "unlabeled_indices": pool}
 
 
@@ -273,7 +260,7 @@ def cell_main(spec_path: str) -> None:
 def run_cell(flags: dict[str, Any], log_path: Path, timeout: Optional[float]) -> dict[str, Any]:
     """Run one finetune in a subprocess; its metrics, history and timings, or its error."""
     run_dir = Path(flags["output_dir"])
-    spec = write_atomic(run_dir.parent / f"{run_dir.name}.flags.json", json.dumps(flags, indent=2, sort_keys=True))
+    spec = write_text(run_dir.parent / f"{run_dir.name}.flags.json", json.dumps(flags, indent=2, sort_keys=True))
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         try:
@@ -310,16 +297,6 @@ def run_cell(flags: dict[str, Any], log_path: Path, timeout: Optional[float]) ->
         out["epochs"] = len(values)
         out["best_epoch"] = int(np.nanargmax(values)) + 1
     return out
-
-
-def read_history(path: Path) -> list[dict[str, float]]:
-    import csv
-
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{key: float(value) for key, value in row.items() if value not in ("", None)}
-                for row in csv.DictReader(f)]
 
 
 def prune_run(run_dir: Path) -> None:
@@ -515,14 +492,11 @@ def plot(cells: dict[str, Any], sizes: Sequence[int], methods: Sequence[str], ti
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -647,8 +621,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    unavailable=unavailable, timed_run=timed_row, accuracy_unit="percent",
                    std="sample standard deviation (ddof 1; 0 for a single run)")
     text = markdown(cells, goals, context, sizes, methods, unavailable)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    write_atomic(out / "summary.md", text)
+    write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text(out / "summary.md", text)
     plot(cells, sizes, methods, f"{args.dataset}: dev accuracy vs labelled examples per class",
          out / "learning_curve.png")
     print("\n" + text)

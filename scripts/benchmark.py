@@ -198,7 +198,7 @@ def result_row(
 
 def best_epoch(run_dir: Path, monitor: str) -> str:
     """The epoch whose weights were kept (1-based) and the validation score of every epoch."""
-    from tfsft.training import read_history
+    from tfsft.artifacts import read_history
 
     history = read_history(run_dir / HISTORY_FILE)
     scores = [row[monitor] for row in history if monitor in row]

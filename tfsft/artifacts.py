@@ -22,6 +22,7 @@ complete, and `tfsft export RUN_DIR` adds the bundle.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -81,6 +82,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
+    """Rows of a history CSV (epoch first, then metric columns), or [] when there is none."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
 
 
 def read_decision(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -6,7 +6,6 @@ gradient clipping (the BERT recipe), trained by Keras `fit` on length-batched `t
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import os
@@ -21,6 +20,7 @@ import numpy as np
 from tfsft.modeling import tf  # TensorFlow with the legacy-Keras switch already applied
 
 from tfsft import artifacts
+from tfsft.artifacts import read_history
 from tfsft.config import LOWER_IS_BETTER, TrainConfig
 from tfsft.data import IGNORED_LABEL, LengthBatchedData
 from tfsft.errors import ArtifactError, ConfigError
@@ -477,14 +477,6 @@ class DropoutRngBackup(tf.keras.callbacks.Callback):
         with artifacts.atomic_path(self._path(epoch)) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **{f"g{i}": g.state.numpy() for i, g in enumerate(generators)})
-
-
-def read_history(path: Path) -> list[dict[str, float]]:
-    """Rows of a history CSV (epoch first, then metric columns), or [] when there is none."""
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
 
 
 class EpochRecord(tf.keras.callbacks.Callback):
