@@ -50,6 +50,11 @@ def test_saved_nested_config_is_accepted_as_config_file(tmp_path):
         ({"export_variants": "int8,int8"}, "each once"),
         ({"export_variants": "int8", "quantize_int8": False}, "nothing is left to export"),
         ({"external_data": "sometimes"}, "external_data"),
+        ({"lora_rank": -1}, "lora_rank"),
+        ({"lora_rank": 8, "lora_alpha": 0}, "lora_alpha"),
+        ({"lora_rank": 8, "lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_targets": "query"}, "with --lora_rank > 0"),
+        ({"lora_rank": 8, "lora_targets": " , "}, "comma-separated layer names"),
     ],
 )
 def test_bad_values_fail_loudly(values, fragment):

@@ -4,7 +4,6 @@ head, pseudo-label selection, unlabelled files, and whole runs of the tiny BERT.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 

@@ -671,3 +671,60 @@ def test_only_requests_of_short_texts_are_micro_batched(bundle_dir):
         samples = scrape(client.get("/metrics").text)
     assert batched == [["short one"], [("ab", "cd")]]
     assert samples[("tfsft_batch_texts_count", ())] == 4 and samples[("tfsft_texts_total", ())] == 5
+
+
+def test_several_named_models_serve_from_one_app_and_route_by_adapter(bundle_dir, tmp_path):
+    """`--adapter NAME=RUN`: each request names its model; a name that is not served is a 404."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import Batching, ServeSettings, create_app
+
+    other = Path(shutil.copytree(bundle_dir, tmp_path / "other" / artifacts.ONNX_DIR))
+    meta = json.loads((other / artifacts.BUNDLE_FILE).read_text())
+    meta["labels"] = [f"other-{label}" for label in meta["labels"]]
+    (other / artifacts.BUNDLE_FILE).write_text(json.dumps(meta))
+    predictors = {"first": Predictor(bundle_dir), "second": Predictor(other)}
+    texts = ["a fine film", "dull and long"]
+    expected = {name: [p.to_dict() for p in predictor.predict(texts)] for name, predictor in predictors.items()}
+    assert expected["first"] != expected["second"]
+    for batching in (Batching(), None):
+        with TestClient(create_app(predictors, batching=batching)) as client:
+            for name in predictors:
+                answer = client.post("/predict", json={"adapter": name, "texts": texts})
+                assert answer.status_code == 200 and answer.json()["predictions"] == expected[name]
+            missing = client.post("/predict", json={"texts": texts})
+            assert missing.status_code == 400 and "one of ['first', 'second']" in missing.json()["error"]
+            unknown = client.post("/predict", json={"adapter": "third", "texts": texts})
+            assert unknown.status_code == 404 and "third" in unknown.json()["error"]
+            meta = client.get("/metadata").json()
+            assert sorted(meta["adapters"]) == ["first", "second"]
+            assert meta["adapters"]["second"]["labels"] == [f"other-{label}" for label in predictors["first"].labels]
+            assert client.get("/health").json() == {"status": "ok"}
+
+    settings = ServeSettings(adapters=(("first", str(bundle_dir)), ("second", str(other))), precision="fp32")
+    assert ServeSettings.from_json(settings.to_json()) == settings
+    with TestClient(settings.build_app()) as client:
+        assert client.post("/predict", json={"adapter": "second", "texts": texts}).json()["predictions"] == expected["second"]
+    with TestClient(create_app(predictors["first"])) as client:  # one unnamed model: "adapter" is refused
+        assert client.post("/predict", json={"adapter": "first", "texts": texts}).status_code == 404
+
+
+def test_adapter_flags_are_checked(bundle_dir):
+    from tfsft.commands.serve import build_parser
+    from tfsft.errors import ConfigError
+    from tfsft.serving import ServeSettings
+
+    run_dir = bundle_dir.parent
+    args = build_parser().parse_args(["--adapter", f"a={run_dir}", "--adapter", f"b={bundle_dir}"])
+    assert args.bundle is None and args.adapter == [("a", str(bundle_dir)), ("b", str(bundle_dir))]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--adapter", "no-equals-sign"])
+    with pytest.raises(ConfigError, match="not both"):
+        ServeSettings(bundle_dir=str(bundle_dir), adapters=(("a", str(bundle_dir)),))
+    with pytest.raises(ConfigError, match="not both"):
+        ServeSettings()
+    with pytest.raises(ConfigError, match="'a' twice"):
+        ServeSettings(adapters=(("a", str(bundle_dir)), ("a", str(bundle_dir))))

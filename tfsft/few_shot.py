@@ -288,7 +288,6 @@ def contrastive_fit(
 ) -> dict[str, Any]:
     """Train the encoder of `model` on sentence pairs of the labelled examples (the head is left
     alone). Returns {"pairs", "loss_first", "loss_last", "seconds"}."""
-    from tfsft.modeling import tf
     from tfsft.training import make_optimizer
 
     pairs = sample_pairs(label_ids, config.few_shot_pairs, seed)
@@ -437,15 +436,6 @@ def fit_head(
     return {"train_accuracy": round(float(correct.mean()), 4), "seconds": round(time.perf_counter() - start, 3)}
 
 
-def concat_encoded(first: EncodedTexts, second: EncodedTexts) -> EncodedTexts:
-    return EncodedTexts(
-        input_ids=first.input_ids + second.input_ids,
-        token_type_ids=first.token_type_ids + second.token_type_ids,
-        lengths=np.concatenate([first.lengths, second.lengths]),
-        truncated=np.concatenate([first.truncated, second.truncated]),
-    )
-
-
 def few_shot_train(
     model, encoded: EncodedTexts, label_ids: np.ndarray, label_names: Sequence[str], config: TrainConfig, *,
     strategy, feature_names: Sequence[str], pad_id: int, unlabeled: Optional[EncodedTexts] = None,
@@ -521,7 +511,7 @@ def self_train(
             break
         picked = remaining[chosen.indices]
         remaining = np.setdiff1d(remaining, picked)
-        train_encoded = concat_encoded(train_encoded, unlabeled.subset(picked))
+        train_encoded = train_encoded.concat(unlabeled.subset(picked))
         train_labels = np.concatenate([train_labels, chosen.labels.astype(train_labels.dtype)])
         contrastive = contrastive_fit(
             model, train_encoded, train_labels, config, strategy=strategy, seed=config.seed + number, verbose=verbose,

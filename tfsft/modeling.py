@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tfsft.checkpoint import (  # noqa: F401  (TF-free; re-exported for callers of modeling)
     check_max_seq_length,
@@ -82,17 +84,37 @@ MODEL_CLASSES = {"ner": "TFAutoModelForTokenClassification"}
 POOLING_ATTRIBUTE = "tfsft_pooling"
 """Key in a saved model's config.json recording how its sequence head pools (absent: 'cls')."""
 
-MEAN_POOLING_MODEL_TYPES = frozenset({"bert"})
-"""Architectures that get a mean-pooled head (it is built on transformers' BERT main layer)."""
 
-MEAN_POOLED_MODEL_TYPE = "tfsft-mean-pooled-bert"
-"""`model_type` in the config.json of a saved mean-pooled model. Importing this module registers it
-with transformers' `AutoConfig` and `TFAutoModelForSequenceClassification`, which then load such a
-model correctly; without tfsft imported they do not know it and fail loudly, instead of building
-their own [CLS]-pooler head with a random pooler (a warning, and wrong logits). tfsft reads it as
-a BERT checkpoint for a new run."""
+class MeanPoolableArchitecture(NamedTuple):
+    """A transformers architecture that gets a mean-pooled head, built on its own TF classes."""
 
-MEAN_POOLED_MODEL_CARD = """# BERT fine-tuned by tfsft, with a mean-pooled head
+    module: str
+    """The transformers module of its TF classes."""
+    stem: str
+    """Their name stem: `TF{stem}MainLayer`, `TF{stem}PreTrainedModel`, `TF{stem}ForSequenceClassification`."""
+    name: str
+    """How its model card names it."""
+
+
+MEAN_POOLED_ARCHITECTURES = {
+    "bert": MeanPoolableArchitecture("transformers.models.bert.modeling_tf_bert", "Bert", "BERT"),
+    "mpnet": MeanPoolableArchitecture("transformers.models.mpnet.modeling_tf_mpnet", "MPNet", "MPNet"),
+}
+"""model_type -> architecture, for the checkpoints a mean-pooled head is built for."""
+
+MEAN_POOLING_MODEL_TYPES = frozenset(MEAN_POOLED_ARCHITECTURES)
+"""Architectures that get a mean-pooled head (built on transformers' main layer of each)."""
+
+MEAN_POOLED_PREFIX = "tfsft-mean-pooled-"
+MEAN_POOLED_MODEL_TYPE = MEAN_POOLED_PREFIX + "bert"
+"""`model_type` in the config.json of a saved mean-pooled BERT (`tfsft-mean-pooled-mpnet` for MPNet:
+`MEAN_POOLED_PREFIX` and the architecture). Importing this module registers each with transformers'
+`AutoConfig` and `TFAutoModelForSequenceClassification`, which then load such a model correctly;
+without tfsft imported they do not know it and fail loudly, instead of building their own
+[CLS]-pooler head with a random pooler (a warning, and wrong logits). tfsft reads it as a
+checkpoint of its architecture for a new run."""
+
+MEAN_POOLED_MODEL_CARD = """# {name} fine-tuned by tfsft, with a mean-pooled head
 
 The classification head reads the masked mean of the last hidden states, not transformers'
 pooler over [CLS]. transformers' auto classes have no such head of their own: `config.json`
@@ -156,11 +178,17 @@ def _saved_config_value(directory: Path, key: str) -> Any:
         return None
 
 
-def head_class(task: str, pooling: str):
-    """The model class of a task's head with the given (resolved) pooling."""
+def base_model_type(model_type: str) -> str:
+    """The architecture of a model type: `bert` for `bert` and for a saved mean-pooled BERT's type."""
+    return model_type.removeprefix(MEAN_POOLED_PREFIX)
+
+
+def head_class(task: str, pooling: str, model_type: str):
+    """The model class of a task's head with the given (resolved) pooling, for a checkpoint of
+    `model_type` (an architecture, or the type of a saved mean-pooled model)."""
     if task in SPAN_TASKS:
         return StackedSpanModel
-    return _mean_pooled_class() if pooling == "mean" else model_class(task)
+    return _mean_pooled_class(base_model_type(model_type)) if pooling == "mean" else model_class(task)
 
 
 class StackedSpanModel:
@@ -216,8 +244,8 @@ def resolve_pooling(requested: str, checkpoint: Path, model_type: str, task: str
         return "cls"
     if requested == "auto":
         pooling = checkpoint_pooling(checkpoint)
-        return pooling if model_type in MEAN_POOLING_MODEL_TYPES else "cls"
-    if requested == "mean" and model_type not in MEAN_POOLING_MODEL_TYPES:
+        return pooling if base_model_type(model_type) in MEAN_POOLING_MODEL_TYPES else "cls"
+    if requested == "mean" and base_model_type(model_type) not in MEAN_POOLING_MODEL_TYPES:
         raise ConfigError(
             f"--pooling mean is built for {sorted(MEAN_POOLING_MODEL_TYPES)} checkpoints; use --pooling cls. "
             f"Received: pooling=mean, model_type={model_type}"
@@ -225,63 +253,102 @@ def resolve_pooling(requested: str, checkpoint: Path, model_type: str, task: str
     return requested
 
 
+class _NoPooler(tf.keras.layers.Layer):
+    """Stands in for the pooler of a main layer that cannot leave it out (MPNet's): the mean-pooled
+    head never reads it, and weights that get no gradient would only draw Keras warnings."""
+
+    def call(self, hidden_states):
+        return None
+
+
+def _transformers_class(model_type: str, kind: str):
+    """transformers' `TF{stem}{kind}` class of a mean-poolable architecture (kind: MainLayer, ...)."""
+    architecture = MEAN_POOLED_ARCHITECTURES[model_type]
+    return getattr(importlib.import_module(architecture.module), f"TF{architecture.stem}{kind}")
+
+
+def _main_layer_without_pooler(model_type: str, config, name: str):
+    """The architecture's main layer without its pooler over [CLS], which the mean-pooled head never reads."""
+    main_layer = _transformers_class(model_type, "MainLayer")
+    if "add_pooling_layer" in inspect.signature(main_layer.__init__).parameters:
+        return main_layer(config, add_pooling_layer=False, name=name)
+    main = main_layer(config, name=name)
+    main.pooler = _NoPooler(name="pooler")
+    return main
+
+
+def _with_signature_of(reference):
+    """Give the decorated `call` the parameters of `reference`: transformers reads the inputs a model
+    takes (its input signature, `unpack_inputs`' names) from them."""
+
+    def decorate(function):
+        function.__signature__ = inspect.signature(reference)
+        return function
+
+    return decorate
+
+
 @functools.lru_cache(maxsize=None)
-def _mean_pooled_class():
-    """TFBertMeanPooledForSequenceClassification, defined on first use so transformers loads lazily."""
+def _mean_pooled_class(model_type: str):
+    """`TF{stem}MeanPooledForSequenceClassification` of an architecture of MEAN_POOLED_ARCHITECTURES
+    (TFBertMeanPooledForSequenceClassification, ...), defined on first use so transformers loads
+    lazily, and registered with transformers' auto classes under its MEAN_POOLED_MODEL_TYPE."""
+    from transformers import AutoConfig, TFAutoModelForSequenceClassification
     from transformers.modeling_tf_outputs import TFSequenceClassifierOutput
     from transformers.modeling_tf_utils import TFSequenceClassificationLoss, get_initializer, unpack_inputs
-    from transformers.models.bert.configuration_bert import BertConfig
-    from transformers.models.bert.modeling_tf_bert import TFBertMainLayer, TFBertPreTrainedModel
 
-    class TfsftMeanPooledBertConfig(BertConfig):
-        """BERT's config under the model type MEAN_POOLED_MODEL_TYPE (see there)."""
+    if model_type not in MEAN_POOLED_ARCHITECTURES:
+        raise ConfigError(
+            f"a mean-pooled head is built for {sorted(MEAN_POOLED_ARCHITECTURES)} checkpoints; use --pooling cls. "
+            f"Received: model_type={model_type}"
+        )
+    stem = MEAN_POOLED_ARCHITECTURES[model_type].stem
+    pretrained = _transformers_class(model_type, "PreTrainedModel")
+    reference = _transformers_class(model_type, "ForSequenceClassification")
+    head_config = type(f"TfsftMeanPooled{stem}Config", (pretrained.config_class,), {
+        "__doc__": f"{pretrained.config_class.__name__} under the model type {MEAN_POOLED_PREFIX}{model_type} "
+                   "(see MEAN_POOLED_MODEL_TYPE).",
+        "__module__": __name__,
+        "model_type": MEAN_POOLED_PREFIX + model_type,
+    })
 
-        model_type = MEAN_POOLED_MODEL_TYPE
+    class MeanPooledForSequenceClassification(pretrained, TFSequenceClassificationLoss):
+        """transformers' `TF{stem}ForSequenceClassification` with its head over the masked mean of the
+        last hidden states instead of [CLS]: how sentence-transformers checkpoints were trained.
 
-    class TFBertMeanPooledForSequenceClassification(TFBertPreTrainedModel, TFSequenceClassificationLoss):
-        """`TFBertForSequenceClassification` with its head over the masked mean of the last hidden
-        states instead of the pooler's [CLS]: how sentence-transformers checkpoints were trained.
-
-        Layer names match transformers' class (`bert`, `classifier`), so checkpoints load the same way.
-        A BERT config given to it becomes a `TfsftMeanPooledBertConfig`, so the model saves as one.
+        Layer names match transformers' class (`bert`, `mpnet`, ...: the base model prefix, and
+        `classifier`), so checkpoints load the same way, and the inputs are that class's (MPNet has
+        no token types). A config of the architecture given to it becomes its `TfsftMeanPooled...Config`,
+        so the model saves under its mean-pooled model type.
         """
 
-        config_class = TfsftMeanPooledBertConfig
-        _keys_to_ignore_on_load_unexpected = [r"mlm___cls", r"nsp___cls", r"cls.predictions", r"cls.seq_relationship"]
+        config_class = head_config
+        _keys_to_ignore_on_load_unexpected = [
+            r"mlm___cls", r"nsp___cls", r"cls.predictions", r"cls.seq_relationship", r"lm_head"
+        ]
         _keys_to_ignore_on_load_missing = [r"dropout"]
 
         def __init__(self, config, *inputs, **kwargs):
-            config = _as_config_class(config, TfsftMeanPooledBertConfig)
+            config = _as_config_class(config, head_config)
             super().__init__(config, *inputs, **kwargs)
             self.num_labels = config.num_labels
-            self.bert = TFBertMainLayer(config, add_pooling_layer=False, name="bert")
-            rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-            self.dropout = tf.keras.layers.Dropout(rate=rate)
+            prefix = self.base_model_prefix
+            setattr(self, prefix, _main_layer_without_pooler(model_type, config, prefix))
+            rate = getattr(config, "classifier_dropout", None)
+            self.dropout = tf.keras.layers.Dropout(rate=config.hidden_dropout_prob if rate is None else rate)
             self.classifier = tf.keras.layers.Dense(
                 units=config.num_labels, kernel_initializer=get_initializer(config.initializer_range), name="classifier"
             )
 
         @unpack_inputs
-        def call(
-            self,
-            input_ids=None,
-            attention_mask=None,
-            token_type_ids=None,
-            position_ids=None,
-            head_mask=None,
-            inputs_embeds=None,
-            output_attentions=None,
-            output_hidden_states=None,
-            return_dict=None,
-            labels=None,
-            training=False,
-        ):
-            outputs = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                return_dict=True, training=training,
-            )
+        @_with_signature_of(reference.call)
+        def call(self, input_ids=None, attention_mask=None, **inputs):
+            # Only these two come positionally: unpack_inputs maps positions to this function's own names.
+            labels = inputs.pop("labels", None)
+            training = inputs.pop("training", False)
+            inputs["return_dict"] = True
+            main = getattr(self, self.base_model_prefix)
+            outputs = main(input_ids=input_ids, attention_mask=attention_mask, training=training, **inputs)
             hidden = outputs.last_hidden_state
             if attention_mask is None:
                 attention_mask = tf.ones(tf.shape(hidden)[:2], dtype=hidden.dtype)
@@ -302,18 +369,17 @@ def _mean_pooled_class():
             if self.built:
                 return
             self.built = True
-            with tf.name_scope(self.bert.name):
-                self.bert.build(None)
+            main = getattr(self, self.base_model_prefix)
+            with tf.name_scope(main.name):
+                main.build(None)
             with tf.name_scope(self.classifier.name):
                 self.classifier.build([None, None, self.config.hidden_size])
 
-    from transformers import AutoConfig, TFAutoModelForSequenceClassification
-
-    AutoConfig.register(MEAN_POOLED_MODEL_TYPE, TfsftMeanPooledBertConfig, exist_ok=True)
-    TFAutoModelForSequenceClassification.register(
-        TfsftMeanPooledBertConfig, TFBertMeanPooledForSequenceClassification, exist_ok=True
-    )
-    return TFBertMeanPooledForSequenceClassification
+    name = f"TF{stem}MeanPooledForSequenceClassification"
+    MeanPooledForSequenceClassification.__name__ = MeanPooledForSequenceClassification.__qualname__ = name
+    AutoConfig.register(head_config.model_type, head_config, exist_ok=True)
+    TFAutoModelForSequenceClassification.register(head_config, MeanPooledForSequenceClassification, exist_ok=True)
+    return MeanPooledForSequenceClassification
 
 
 def _as_config_class(config, config_class):
@@ -333,14 +399,16 @@ def saved_model_type(directory: Path) -> str | None:
 
 
 def _checkpoint_config(checkpoint: Path, **kwargs: Any):
-    """The checkpoint's transformers config; a tfsft mean-pooled model's is read as BERT's, so any
-    head can be built on it (the mean-pooled head turns it back into its own)."""
-    from transformers import AutoConfig, BertConfig
+    """The checkpoint's transformers config; a tfsft mean-pooled model's is read as its architecture's
+    (BERT's, MPNet's), so any head can be built on it (the mean-pooled head turns it back into its own)."""
+    from transformers import AutoConfig
 
-    if saved_model_type(checkpoint) == MEAN_POOLED_MODEL_TYPE:
-        values, _ = BertConfig.get_config_dict(str(checkpoint))
+    saved = saved_model_type(checkpoint) or ""
+    if saved.startswith(MEAN_POOLED_PREFIX):
+        config_class = _transformers_class(base_model_type(saved), "PreTrainedModel").config_class
+        values, _ = config_class.get_config_dict(str(checkpoint))
         values.pop("model_type")
-        return BertConfig.from_dict(values, **kwargs)
+        return config_class.from_dict(values, **kwargs)
     return AutoConfig.from_pretrained(str(checkpoint), **kwargs)
 
 
@@ -430,7 +498,7 @@ def _build_classifier(
         raise ArtifactError(f"{checkpoint}: unreadable config.json ({str(error).splitlines()[0]})") from None
     pooling = resolve_pooling(pooling, checkpoint, config.model_type, task)
     setattr(config, POOLING_ATTRIBUTE, pooling)
-    model_builder = head_class(task, pooling)
+    model_builder = head_class(task, pooling, config.model_type)
     weights = weights_file(checkpoint)
     try:
         if weights.name == "tf_model.h5":
@@ -475,8 +543,10 @@ def save_pretrained(model, tokenizer, directory: Path) -> None:
     mean-pooled model with `load_finetuned`, which its model card, README.md, says)."""
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
-    if getattr(model.config, "model_type", None) == MEAN_POOLED_MODEL_TYPE:
-        write_text(Path(directory) / "README.md", MEAN_POOLED_MODEL_CARD.format(model_type=MEAN_POOLED_MODEL_TYPE))
+    model_type = getattr(model.config, "model_type", None) or ""
+    if model_type.startswith(MEAN_POOLED_PREFIX):
+        name = MEAN_POOLED_ARCHITECTURES[base_model_type(model_type)].name
+        write_text(Path(directory) / "README.md", MEAN_POOLED_MODEL_CARD.format(model_type=model_type, name=name))
 
 
 def load_finetuned(directory: Path, task: str = "classification"):
@@ -484,12 +554,16 @@ def load_finetuned(directory: Path, task: str = "classification"):
     trained with (a mean-pooled one too, which transformers' auto classes refuse)."""
 
     if not (directory / "tf_model.h5").is_file():
+        if (directory / "adapter_config.json").is_file():
+            raise ArtifactError(f"{directory}: a LoRA adapter, not a whole model; load it with tfsft.lora.load_run_model")
         raise ArtifactError(f"{directory}: no tf_model.h5; not a saved tfsft model")
     try:
         with quiet_transformers():
-            return head_class(task, recorded_pooling(directory) or "cls").from_pretrained(str(directory))
+            model_type = saved_model_type(directory) or ""
+            return head_class(task, recorded_pooling(directory) or "cls", model_type).from_pretrained(str(directory))
     except Exception as error:
         raise ArtifactError(f"{directory}: corrupt model ({type(error).__name__}: {str(error).splitlines()[0]})") from None
 
 
-_mean_pooled_class()  # registers MEAN_POOLED_MODEL_TYPE with transformers' auto classes
+for _model_type in MEAN_POOLED_ARCHITECTURES:
+    _mean_pooled_class(_model_type)  # registers its mean-pooled model type with transformers' auto classes

@@ -46,6 +46,7 @@ from tfsft.checkpoint import (
     load_tokenizer,
     resolve_checkpoint,
     resolve_tokenizer,
+    saved_label_map,
     text_encoder,
     weights_file,
 )
@@ -246,6 +247,12 @@ def read_inputs(config: RunConfig) -> RunInputs:
     if stream is None:
         checkpoint, tokenizer, encoder = _open_checkpoint(config)
     columns = read_columns(splits)
+    if config.train.teacher_model is not None:
+        from tfsft.distillation import check_teacher, teacher_columns
+
+        with stage("data"):
+            check_teacher(config.train.teacher_model)
+            teacher_columns(config.train.teacher_model, task, label_map)
     unlabeled = None
     if config.data.unlabeled_file is not None:
         with stage("data"):
@@ -346,6 +353,9 @@ def _resolve_few_shot(config: RunConfig, inputs: RunInputs) -> str:
     from tfsft.few_shot import resolve_few_shot
     from tfsft.modeling import resolve_pooling
 
+    if config.train.teacher_model is not None:
+        return "off"  # distillation trains on the teacher's outputs instead (RunConfig refuses --few_shot on)
+
     model_type = checkpoint_config(inputs.checkpoint).get("model_type", "")
     pooling = resolve_pooling(config.model.pooling, inputs.checkpoint, model_type, config.model.task)
     on, why = resolve_few_shot(config, inputs.labels["train"], len(inputs.label_map.names), pooling)
@@ -375,8 +385,11 @@ def _open_checkpoint(config: RunConfig):
 
 
 def _export_trained(model, run_dir: Path, validation: tuple[Examples, np.ndarray]) -> None:
+    """Export the model just trained; LoRA adapters are merged into its dense weights first."""
     from tfsft.export import export_bundle
+    from tfsft.lora import merge_lora
 
+    merge_lora(model)
     export_bundle(model, run_dir, validation_data=validation)
 
 
@@ -436,9 +449,10 @@ def _train_and_save(
 
     `weights`: per-class loss weights by label id (--class_weights), fed as sample weights.
     `stream`: the training file's StreamCache under --streaming (then `splits.train` is None).
-    `unlabeled`: --unlabeled_file's examples, for the self-training of --few_shot.
+    `unlabeled`: --unlabeled_file's examples, for the self-training of --few_shot or for --teacher_model to label.
     """
     from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
+    from tfsft.lora import LoraSettings, apply_lora, parameter_counts, save_adapter
     from tfsft.modeling import build_classifier, feature_names, save_pretrained
     from tfsft.streaming import StreamingData
     from tfsft.training import compile_model, fit, is_chief, make_strategy
@@ -470,13 +484,24 @@ def _train_and_save(
             model, load_report = build_classifier(
                 checkpoint, label_map, config.model.model_name_or_path, task, config.model.pooling
             )
+            lora = None
+            if config.model.lora_rank:
+                lora = LoraSettings.from_config(config.model, model.config.model_type)
+                adapted = apply_lora(model, lora)
+        parameters = parameter_counts(model)
     _log(
         f"model: {load_report.loaded} weights from {checkpoint / load_report.weights_file}; newly initialised: "
         f"{list(load_report.newly_initialized)}; pooling: {load_report.pooling}; "
         f"{replicas} replica(s) under {type(strategy).__name__}"
     )
+    if lora is not None:
+        _log(
+            f"LoRA: rank {lora.rank} adapters on {adapted} {'/'.join(lora.targets)} layers; "
+            f"{parameters['trainable_parameters']:,} of {parameters['total_parameters']:,} parameters train"
+        )
     names = feature_names(model)
     pad_multiple = XLA_PAD_MULTIPLE if config.train.xla else 1
+    objective, distillation_report = None, {}
     if stream is not None:
         train_data = StreamingData(
             stream, config.train.per_device_train_batch_size * replicas, seed=config.train.seed,
@@ -484,13 +509,20 @@ def _train_and_save(
         )
         train_samples = len(stream)
     else:
+        train_encoded, train_targets = encode(splits.train, labels["train"])
+        train_classes = labels["train"]
+        if config.train.teacher_model is not None:
+            with stage("teacher"):
+                train_encoded, train_targets, train_classes, objective, distillation_report = _distillation_targets(
+                    config, splits.train, labels["train"], label_map, unlabeled, encoder, train_encoded, partial,
+                )
         train_data = LengthBatchedData(
-            *encode(splits.train, labels["train"]), config.train.per_device_train_batch_size * replicas,
+            train_encoded, train_targets, config.train.per_device_train_batch_size * replicas,
             shuffle=True, seed=config.train.seed, pad_id=encoder.pad_id, feature_names=names,
-            sample_weights=None if weights is None else weights[labels["train"]],
+            sample_weights=None if weights is None else weights[np.asarray(train_classes, dtype=np.int64)],
             pad_multiple=pad_multiple,
         )
-        train_samples = len(splits.train)
+        train_samples = len(splits.train) + distillation_report.get("teacher_labelled_examples", 0)
 
     def eval_data(examples: Examples, y: np.ndarray) -> LengthBatchedData:
         return LengthBatchedData(
@@ -507,7 +539,8 @@ def _train_and_save(
         fit_config = dataclasses.replace(config.train, num_train_epochs=max(config.train.few_shot_end_to_end_epochs, 1))
     with strategy.scope():
         compile_model(
-            model, fit_config, len(train_data) * fit_config.num_train_epochs, task, steps_per_epoch=len(train_data)
+            model, fit_config, len(train_data) * fit_config.num_train_epochs, task, steps_per_epoch=len(train_data),
+            objective=objective,
         )
 
     decision = {"threshold": config.train.multilabel_threshold}
@@ -541,7 +574,12 @@ def _train_and_save(
     with stage("save"):
         from tfsft.export import record_validation
 
-        save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
+        if lora is None:
+            save_pretrained(model, tokenizer, partial / artifacts.MODEL_DIR)
+        else:
+            save_adapter(
+                model, tokenizer, partial / artifacts.MODEL_DIR, lora, checkpoint, config.model.model_name_or_path, task
+            )
         record_validation(partial, splits.validation)
     with stage("evaluation"):
         logits = predict_logits(model, validation_data)
@@ -568,8 +606,10 @@ def _train_and_save(
         padding_fraction=round(train_data.padding_fraction(), 4),
         **({"train_windows": len(train_data.encoded)} if task in SPAN_TASKS else {}),
         newly_initialized=list(load_report.newly_initialized),
+        **parameters,
         few_shot=config.train.few_shot,
         **few_shot_report,
+        **distillation_report,
     )
     if weights is not None:
         metrics["class_weights"] = {name: round(float(w), 6) for name, w in zip(label_map.names, weights)}
@@ -579,6 +619,43 @@ def _train_and_save(
     return metrics, model
 
 
+def _distillation_targets(config, examples, labels, label_map, unlabeled, encoder, encoded, partial):
+    """--teacher_model: the training examples (plus --unlabeled_file's, labelled by the teacher) with
+    targets carrying the teacher's outputs, their classes (for --class_weights), the distillation
+    objective and the report for metrics.json."""
+    from tfsft.distillation import (
+        TEACHER_LOGITS_FILE, TEACHER_UNLABELED_LOGITS_FILE, distillation_objective, mix_unlabeled, pack_targets,
+        teacher_logits,
+    )
+
+    task, teacher, train = config.model.task, config.train.teacher_model, config.train
+    start = time.perf_counter()
+    outputs, cached = teacher_logits(teacher, examples, task, label_map, partial / TEACHER_LOGITS_FILE)
+    hard = np.asarray(labels)
+    report: dict[str, Any] = {
+        "teacher_model": teacher, "distill_alpha": train.distill_alpha, "distill_temperature": train.distill_temperature,
+        "teacher_examples": len(examples), "teacher_outputs_cached": cached,
+    }
+    if task == "classification":
+        report["teacher_train_agreement"] = round(float((outputs.argmax(axis=1) == hard).mean()), 4)
+    if unlabeled is not None:
+        unlabeled_outputs, _ = teacher_logits(teacher, unlabeled, task, label_map, partial / TEACHER_UNLABELED_LOGITS_FILE)
+        hard, outputs = mix_unlabeled(task, hard, outputs, unlabeled_outputs, config.train.multilabel_threshold or 0.5)
+        encoded = encoded.concat(unlabeled.encode(encoder, None)[0])
+        report["teacher_labelled_examples"] = len(unlabeled)
+    report["teacher_seconds"] = round(time.perf_counter() - start, 3)
+    _log(
+        f"distillation: teacher {teacher} outputs for {len(examples)} training"
+        + (f" and {len(unlabeled)} unlabelled" if unlabeled is not None else "")
+        + f" texts ({'read back' if cached else 'computed'} in {report['teacher_seconds']:.1f} s); "
+        f"alpha {train.distill_alpha}, temperature {train.distill_temperature}"
+    )
+    width = 1 if task == "regression" else len(label_map.names)
+    objective = distillation_objective(task, width, train.distill_alpha, train.distill_temperature)
+    classes = hard.reshape(len(hard), -1)[:, 0] if task == "classification" else hard
+    return encoded, pack_targets(task, hard, outputs), classes, objective, report
+
+
 def _worker_metrics(history: list[dict[str, float]], epochs_run: int, seconds: float, replicas: int) -> dict[str, Any]:
     """What a non-chief worker reports: evaluation needs no collectives, so only the chief runs it."""
     losses = [row["loss"] for row in history if "loss" in row]
@@ -586,15 +663,6 @@ def _worker_metrics(history: list[dict[str, float]], epochs_run: int, seconds: f
         "train_runtime_s": round(seconds, 3), "epochs": len(losses), "epochs_resumed": len(losses) - epochs_run,
         "train_loss_last_epoch": float(losses[-1]) if losses else None, "replicas": replicas,
     }
-
-
-def saved_label_map(model_dir: Path) -> LabelMap:
-    """The label map a saved model was trained with (its config.json `id2label`), read without TensorFlow."""
-    id2label = checkpoint_config(model_dir).get("id2label")
-    try:
-        return LabelMap(tuple(str(id2label[str(i)]) for i in range(len(id2label))))
-    except (TypeError, KeyError) as error:
-        raise ArtifactError(f"{model_dir / 'config.json'}: no usable id2label ({error!r}); not a saved tfsft model") from None
 
 
 def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> dict[str, Any]:
@@ -614,9 +682,10 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
     from tfsft.evaluation import predict_logits, task_metrics, write_evaluation
-    from tfsft.modeling import feature_names, load_finetuned
+    from tfsft.lora import load_run_model
+    from tfsft.modeling import feature_names
 
-    model = load_finetuned(model_dir, task)
+    model = load_run_model(model_dir, task)
     if task in SPAN_TASKS:
         from tfsft.evaluation import span_reference
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from starlette.applications import Starlette
@@ -368,6 +369,11 @@ def parse_request(body: bytes, limits: Limits, task: Optional[str] = None) -> li
     Raises:
         RequestError: naming the offending field or item.
     """
+    return parse_inputs(parse_payload(body, limits), limits, task)
+
+
+def parse_payload(body: bytes, limits: Limits) -> dict[str, Any]:
+    """The JSON object of a /predict body (its fields not yet checked)."""
     if len(body) > limits.max_body_bytes:
         raise _body_too_large(limits)
     try:
@@ -379,6 +385,11 @@ def parse_request(body: bytes, limits: Limits, task: Optional[str] = None) -> li
             'body must be a JSON object like {"texts": ["..."]}, {"pairs": [["...", "..."]]} or '
             '{"questions": [{"question": "...", "context": "..."}]}'
         )
+    return payload
+
+
+def parse_inputs(payload: dict[str, Any], limits: Limits, task: Optional[str] = None) -> list[Any]:
+    """The inputs of a parsed /predict body (see `parse_request`)."""
     keys = [key for key in INPUT_KEYS if key in payload]
     if len(keys) != 1:
         raise RequestError('body must have exactly one of the fields "texts", "pairs" or "questions"')
@@ -431,44 +442,96 @@ def _check_kind(task: str, key: str) -> None:
         raise RequestError(f'a {task} model tags single texts: send "texts", not "pairs"')
 
 
-def create_app(
-    predictor: Predictor,
-    limits: Optional[Limits] = None,
-    batching: Optional[Batching] = None,
-    metrics: Optional[ServerMetrics] = None,
-    precision: Optional[PrecisionChoice] = None,
-) -> Starlette:
-    """The ASGI app: POST /predict, GET /health, GET /metadata, GET /metrics.
+ADAPTER_KEY = "adapter"
+"""The /predict field naming which of several served models (`--adapter NAME=RUN`) answers."""
 
-    `batching=None`: one Predictor call per request, run concurrently in a thread pool.
-    `precision`: how the predictor's model was chosen (shown in /metadata).
-    """
-    limits = limits or Limits()
-    metrics = metrics or ServerMetrics()
+
+@dataclass
+class _Served:
+    """One model of the app: its predictor, micro-batcher and /metadata entry."""
+
+    predictor: Predictor
+    batcher: Optional[MicroBatcher]
+    metadata: dict[str, Any]
+
+
+def _model_metadata(predictor: Predictor, precision: Optional[PrecisionChoice]) -> dict[str, Any]:
     bundle = predictor.bundle
-    batcher = MicroBatcher(predictor, batching, metrics) if batching is not None else None
-    in_flight = InFlightTexts(limits.max_queued_texts, metrics.in_flight)
-    metadata = {
+    return {
         "task": bundle.task,
         "labels": list(predictor.labels),
         "model": bundle.metadata.get("model_name"),
+        "bundle": str(bundle.directory),
         "model_file": predictor.model_path.name,
         "precision": precision.to_dict() if precision is not None else None,
         "max_seq_length": bundle.max_seq_length,
-        "limits": {"max_texts": limits.max_texts, "max_chars": limits.max_chars,
-                   "max_queued_texts": limits.max_queued_texts, "request_timeout_s": limits.request_timeout_s},
-        "batching": None if batching is None else asdict(batching),
         "export_report": bundle.report(),
     }
 
-    async def unbatched(inputs: list[TextInput]) -> list[AnyPrediction]:
-        predictions = await run_in_threadpool(predictor.predict, inputs)
+
+def create_app(
+    predictor: Predictor | dict[str, Predictor],
+    limits: Optional[Limits] = None,
+    batching: Optional[Batching] = None,
+    metrics: Optional[ServerMetrics] = None,
+    precision: Optional[PrecisionChoice | dict[str, PrecisionChoice]] = None,
+) -> Starlette:
+    """The ASGI app: POST /predict, GET /health, GET /metadata, GET /metrics.
+
+    `predictor`: one Predictor, or several by name (LoRA adapters of one base, say, each a merged
+    bundle): a request then names its model in "adapter" (optional when only one is served), and
+    /metadata lists them under "adapters".
+    `batching=None`: one Predictor call per request, run concurrently in a thread pool.
+    `precision`: how each predictor's model was chosen (shown in /metadata).
+    """
+    limits = limits or Limits()
+    metrics = metrics or ServerMetrics()
+    named = isinstance(predictor, dict)
+    predictors = predictor if named else {"default": predictor}
+    if not predictors:
+        raise ConfigError("create_app needs at least one predictor")
+    choices = precision if isinstance(precision, dict) else {name: precision for name in predictors}
+    served = {
+        name: _Served(
+            model, MicroBatcher(model, batching, metrics) if batching is not None else None,
+            _model_metadata(model, choices.get(name)),
+        )
+        for name, model in predictors.items()
+    }
+    batchers = [entry.batcher for entry in served.values() if entry.batcher is not None]
+    in_flight = InFlightTexts(limits.max_queued_texts, metrics.in_flight)
+    common = {
+        "limits": {"max_texts": limits.max_texts, "max_chars": limits.max_chars,
+                   "max_queued_texts": limits.max_queued_texts, "request_timeout_s": limits.request_timeout_s},
+        "batching": None if batching is None else asdict(batching),
+    }
+    if named:
+        metadata = {"adapters": {name: entry.metadata for name, entry in served.items()}, **common}
+    else:
+        metadata = {**served["default"].metadata, **common}
+
+    def choose(payload: dict[str, Any]) -> _Served:
+        """The model a request names (or the only one)."""
+        name = payload.get(ADAPTER_KEY)
+        if name is None:
+            if len(served) == 1:
+                return next(iter(served.values()))
+            raise RequestError(f'name the model in "{ADAPTER_KEY}": one of {sorted(served)}')
+        if not named or name not in served:
+            known = sorted(served) if named else "none (this server has one model)"
+            raise RequestError(f'unknown "{ADAPTER_KEY}"; served: {known}. Received: {ADAPTER_KEY}={str(name)[:80]!r}', 404)
+        return served[name]
+
+    async def unbatched(model: Predictor, inputs: list[TextInput]) -> list[AnyPrediction]:
+        predictions = await run_in_threadpool(model.predict, inputs)
         metrics.observe_call(len(inputs), 1)
         return predictions
 
     async def predict(request: Request) -> JSONResponse:
         try:
-            inputs = parse_request(await read_body(request, limits), limits, bundle.task)
+            payload = parse_payload(await read_body(request, limits), limits)
+            entry = choose(payload)
+            inputs = parse_inputs(payload, limits, entry.predictor.bundle.task)
         except RequestError as error:
             if error.refused:
                 metrics.refused.labels(error.refused).inc()
@@ -479,10 +542,11 @@ def create_app(
                 {"error": f"the server is at capacity ({in_flight.count} of at most {limits.max_queued_texts} inputs "
                           f"queued or computing); retry in {RETRY_AFTER_S} s"},
                 status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        batcher = entry.batcher
         batch_it = batcher is not None and batcher.batching.batches(inputs)
         # The work is its own task, shielded from the timeout: it ends (and leaves the count) only
         # when its model call does, since a call running in a thread cannot be stopped.
-        work = asyncio.ensure_future(batcher.predict(inputs) if batch_it else unbatched(inputs))
+        work = asyncio.ensure_future(batcher.predict(inputs) if batch_it else unbatched(entry.predictor, inputs))
         work.add_done_callback(functools.partial(in_flight.release, len(inputs)))
         try:
             predictions = await asyncio.wait_for(asyncio.shield(work), limits.request_timeout_s)
@@ -495,7 +559,7 @@ def create_app(
         return JSONResponse({"predictions": [p.to_dict() for p in predictions]})
 
     async def health(request: Request) -> JSONResponse:
-        if batcher is not None and not batcher.healthy:
+        if not all(batcher.healthy for batcher in batchers):
             return JSONResponse({"status": "error", "error": "a micro-batching worker has stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -523,12 +587,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if batcher is not None:
+        for batcher in batchers:
             await batcher.start()
         try:
             yield
         finally:
-            if batcher is not None:
+            for batcher in batchers:
                 await batcher.stop()
 
     app = Starlette(
@@ -540,7 +604,8 @@ def create_app(
         ],
         lifespan=lifespan,
     )
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.batcher = batchers[0] if len(batchers) == 1 else None
+    app.state.batchers, app.state.metrics = batchers, metrics
     return app
 
 
@@ -553,11 +618,24 @@ SETTINGS_ENV = "TFSFT_SERVE_SETTINGS"
 class ServeSettings:
     """Everything a server process needs to build its app; passed to `--workers` processes as JSON."""
 
-    bundle_dir: str
+    bundle_dir: Optional[str] = None
     precision: str = "auto"
     limits: Limits = Limits()
     batching: Optional[Batching] = Batching()
     num_threads: Optional[int] = None
+    adapters: tuple[tuple[str, str], ...] = ()
+    """(name, bundle dir) of each model served by name (`--adapter NAME=RUN`), instead of `bundle_dir`."""
+
+    def __post_init__(self) -> None:
+        if (self.bundle_dir is None) == (not self.adapters):
+            raise ConfigError(
+                "serve one bundle, or several named ones with --adapter NAME=RUN_DIR, not both. "
+                f"Received: bundle={self.bundle_dir!r}, adapters={[name for name, _ in self.adapters]}"
+            )
+        names = [name for name, _ in self.adapters]
+        duplicate = next((name for name in names if names.count(name) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"--adapter: each name once. Received: {duplicate!r} twice")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -566,15 +644,41 @@ class ServeSettings:
     def from_json(cls, text: str) -> "ServeSettings":
         values = json.loads(text)
         batching = values.pop("batching")
-        return cls(limits=Limits(**values.pop("limits")), batching=Batching(**batching) if batching else None, **values)
+        adapters = tuple((name, path) for name, path in values.pop("adapters", ()))
+        return cls(
+            limits=Limits(**values.pop("limits")), batching=Batching(**batching) if batching else None,
+            adapters=adapters, **values,
+        )
 
-    def build_app(self, choice: Optional[PrecisionChoice] = None) -> Starlette:
-        """The app; `choice`: the precision already chosen for this bundle (else it is chosen here)."""
+    def bundles(self) -> dict[str, str]:
+        """The bundle directory of each served model: {"default": bundle_dir}, or the adapters by name."""
+        return dict(self.adapters) if self.adapters else {"default": str(self.bundle_dir)}
+
+    def choices(self) -> dict[str, PrecisionChoice]:
         from tfsft.inference import Bundle
 
-        choice = choice or choose_precision(Bundle.load(self.bundle_dir), self.precision)
-        predictor = Predictor(self.bundle_dir, int8=choice.int8, num_threads=self.num_threads)
-        return create_app(predictor, self.limits, self.batching, precision=choice)
+        return {name: choose_precision(Bundle.load(path), self.precision) for name, path in self.bundles().items()}
+
+    def build_app(self, choices: Optional[dict[str, PrecisionChoice]] = None) -> Starlette:
+        """The app; `choices`: the precision already chosen for each bundle (else chosen here)."""
+        choices = choices or self.choices()
+        predictors = {
+            name: Predictor(path, int8=choices[name].int8, num_threads=self.num_threads)
+            for name, path in self.bundles().items()
+        }
+        if not self.adapters:
+            return create_app(predictors["default"], self.limits, self.batching, precision=choices["default"])
+        return create_app(predictors, self.limits, self.batching, precision=choices)
+
+
+def bundle_directory(path: str) -> str:
+    """A bundle directory from a path to one or to the run that holds it (RUN_DIR/onnx)."""
+    from tfsft import artifacts
+
+    candidate = Path(path)
+    if not (candidate / artifacts.BUNDLE_FILE).is_file() and (candidate / artifacts.ONNX_DIR / artifacts.BUNDLE_FILE).is_file():
+        candidate = candidate / artifacts.ONNX_DIR
+    return str(candidate)
 
 
 def app_from_environment() -> Starlette:
@@ -595,20 +699,25 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, wo
 
     if not 1 <= workers <= 64:
         raise ConfigError(f"--workers must be in [1, 64]. Received: workers={workers}")
-    bundle = Bundle.load(settings.bundle_dir)
-    choice = choose_precision(bundle, settings.precision)
+    choices = settings.choices()
     batching = settings.batching
     mode = "one call per request" if batching is None else (
         f"micro-batching (<= {batching.max_texts} texts, {batching.max_wait_ms:g} ms wait, {batching.concurrency} in "
         f"flight) of requests whose texts have at most {batching.max_input_chars or 'any number of'} characters")
     limits = settings.limits
     timeout = "no timeout" if limits.request_timeout_s is None else f"{limits.request_timeout_s:g} s timeout"
-    print(f"[tfsft] serving {bundle.directory} on http://{host}:{port}: {choice.name} model "
-          f"{bundle.model_path(int8=choice.int8).name} ({choice.reason}); {mode}; at most {limits.max_queued_texts} "
+    served = []
+    for name, path in settings.bundles().items():
+        bundle, choice = Bundle.load(path), choices[name]
+        served.append(
+            f"{'' if not settings.adapters else f'adapter {name!r}: '}{bundle.directory}: {choice.name} model "
+            f"{bundle.model_path(int8=choice.int8).name} ({choice.reason})"
+        )
+    print(f"[tfsft] serving on http://{host}:{port}: {'; '.join(served)}; {mode}; at most {limits.max_queued_texts} "
           f"inputs queued per process, {timeout} per request; {workers} worker process(es)",
           file=sys.stderr, flush=True)
     if workers == 1:
-        uvicorn.run(settings.build_app(choice), host=host, port=port, log_level="info", access_log=access_log)
+        uvicorn.run(settings.build_app(choices), host=host, port=port, log_level="info", access_log=access_log)
         return
     if settings.num_threads is None:
         settings = dataclasses.replace(settings, num_threads=max(1, (os.cpu_count() or 1) // workers))

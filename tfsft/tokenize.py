@@ -42,6 +42,15 @@ class EncodedTexts:
             truncated=self.truncated[np.asarray(indices, dtype=np.int64)],
         )
 
+    def concat(self, other: "EncodedTexts") -> "EncodedTexts":
+        """These examples followed by `other`'s."""
+        return EncodedTexts(
+            input_ids=self.input_ids + other.input_ids,
+            token_type_ids=self.token_type_ids + other.token_type_ids,
+            lengths=np.concatenate([self.lengths, other.lengths]),
+            truncated=np.concatenate([self.truncated, other.truncated]),
+        )
+
 
 class TextEncoder:
     """Wraps a `tokenizers.Tokenizer` with truncation to `max_length` and no built-in padding."""
@@ -49,11 +58,11 @@ class TextEncoder:
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.pad_id = _pad_id(tokenizer)  # before its padding settings, which may name it, are turned off
         self.word_tokenizer = _word_tokenizer(tokenizer)
         for backend in {id(tokenizer): tokenizer, id(self.word_tokenizer): self.word_tokenizer}.values():
             backend.no_padding()
             backend.enable_truncation(self.max_length, strategy="longest_first")
-        self.pad_id = _pad_id(tokenizer)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, max_length: int) -> "TextEncoder":
@@ -171,7 +180,12 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
 
 
 def _pad_id(tokenizer) -> int:
-    for token in ("[PAD]", "<pad>", "<PAD>"):
+    """The id the tokenizer's own padding settings name, else that of its pad token. `<pad>` comes
+    first: MPNet's vocabulary has `<pad>` (id 1, its padding) and BERT's unused `[PAD]` (id 4)."""
+    padding = tokenizer.padding
+    if padding is not None and isinstance(padding.get("pad_id"), int):
+        return int(padding["pad_id"])
+    for token in ("<pad>", "[PAD]", "<PAD>"):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return int(token_id)

@@ -369,13 +369,15 @@ TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
 
 
 def compile_model(
-    model, config: TrainConfig, total_steps: int, task: str, steps_per_epoch: Optional[int] = None
+    model, config: TrainConfig, total_steps: int, task: str, steps_per_epoch: Optional[int] = None,
+    objective: Optional[tuple[Any, list]] = None,
 ) -> None:
     """Compile with AdamW and the task's loss on the logits; call inside the strategy scope.
 
     `total_steps`: batches over the whole run; `steps_per_epoch`: batches per epoch (see make_optimizer).
+    `objective`: (loss, metrics) instead of the task's (distillation's, say).
     """
-    loss, metrics = TASK_OBJECTIVES[task]()
+    loss, metrics = objective or TASK_OBJECTIVES[task]()
     num_layers = encoder_layer_count([variable.name for variable in model.trainable_variables])
     optimizer = make_optimizer(config, total_steps, num_layers, steps_per_epoch)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=config.xla)

@@ -15,13 +15,27 @@ import argparse
 from tfsft.cli import ArgumentParser, non_negative_float, port_number, positive_int
 
 
+def named_bundle(value: str) -> tuple[str, str]:
+    """NAME=RUN_DIR (or NAME=BUNDLE_DIR) -> (name, bundle directory)."""
+    from tfsft.serving import bundle_directory
+
+    name, sep, path = value.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN_DIR. Received: {value!r}")
+    return name.strip(), bundle_directory(path.strip())
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from tfsft.inference import PRECISIONS
     from tfsft.serving import Batching, Limits
 
     defaults, batching = Limits(), Batching()
     parser = ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
+    parser.add_argument("bundle", nargs="?", default=None, help="An ONNX bundle directory (RUN_DIR/onnx, or RUN_DIR).")
+    parser.add_argument("--adapter", action="append", type=named_bundle, default=[], metavar="NAME=RUN_DIR",
+                        help="Serve several models from one process instead of one bundle (LoRA runs of one base, "
+                             "each exported with its adapters merged): repeat it; a request names its model in "
+                             '"adapter", and /metadata lists them.')
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=8080)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -62,12 +76,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tfsft.serving import Batching, Limits, ServeSettings, serve
+    from tfsft.serving import Batching, Limits, ServeSettings, bundle_directory, serve
 
     micro = Batching(max_texts=args.max_batch_texts, max_wait_ms=args.max_wait_ms, concurrency=args.batch_concurrency,
                      max_input_chars=args.max_batched_chars)
     settings = ServeSettings(
-        bundle_dir=args.bundle, precision=args.precision,
+        bundle_dir=None if args.bundle is None else bundle_directory(args.bundle), adapters=tuple(args.adapter),
+        precision=args.precision,
         limits=Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_queued_texts=args.max_queued_texts,
                       request_timeout_s=args.request_timeout_s or None),
         batching=micro if args.micro_batching else None, num_threads=args.num_threads,

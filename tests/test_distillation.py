@@ -1,0 +1,183 @@
+"""Distillation (tfsft.distillation): the loss against hand computations, the teacher's outputs
+(bundle and Keras, label order, cache), refusals, and a whole run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_run
+from tfsft.data import LabelMap
+from tfsft.errors import ConfigError
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _per_example(loss, targets: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    from tfsft.modeling import tf
+
+    return loss(tf.constant(targets, tf.float32), tf.constant(logits, tf.float32)).numpy()
+
+
+def test_classification_loss_mixes_cross_entropy_and_scaled_kl_by_hand():
+    from tfsft.distillation import distillation_objective, pack_targets
+
+    rng = np.random.RandomState(0)
+    student, teacher = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)) * 3
+    labels = np.array([0, 2, 1, 2])
+    alpha, t = 0.3, 2.0
+    loss, [metric] = distillation_objective("classification", 3, alpha, t)
+    hard = -_log_softmax(student)[np.arange(4), labels]
+    soft_target = np.exp(_log_softmax(teacher / t))
+    kl = (soft_target * (np.log(soft_target) - _log_softmax(student / t))).sum(axis=1)
+    expected = alpha * hard + (1 - alpha) * kl * t * t
+    np.testing.assert_allclose(_per_example(loss, pack_targets("classification", labels, teacher), student), expected, rtol=1e-5)
+    np.testing.assert_allclose(_per_example(loss, labels, student), hard, rtol=1e-5)  # plain targets: plain loss
+    assert metric.__name__ == "accuracy"
+    accuracy = _per_example(metric, pack_targets("classification", labels, teacher), student)
+    np.testing.assert_array_equal(accuracy, (student.argmax(1) == labels).astype(np.float32))
+
+
+def test_regression_and_multilabel_losses_by_hand():
+    from tfsft.distillation import distillation_objective, pack_targets
+
+    rng = np.random.RandomState(1)
+    loss, _ = distillation_objective("regression", 1, 0.25, 5.0)
+    student, gold, teacher = rng.normal(size=(5, 1)), rng.normal(size=5), rng.normal(size=(5, 1))
+    expected = 0.25 * (student[:, 0] - gold) ** 2 + 0.75 * (student[:, 0] - teacher[:, 0]) ** 2  # no temperature
+    np.testing.assert_allclose(_per_example(loss, pack_targets("regression", gold, teacher), student), expected, rtol=1e-5)
+
+    loss, _ = distillation_objective("multilabel", 3, 0.5, 2.0)
+    student, teacher = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    gold = (rng.uniform(size=(4, 3)) > 0.5).astype(np.float32)
+
+    def bce(target, logits):
+        p = 1 / (1 + np.exp(-logits))
+        return -(target * np.log(p) + (1 - target) * np.log(1 - p)).mean(axis=1)
+
+    expected = 0.5 * bce(gold, student) + 0.5 * bce(1 / (1 + np.exp(-teacher / 2)), student / 2) * 4
+    np.testing.assert_allclose(_per_example(loss, pack_targets("multilabel", gold, teacher), student), expected, rtol=1e-4)
+
+
+def test_teacher_outputs_follow_the_students_label_order_through_bundle_and_keras(tmp_path, tiny_checkpoint, sst2_slices):
+    from tfsft.data import read_examples
+    from tfsft.config import DataConfig
+    from tfsft.distillation import compute_teacher_logits, teacher_logits
+    from tfsft.export import export_bundle
+    from tfsft.inference import Predictor
+
+    model, run_dir, examples, labels = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"], quantize=False)
+    examples = read_examples(str(sst2_slices["dev"]), DataConfig()).subset(range(20))
+    keras = compute_teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")))
+    swapped = compute_teacher_logits(str(run_dir), examples, "classification", LabelMap(("1", "0")))
+    np.testing.assert_array_equal(swapped, keras[:, ::-1])
+    export_bundle(model, run_dir, validation_data=(examples, labels[:20]))
+    onnx = compute_teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")))
+    np.testing.assert_allclose(onnx, keras, atol=1e-4)
+    np.testing.assert_allclose(onnx, Predictor(run_dir / "onnx").logits(list(examples.texts)), atol=1e-6)
+
+    cache = tmp_path / "teacher_logits.npy"
+    first, cached = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)
+    assert not cached and cache.is_file()
+    again, cached = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)
+    assert cached and np.array_equal(again, first)
+    _, cached = teacher_logits(str(run_dir), examples.subset(range(10)), "classification", LabelMap(("0", "1")), cache)
+    assert not cached  # other examples: computed again
+
+
+def test_a_teacher_of_another_task_or_labels_or_no_run_is_refused(tmp_path, tiny_checkpoint, sst2_slices):
+    from tfsft.distillation import check_teacher, teacher_columns
+
+    _, run_dir, _, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    with pytest.raises(ConfigError, match="trained for --task classification, this run is --task regression"):
+        teacher_columns(str(run_dir), "regression", LabelMap(("score",)))
+    with pytest.raises(ConfigError, match=r"predicts labels \['0', '1'\], this run's are \['0', '1', '2'\]"):
+        teacher_columns(str(run_dir), "classification", LabelMap(("0", "1", "2")))
+    with pytest.raises(ConfigError, match="neither an ONNX bundle"):
+        check_teacher(str(tmp_path / "nothing"))
+
+
+def test_distillation_flags_are_checked():
+    from tfsft.config import RunConfig
+
+    with pytest.raises(ConfigError, match="--task ner"):
+        RunConfig.from_flat({"task": "ner", "train_file": "x.txt", "teacher_model": "run"})
+    with pytest.raises(ConfigError, match="few_shot"):
+        RunConfig.from_flat({"teacher_model": "run", "few_shot": "on"})
+    with pytest.raises(ConfigError, match="distill_alpha"):
+        RunConfig.from_flat({"teacher_model": "run", "distill_alpha": 1.5})
+    with pytest.raises(ConfigError, match="distill_temperature"):
+        RunConfig.from_flat({"teacher_model": "run", "distill_temperature": 0})
+    RunConfig.from_flat({"teacher_model": "run", "unlabeled_file": "more.txt", "few_shot": "off"})  # teacher labels it
+
+
+def _sentiment_rows(count: int, seed: int) -> list[list[str]]:
+    """Texts whose label is set by one word (a tiny mean-pooled model learns it in a few epochs)."""
+    rng = np.random.RandomState(seed)
+    filler = ["the", "film", "was", "a", "story", "of", "it", "really", "plot", "and", "acting", "quite"]
+    rows = []
+    for _ in range(count):
+        label = int(rng.randint(2))
+        word = rng.choice(["good", "great", "lovely", "fine"] if label else ["bad", "awful", "poor", "dull"])
+        words = list(rng.choice(filler, size=5)) + [word]
+        rng.shuffle(words)
+        rows.append([" ".join(words), str(label)])
+    return rows
+
+
+def test_a_student_distilled_with_alpha_zero_learns_the_teacher_not_the_labels(tmp_path, tiny_checkpoint, monkeypatch):
+    """With alpha 0 the labels carry no weight: the student learns the teacher's decisions. The
+    teacher here contradicts every label (its outputs are those of a run whose label file was
+    inverted), so the student's decisions say which of the two it learned from."""
+    from conftest import write_csv
+    from tfsft import RunConfig, distillation, finetune
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    train = write_csv(tmp_path / "train.csv", ["sentence", "label"], _sentiment_rows(320, 0))
+    dev = write_csv(tmp_path / "dev.csv", ["sentence", "label"], _sentiment_rows(64, 1))
+    _, teacher_run, _, _ = make_run(tmp_path / "teacher", tiny_checkpoint, dev)
+    examples = read_examples(str(train), DataConfig())
+    gold = np.array([int(label) for label in examples.labels])
+    keras_outputs = distillation.compute_teacher_logits
+
+    def contradicting_teacher(teacher, examples, task, label_map):
+        decided = np.array([1 - int(label) for label in examples.labels])
+        return np.stack([np.where(decided == 0, 4.0, -4.0), np.where(decided == 1, 4.0, -4.0)], axis=1).astype(np.float32)
+
+    monkeypatch.setattr(distillation, "compute_teacher_logits", contradicting_teacher)
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(train), validation_file=str(dev), num_train_epochs=3,
+        learning_rate=3e-3, warmup_ratio=0.0, per_device_train_batch_size=16, max_seq_length=16, pooling="mean",
+        output_dir=str(tmp_path / "student"), export=False, teacher_model=str(teacher_run), distill_alpha=0.0,
+        distill_temperature=1.0,
+    ))
+    result = finetune(config, verbose=0)
+    assert result.metrics["teacher_examples"] == 320 and result.metrics["teacher_train_agreement"] == 0.0
+    np.testing.assert_array_equal(np.load(result.run_dir / "teacher_logits.npy").argmax(1), 1 - gold)
+    student = keras_outputs(str(result.run_dir), examples, "classification", LabelMap(("0", "1"))).argmax(1)
+    assert (student == 1 - gold).mean() > 0.9, "the student did not learn the teacher's decisions"
+    assert result.metrics["eval_accuracy"] < 0.2  # it learned them as a rule: the dev labels it contradicts too
+
+
+def test_unlabeled_texts_join_training_with_the_teachers_labels(tmp_path, tiny_checkpoint, sst2_slices):
+    """--unlabeled_file: the teacher labels them; they train beside the labelled examples."""
+    from tfsft import RunConfig, finetune
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    _, teacher_run, _, _ = make_run(tmp_path / "teacher", tiny_checkpoint, sst2_slices["dev"])
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("\n".join(read_examples(str(sst2_slices["dev"]), DataConfig()).texts[:30]) + "\n")
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["dev"]),
+        validation_file=str(sst2_slices["dev"]), max_train_samples=50, num_train_epochs=1, max_seq_length=32,
+        output_dir=str(tmp_path / "student"), export=False, teacher_model=str(teacher_run),
+        unlabeled_file=str(unlabeled),
+    ))
+    metrics = finetune(config, verbose=0).metrics
+    assert (metrics["teacher_examples"], metrics["teacher_labelled_examples"], metrics["train_samples"]) == (50, 30, 80)
+    assert (tmp_path / "student" / "teacher_logits_unlabeled.npy").is_file()

@@ -1,0 +1,227 @@
+"""Knowledge distillation: train a student on the hard labels and a teacher's softened outputs
+(Hinton et al. 2015), the teacher being another tfsft run or its ONNX bundle.
+
+The teacher's logits for the training texts are computed once, before training (through its
+ONNX bundle when it has one: onnxruntime, the teacher's own tokenizer and length), saved in the
+run directory as `teacher_logits.npy` (a resumed run reads them back), and packed beside the hard
+labels into the training targets: `[label, teacher logits...]` (classification),
+`[score, teacher score]` (regression), `[label set..., teacher logits...]` (multilabel). The loss
+(`distillation_loss`) unpacks them: `alpha * hard loss + (1 - alpha) * soft loss`, the soft loss
+being the KL divergence of the temperature-softened distributions times T^2 (classification),
+the squared error to the teacher's score (regression), or the cross-entropy of the softened
+per-label sigmoids times T^2 (multilabel). Validation targets stay plain, so validation loss and
+metrics are those of any run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from tfsft import artifacts
+from tfsft.checkpoint import saved_label_map
+from tfsft.data import Examples, LabelMap
+from tfsft.errors import ConfigError
+
+TEACHER_LOGITS_FILE = "teacher_logits.npy"
+TEACHER_UNLABELED_LOGITS_FILE = "teacher_logits_unlabeled.npy"
+
+
+def teacher_bundle(teacher: str) -> Optional[Path]:
+    """The ONNX bundle of a teacher given as a bundle directory or a run that has one, else None."""
+    path = Path(teacher)
+    for candidate in (path, path / artifacts.ONNX_DIR):
+        if (candidate / artifacts.BUNDLE_FILE).is_file():
+            return candidate
+    return None
+
+
+def check_teacher(teacher: str) -> None:
+    """Refuse a --teacher_model that is neither a bundle nor a finished run (before anything trains)."""
+    if teacher_bundle(teacher) is None and not (Path(teacher) / artifacts.MODEL_DIR / "config.json").is_file():
+        raise ConfigError(
+            f"--teacher_model {teacher}: neither an ONNX bundle (bundle.json) nor a finished tfsft run (model/); pass "
+            f"RUN_DIR or RUN_DIR/onnx of a run fine-tuned for this task. Received: teacher_model={teacher!r}"
+        )
+
+
+def teacher_task_and_labels(teacher: str) -> tuple[str, tuple[str, ...]]:
+    """The task and output labels of a teacher, read without TensorFlow."""
+    bundle = teacher_bundle(teacher)
+    if bundle is not None:
+        meta = artifacts.read_json(bundle / artifacts.BUNDLE_FILE, "bundle metadata")
+        return str(meta.get("task", "classification")), tuple(str(label) for label in meta.get("labels", ()))
+    config = artifacts.read_config(Path(teacher))
+    return config.model.task, saved_label_map(Path(teacher) / artifacts.MODEL_DIR).names
+
+
+def teacher_columns(teacher: str, task: str, label_map: LabelMap) -> np.ndarray:
+    """For each student output, the index of the teacher output that matches it (by label name).
+
+    Raises:
+        ConfigError: the teacher was trained for another task or on other labels.
+    """
+    teacher_task, labels = teacher_task_and_labels(teacher)
+    if teacher_task != task:
+        raise ConfigError(
+            f"--teacher_model {teacher} was trained for --task {teacher_task}, this run is --task {task}. "
+            f"Received: teacher_model={teacher!r}"
+        )
+    if task == "regression":
+        return np.zeros(1, dtype=np.int64)
+    missing = [name for name in label_map.names if name not in labels]
+    if missing or len(labels) != len(label_map.names):
+        raise ConfigError(
+            f"--teacher_model {teacher} predicts labels {list(labels)}, this run's are {list(label_map.names)}: "
+            f"a teacher must have the same labels. Received: teacher_model={teacher!r}"
+        )
+    return np.array([labels.index(name) for name in label_map.names], dtype=np.int64)
+
+
+def _inputs(examples: Examples) -> list[Any]:
+    if examples.pairs is None:
+        return list(examples.texts)
+    return list(zip(examples.texts, examples.pairs))
+
+
+def compute_teacher_logits(teacher: str, examples: Examples, task: str, label_map: LabelMap) -> np.ndarray:
+    """The teacher's outputs for `examples`, columns in the student's label order: through its
+    ONNX bundle when it has one (no TensorFlow), else its Keras model."""
+    columns = teacher_columns(teacher, task, label_map)
+    bundle = teacher_bundle(teacher)
+    if bundle is not None:
+        from tfsft.inference import Predictor
+
+        logits = Predictor(bundle, int8=False, batch_size=64).logits(_inputs(examples))
+    else:
+        logits = _keras_teacher_logits(Path(teacher), examples, task)
+    return np.ascontiguousarray(logits[:, columns], dtype=np.float32)
+
+
+def _keras_teacher_logits(run: Path, examples: Examples, task: str) -> np.ndarray:
+    from tfsft.checkpoint import load_tokenizer, text_encoder
+    from tfsft.data import LengthBatchedData
+    from tfsft.evaluation import predict_logits
+    from tfsft.lora import load_run_model
+    from tfsft.modeling import feature_names
+
+    config = artifacts.read_config(run)
+    model_dir = run / artifacts.MODEL_DIR
+    model = load_run_model(model_dir, task)
+    encoder = text_encoder(load_tokenizer(model_dir), config.data.max_seq_length)
+    data = LengthBatchedData(
+        encoder.encode(examples.texts, examples.pairs), None, 64, shuffle=False, pad_id=encoder.pad_id,
+        feature_names=feature_names(model),
+    )
+    return predict_logits(model, data)
+
+
+def teacher_logits(
+    teacher: str, examples: Examples, task: str, label_map: LabelMap, cache: Path
+) -> tuple[np.ndarray, bool]:
+    """The teacher's outputs for the training examples, read from `cache` when a run being
+    resumed computed them already (same teacher, same number of examples), else computed and
+    written there. Returns (logits, whether they were read from the cache)."""
+    meta_path = cache.with_suffix(".json")
+    expected = {"teacher": str(Path(teacher).resolve()), "examples": len(examples), "labels": list(label_map.names)}
+    if cache.is_file() and meta_path.is_file():
+        try:
+            if json.loads(meta_path.read_text()) == expected:
+                return np.load(cache), True
+        except (OSError, ValueError):
+            pass
+    logits = compute_teacher_logits(teacher, examples, task, label_map)
+    with artifacts.atomic_path(cache) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, logits)
+    artifacts.write_json(meta_path, expected)
+    return logits, False
+
+
+def pack_targets(task: str, labels: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """Training targets carrying the teacher's outputs beside the hard labels (float32)."""
+    hard = np.asarray(labels, dtype=np.float32).reshape(len(labels), -1)
+    return np.concatenate([hard, teacher.astype(np.float32)], axis=1)
+
+
+def teacher_labels(task: str, teacher: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Hard labels the teacher gives unlabelled texts: its argmax, its score, or its label set."""
+    if task == "classification":
+        return teacher.argmax(axis=1).astype(np.int64)
+    if task == "regression":
+        return teacher[:, 0].astype(np.float32)
+    return (teacher >= np.log(threshold / (1 - threshold))).astype(np.float32)
+
+
+def hard_width(task: str, outputs: int) -> int:
+    """Columns of the hard labels in packed targets."""
+    return outputs if task == "multilabel" else 1
+
+
+def distillation_objective(task: str, outputs: int, alpha: float, temperature: float) -> tuple[Any, list]:
+    """(loss, Keras metrics) of a distilled run: packed training targets are unpacked; plain ones
+    (validation) get the task's ordinary loss and metrics."""
+    from tfsft.modeling import tf
+
+    width = hard_width(task, outputs)
+    packed_width = width + outputs
+    t = float(temperature)
+
+    def unpack(y_true):
+        """(hard targets, teacher outputs or None)."""
+        if y_true.shape.rank == 2 and y_true.shape[-1] == packed_width and packed_width != width:
+            return y_true[:, :width], y_true[:, width:]
+        return y_true, None
+
+    def hard_loss(hard, y_pred):
+        if task == "classification":
+            labels = tf.cast(tf.reshape(hard, [-1]), tf.int32)
+            return tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
+        if task == "regression":
+            return tf.square(tf.reshape(y_pred, [-1]) - tf.reshape(tf.cast(hard, y_pred.dtype), [-1]))
+        return tf.keras.losses.binary_crossentropy(tf.cast(hard, y_pred.dtype), y_pred, from_logits=True)
+
+    def soft_loss(teacher, y_pred):
+        if task == "classification":
+            target = tf.nn.softmax(teacher / t, axis=-1)
+            kl = tf.reduce_sum(target * (tf.math.log(target + 1e-12) - tf.nn.log_softmax(y_pred / t, axis=-1)), axis=-1)
+            return kl * t * t
+        if task == "regression":
+            return tf.square(tf.reshape(y_pred, [-1]) - tf.reshape(teacher, [-1]))
+        return tf.keras.losses.binary_crossentropy(tf.sigmoid(teacher / t), y_pred / t, from_logits=True) * t * t
+
+    def distillation_loss(y_true, y_pred):
+        y_pred = tf.cast(y_pred, tf.float32)
+        hard, teacher = unpack(tf.cast(y_true, tf.float32))
+        if teacher is None:
+            return hard_loss(hard, y_pred)
+        return alpha * hard_loss(hard, y_pred) + (1.0 - alpha) * soft_loss(teacher, y_pred)
+
+    def accuracy(y_true, y_pred):
+        hard, _ = unpack(tf.cast(y_true, tf.float32))
+        return tf.keras.metrics.sparse_categorical_accuracy(tf.reshape(hard, [-1, 1]), y_pred)
+
+    def mse(y_true, y_pred):
+        hard, _ = unpack(tf.cast(y_true, tf.float32))
+        return tf.square(tf.reshape(tf.cast(y_pred, tf.float32), [-1]) - tf.reshape(hard, [-1]))
+
+    def binary_accuracy(y_true, y_pred):
+        hard, _ = unpack(tf.cast(y_true, tf.float32))
+        return tf.keras.metrics.binary_accuracy(hard, tf.cast(y_pred, tf.float32), threshold=0.0)
+
+    metric = {"classification": accuracy, "regression": mse, "multilabel": binary_accuracy}[task]
+    return distillation_loss, [metric]
+
+
+def mix_unlabeled(
+    task: str, labels: np.ndarray, teacher: np.ndarray, unlabeled_teacher: np.ndarray, threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hard labels and teacher outputs of labelled plus teacher-labelled examples, in that order."""
+    return (
+        np.concatenate([np.asarray(labels).astype(np.float32).reshape(len(labels), -1),
+                        teacher_labels(task, unlabeled_teacher, threshold).astype(np.float32).reshape(len(unlabeled_teacher), -1)]),
+        np.concatenate([teacher, unlabeled_teacher]),
+    )
