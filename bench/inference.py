@@ -74,9 +74,10 @@ def onnx_runner(path: Path, threads: int | None, spinning: bool = False):
 
 
 def keras_runner(run_dir: Path):
-    from tfsft.modeling import load_finetuned, tf
+    from tfsft.lora import load_run_model
+    from tfsft.modeling import tf
 
-    model = load_finetuned(artifacts.run_model_dir(run_dir))
+    model = load_run_model(artifacts.run_model_dir(run_dir))
 
     @tf.function(reduce_retracing=True)
     def forward(features):
