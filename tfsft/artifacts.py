@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +52,15 @@ BUNDLE_MODEL = "model.onnx"
 BUNDLE_MODEL_FUSED = "model.fused.onnx"
 BUNDLE_MODEL_INT8 = "model.int8.onnx"
 BUNDLE_REPORT = "export_report.json"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of the file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -12,7 +12,6 @@ graph is the one a fully fine-tuned model has.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,14 +256,6 @@ def _weight_key(weight) -> str:
     return weight.name.split("/", 1)[-1].rsplit(":", 1)[0]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_adapter(model, tokenizer, directory: Path, settings: LoraSettings, base: Path, base_name: str, task: str) -> None:
     """Write the trained weights (adapters and head), the model and tokenizer configs and
     `adapter_config.json` (settings, base checkpoint and its hash) into `directory`."""
@@ -290,13 +281,13 @@ def save_adapter(model, tokenizer, directory: Path, settings: LoraSettings, base
         "base_model_name_or_path": base_name,
         "base_checkpoint": str(Path(base).resolve()),
         "base_weights_file": base_weights.name,
-        "base_weights_sha256": file_sha256(base_weights),
+        "base_weights_sha256": artifacts.file_digest(base_weights),
         "base_weights_bytes": base_weights.stat().st_size,
     })
     artifacts.write_text(directory / "README.md", ADAPTER_MODEL_CARD.format(
         rank=settings.rank, targets=", ".join(settings.targets), weights=ADAPTER_WEIGHTS_FILE,
         size=(directory / ADAPTER_WEIGHTS_FILE).stat().st_size, base=base_name, base_weights=base_weights.name,
-        sha256=file_sha256(base_weights),
+        sha256=artifacts.file_digest(base_weights),
     ))
 
 
@@ -331,7 +322,7 @@ def adapter_base(directory: Path, config: Optional[dict[str, Any]] = None) -> Pa
             weights = weights_file(base)
         except ArtifactError:
             continue
-        if weights.name == config.get("base_weights_file") and file_sha256(weights) == expected:
+        if weights.name == config.get("base_weights_file") and artifacts.file_digest(weights) == expected:
             return base
     found = f"{candidates[0]} holds different weights (SHA-256 differs)" if candidates else "it is not found"
     raise ArtifactError(

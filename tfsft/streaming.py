@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from tfsft.artifacts import file_digest
 from tfsft.config import DataConfig
 from tfsft.data import DelimitedRecords, LabelMap, file_format, parse_json_record, records_to_examples, resolve_columns
 from tfsft.errors import DataError
@@ -51,15 +52,6 @@ def default_cache_dir() -> Path:
 
 def _log(message: str) -> None:
     print(f"[tfsft] {message}", file=sys.stderr, flush=True)
-
-
-def file_digest(path: str) -> str:
-    """SHA-256 of the file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(path: str, encoder: TextEncoder, config: DataConfig) -> str:
