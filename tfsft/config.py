@@ -103,7 +103,7 @@ class ModelConfig:
         0,
         "LoRA: train rank-R low-rank adapters on --lora_targets and the head, the encoder's own weights frozen; "
         "the run's model/ then holds only adapters and head (with the base checkpoint's hash), and the ONNX bundle "
-        "has them merged in. 0: off (full fine-tuning). LoRA usually wants a higher --learning_rate (5e-4 to 1e-3).",
+        "has them merged in. 0: off (full fine-tuning). LoRA usually wants a higher --learning_rate (1e-3 to 2e-3 on MiniLM).",
     )
     lora_alpha: float = _field(16.0, "LoRA: scaling numerator; the adapter's update is multiplied by alpha / rank.")
     lora_dropout: float = _field(0.1, "LoRA: dropout on the adapters' input while training.")
