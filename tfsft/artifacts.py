@@ -174,6 +174,14 @@ def has_bundle(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / ONNX_DIR / BUNDLE_FILE).is_file()
 
 
+def find_bundle(path: str | os.PathLike) -> Path | None:
+    """The ONNX bundle at `path`, or that of the run at `path` (RUN_DIR/onnx), or None."""
+    for candidate in (Path(path), Path(path) / ONNX_DIR):
+        if (candidate / BUNDLE_FILE).is_file():
+            return candidate
+    return None
+
+
 def remove_stale_work_dirs(directory: str | os.PathLike, name: str) -> list[Path]:
     """Remove `.NAME.*.partial` work directories a killed process left in `directory`."""
     stale = [p for p in Path(directory).glob(f".{name}.*.partial") if p.is_dir()]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -30,18 +30,9 @@ TEACHER_LOGITS_FILE = "teacher_logits.npy"
 TEACHER_UNLABELED_LOGITS_FILE = "teacher_logits_unlabeled.npy"
 
 
-def teacher_bundle(teacher: str) -> Optional[Path]:
-    """The ONNX bundle of a teacher given as a bundle directory or a run that has one, else None."""
-    path = Path(teacher)
-    for candidate in (path, path / artifacts.ONNX_DIR):
-        if (candidate / artifacts.BUNDLE_FILE).is_file():
-            return candidate
-    return None
-
-
 def check_teacher(teacher: str) -> None:
     """Refuse a --teacher_model that is neither a bundle nor a finished run (before anything trains)."""
-    if teacher_bundle(teacher) is None and not (Path(teacher) / artifacts.MODEL_DIR / "config.json").is_file():
+    if artifacts.find_bundle(teacher) is None and not (Path(teacher) / artifacts.MODEL_DIR / "config.json").is_file():
         raise ConfigError(
             f"--teacher_model {teacher}: neither an ONNX bundle (bundle.json) nor a finished tfsft run (model/); pass "
             f"RUN_DIR or RUN_DIR/onnx of a run fine-tuned for this task. Received: teacher_model={teacher!r}"
@@ -50,7 +41,7 @@ def check_teacher(teacher: str) -> None:
 
 def teacher_task_and_labels(teacher: str) -> tuple[str, tuple[str, ...]]:
     """The task and output labels of a teacher, read without TensorFlow."""
-    bundle = teacher_bundle(teacher)
+    bundle = artifacts.find_bundle(teacher)
     if bundle is not None:
         meta = artifacts.read_json(bundle / artifacts.BUNDLE_FILE, "bundle metadata")
         return str(meta.get("task", "classification")), tuple(str(label) for label in meta.get("labels", ()))
@@ -91,7 +82,7 @@ def compute_teacher_logits(teacher: str, examples: Examples, task: str, label_ma
     """The teacher's outputs for `examples`, columns in the student's label order: through its
     ONNX bundle when it has one (no TensorFlow), else its Keras model."""
     columns = teacher_columns(teacher, task, label_map)
-    bundle = teacher_bundle(teacher)
+    bundle = artifacts.find_bundle(teacher)
     if bundle is not None:
         from tfsft.inference import Predictor
 

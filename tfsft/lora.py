@@ -24,7 +24,7 @@ from tfsft.checkpoint import resolve_checkpoint, saved_label_map, weights_file
 from tfsft.config import ModelConfig
 from tfsft.data import LabelMap
 from tfsft.errors import ArtifactError, ConfigError
-from tfsft.modeling import build_classifier, load_finetuned, quiet_transformers, recorded_pooling, tf
+from tfsft.modeling import _unscoped, build_classifier, load_finetuned, quiet_transformers, recorded_pooling, tf
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -89,6 +89,11 @@ class LoraSettings:
                 f"Received: lora_targets=None"
             )
         return cls(rank=model.lora_rank, alpha=model.lora_alpha, dropout=model.lora_dropout, targets=targets)
+
+    @classmethod
+    def from_adapter_config(cls, config: dict[str, Any]) -> "LoraSettings":
+        """The settings an `adapter_config.json` records."""
+        return cls(int(config["r"]), float(config["lora_alpha"]), float(config["lora_dropout"]), tuple(config["target_modules"]))
 
 
 class LoraDense(tf.keras.layers.Layer):
@@ -182,42 +187,28 @@ def _freeze_encoder(main) -> None:
     whose `trainable` is False, so only layers holding no adapter are switched off; the few weights
     a layer above an adapter holds itself (MPNet's relative attention bias, in its encoder) are
     moved to that layer's non-trainable weights."""
-    holders = {id(main): main}
-    for layer in main.submodules:
+
+    def freeze(layer) -> bool:
+        """Freeze what `layer` holds outside adapters; whether an adapter is at or below it."""
         if isinstance(layer, LoraDense):
-            holders.update((id(parent), parent) for parent in _ancestors(main, layer))
-    for layer in main.submodules:
-        if isinstance(layer, tf.keras.layers.Layer) and id(layer) not in holders and not isinstance(layer, LoraDense):
-            if not any(isinstance(parent, LoraDense) for parent in _ancestors(main, layer)):
-                layer.trainable = False
-    for holder in holders.values():
-        own = list(holder._trainable_weights)
+            return True  # its base froze when it was wrapped
+        holds = [freeze(child) for child in layer._flatten_layers(include_self=False, recursive=False)]
+        if not any(holds):
+            layer.trainable = False
+            return False
+        own = list(layer._trainable_weights)
         if own:  # object.__setattr__: Keras' own would track the list and re-add its variables as trainable
-            object.__setattr__(holder, FROZEN_WEIGHTS_ATTRIBUTE, tuple(own))
-            object.__setattr__(holder, "_trainable_weights", [])
-            object.__setattr__(holder, "_non_trainable_weights", own + list(holder._non_trainable_weights))
+            object.__setattr__(layer, FROZEN_WEIGHTS_ATTRIBUTE, tuple(own))
+            object.__setattr__(layer, "_trainable_weights", [])
+            object.__setattr__(layer, "_non_trainable_weights", own + list(layer._non_trainable_weights))
+        return True
+
+    freeze(main)
     leaked = [
         weight.name for weight in main.trainable_weights if not weight.name.split("/")[-1].startswith("lora_")
     ]
     if leaked:
         raise ConfigError(f"--lora_rank: cannot freeze these encoder weights of {type(main).__name__}: {leaked[:3]}")
-
-
-def _ancestors(root, target) -> list:
-    """The layers on the path from `root` down to `target` (both excluded), by attribute tracking."""
-    path: list = []
-
-    def visit(layer, trail: list) -> bool:
-        for child in layer._flatten_layers(include_self=False, recursive=False):
-            if child is target:
-                path.extend(trail)
-                return True
-            if visit(child, trail + [child]):
-                return True
-        return False
-
-    visit(root, [])
-    return path
 
 
 def merge_lora(model) -> int:
@@ -253,7 +244,7 @@ def parameter_counts(model) -> dict[str, int]:
 
 def _weight_key(weight) -> str:
     """A weight's name without the model's own scope and ':0' (`bert/encoder/.../query/lora_a`)."""
-    return weight.name.split("/", 1)[-1].rsplit(":", 1)[0]
+    return _unscoped(weight.name).rsplit(":", 1)[0]
 
 
 def save_adapter(model, tokenizer, directory: Path, settings: LoraSettings, base: Path, base_name: str, task: str) -> None:
@@ -269,6 +260,7 @@ def save_adapter(model, tokenizer, directory: Path, settings: LoraSettings, base
     model.config.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     base_weights = weights_file(base)
+    base_sha256 = artifacts.file_digest(base_weights)
     head = sorted({key.split("/", 1)[0] for key in trained if not key.split("/")[-1].startswith("lora_")})
     artifacts.write_json(directory / ADAPTER_CONFIG_FILE, {
         "peft_type": "LORA",
@@ -281,13 +273,13 @@ def save_adapter(model, tokenizer, directory: Path, settings: LoraSettings, base
         "base_model_name_or_path": base_name,
         "base_checkpoint": str(Path(base).resolve()),
         "base_weights_file": base_weights.name,
-        "base_weights_sha256": artifacts.file_digest(base_weights),
+        "base_weights_sha256": base_sha256,
         "base_weights_bytes": base_weights.stat().st_size,
     })
     artifacts.write_text(directory / "README.md", ADAPTER_MODEL_CARD.format(
         rank=settings.rank, targets=", ".join(settings.targets), weights=ADAPTER_WEIGHTS_FILE,
         size=(directory / ADAPTER_WEIGHTS_FILE).stat().st_size, base=base_name, base_weights=base_weights.name,
-        sha256=artifacts.file_digest(base_weights),
+        sha256=base_sha256,
     ))
 
 
@@ -299,7 +291,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        LoraSettings(int(config["r"]), float(config["lora_alpha"]), float(config["lora_dropout"]), tuple(config["target_modules"]))
+        LoraSettings.from_adapter_config(config)
         str(config["base_weights_sha256"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ArtifactError(f"{path}: unreadable adapter config ({type(error).__name__}: {error})") from None
@@ -342,8 +334,7 @@ def load_adapter(directory: Path, task: str = "classification", merge: bool = Tr
     label_map: LabelMap = saved_label_map(directory)
     pooling = recorded_pooling(directory) or "cls"
     model, _ = build_classifier(base, label_map, str(config.get("base_model_name_or_path", base)), task, pooling)
-    settings = LoraSettings(int(config["r"]), float(config["lora_alpha"]), float(config["lora_dropout"]), tuple(config["target_modules"]))
-    apply_lora(model, settings)
+    apply_lora(model, LoraSettings.from_adapter_config(config))
     try:
         saved = load_file(str(directory / ADAPTER_WEIGHTS_FILE))
     except Exception as error:

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from starlette.applications import Starlette
@@ -672,13 +671,11 @@ class ServeSettings:
 
 
 def bundle_directory(path: str) -> str:
-    """A bundle directory from a path to one or to the run that holds it (RUN_DIR/onnx)."""
+    """A bundle directory from a path to one or to the run that holds it (RUN_DIR/onnx); else `path`
+    as given, for `Bundle.load` to refuse with its own message."""
     from tfsft import artifacts
 
-    candidate = Path(path)
-    if not (candidate / artifacts.BUNDLE_FILE).is_file() and (candidate / artifacts.ONNX_DIR / artifacts.BUNDLE_FILE).is_file():
-        candidate = candidate / artifacts.ONNX_DIR
-    return str(candidate)
+    return str(artifacts.find_bundle(path) or path)
 
 
 def app_from_environment() -> Starlette:
