@@ -121,7 +121,7 @@ def predictor_table(bundle: Path, eval_file: str, limit: int) -> list[str]:
             n = encoded.lengths[i]
             padded["input_ids"][r, :n] = encoded.input_ids[i]
             padded["attention_mask"][r, :n] = 1
-        predictor._run(padded)
+        predictor.run(padded)
     padded_s = time.perf_counter() - start
     return [
         f"| Predictor on {Path(eval_file).name} ({len(texts)} texts, fused fp32) | examples/s | ratio |",

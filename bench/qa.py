@@ -2,7 +2,7 @@
 pipelines, and Predictor throughput against a one-window-per-call loop, in one run.
 
 Part 1 trains the same model (the embedded MiniLM unless --model_name_or_path), from the same
-weights, with the same seed, on the same windows (`tfsft.qa.make_windows`: question + context cut
+weights, with the same seed, on the same windows (`tfsft.tasks.qa.make_windows`: question + context cut
 into --max_seq_length windows overlapping by --doc_stride tokens) in this one process, through
 (a) every window padded to --max_seq_length in random batches (the transformers run_qa recipe), and
 (b) tfsft's LengthBatchedData (length-sorted windows, per-batch padding; a multiple of 8 with --xla).
@@ -10,7 +10,7 @@ It reports windows/s and train questions/s (windows/s times questions per window
 epoch, timed from the end of its first step (which traces the train step) to its end, per wall
 second and per CPU second of this process (steadier on a shared machine), the whole last epoch's
 wall time, the padding fraction of each pipeline, the ratio (b)/(a), and each model's dev exact
-match and F1 after training (`tfsft.evaluation.span_metrics`, the decoding training reports), so
+match and F1 after training (`tfsft.tasks.qa.span_metrics`, the decoding training reports), so
 a speed-up is not bought with accuracy. At the default size (about ten steps) the span head has
 barely started to learn and both F1s are near zero: they only show nothing broke; compare
 accuracy with a longer run (say --train_samples 4000 --epochs 2).
@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tfsft import qa  # noqa: E402
+from tfsft.tasks import qa  # noqa: E402
 from tfsft.data import LengthBatchedData, sample  # noqa: E402
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad-v1.1"
@@ -77,10 +77,11 @@ def train_pipeline(name: str, checkpoint: Path, windows: qa.QAWindows, questions
                    dev_windows: qa.QAWindows, pad_id: int, args) -> dict[str, Any]:
     """Train one fresh model on `windows` through pipeline `name`; its speeds and dev scores."""
     from tfsft.config import DataConfig, TrainConfig
-    from tfsft.data import SPAN_OUTPUTS, LabelMap
-    from tfsft.evaluation import SpanReference, predict_logits, span_metrics
+    from tfsft.data import LabelMap
+    from tfsft.evaluation import predict_logits
     from tfsft.modeling import build_classifier, feature_names, tf
     from tfsft.pipeline import XLA_PAD_MULTIPLE
+    from tfsft.tasks.qa import SPAN_OUTPUTS, SpanReference, span_metrics
     from tfsft.training import compile_model, set_seed
 
     class StepClock(tf.keras.callbacks.Callback):

@@ -26,7 +26,8 @@ import numpy as np
 
 from tfsft.config import DataConfig, TrainConfig
 from tfsft.data import LabelMap, LengthBatchedData, read_examples, sample
-from tfsft.evaluation import classification_metrics, predict_logits
+from tfsft.evaluation import predict_logits
+from tfsft.tasks.classification import classification_metrics
 from tfsft.modeling import build_classifier, embedded_checkpoint, load_tokenizer, text_encoder
 from tfsft.pipeline import XLA_PAD_MULTIPLE
 from tfsft.training import compile_classifier, set_seed

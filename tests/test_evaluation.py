@@ -20,7 +20,7 @@ def test_multilabel_scores_are_not_taken_at_a_threshold_tuned_on_the_scored_labe
     in-sample score (tuned and scored on the same labels) is the optimistic one."""
     from sklearn.metrics import f1_score
 
-    from tfsft.evaluation import best_threshold, cross_fitted_predictions, multilabel_metrics, sigmoid
+    from tfsft.tasks.multilabel import best_threshold, cross_fitted_predictions, multilabel_metrics, sigmoid
 
     labels, logits = noise()
     probabilities = sigmoid(logits)
@@ -45,7 +45,7 @@ def test_multilabel_scores_are_not_taken_at_a_threshold_tuned_on_the_scored_labe
 
 def test_a_fold_is_scored_without_its_own_labels():
     """Whatever the labels of one half say, that half's predictions do not move."""
-    from tfsft.evaluation import cross_fitted_predictions, sigmoid
+    from tfsft.tasks.multilabel import cross_fitted_predictions, sigmoid
 
     labels, logits = noise(seed=1)
     probabilities = sigmoid(logits)
@@ -63,7 +63,7 @@ def test_a_given_multilabel_threshold_is_scored_as_is():
     on the scored labels, so its scores are plain and there is no in-sample variant."""
     from sklearn.metrics import f1_score
 
-    from tfsft.evaluation import multilabel_metrics, sigmoid
+    from tfsft.tasks.multilabel import multilabel_metrics, sigmoid
 
     labels, logits = noise(seed=2)
     metrics, report = multilabel_metrics(labels, logits, LabelMap(("a", "b", "c")), "test", threshold=0.3)

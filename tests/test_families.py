@@ -206,7 +206,8 @@ def test_roberta_tags_raw_text_end_to_end(checkpoints, tmp_path):
     """NER with a byte-level BPE: the words of raw text are encoded with the prefix space in
     training, export and serving alike, and the Predictor's spans are the Keras model's."""
     from tfsft import finetune
-    from tfsft.inference import Predictor, _entity_spans, _word_tags
+    from tfsft.inference import Predictor
+    from tfsft.tasks.ner import entity_spans, word_tags
     from tfsft.tokenize import split_words
 
     # A tiny model needs a few epochs before it tags anything; the texts to tag are sentences it
@@ -234,9 +235,9 @@ def test_roberta_tags_raw_text_end_to_end(checkpoints, tmp_path):
     probabilities = keras_probabilities(run_dir, "ner", encoded, predictor.encoder.pad_id)
     tagged = 0
     for i, prediction in enumerate(predictions):
-        tags, scores = _word_tags(probabilities[i], word_ids[i], len(words[i]), predictor.labels)
+        tags, scores = word_tags(probabilities[i], word_ids[i], len(words[i]), predictor.labels)
         tagged += sum(tag != "O" for tag in tags)
-        expected = _entity_spans(texts[i], words[i], tags, scores)
+        expected = entity_spans(texts[i], words[i], tags, scores)
         assert [(e["entity"], e["start"], e["end"]) for e in prediction.entities] == [
             (e["entity"], e["start"], e["end"]) for e in expected]
         assert [e["score"] for e in prediction.entities] == pytest.approx([e["score"] for e in expected], abs=1e-4)

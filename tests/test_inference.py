@@ -111,7 +111,7 @@ def test_label_map_mismatch_is_named(bundle, tmp_path):
 
 def test_import_is_tensorflow_free():
     code = (
-        "import sys, tfsft.inference, tfsft.serving; "
+        "import sys, tfsft.tasks, tfsft.inference, tfsft.serving; "
         "heavy = [m for m in ('tensorflow', 'transformers', 'tf_keras') if m in sys.modules]; "
         "print(','.join(heavy))"
     )
@@ -231,7 +231,8 @@ def ner_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
     """An exported (untrained) tiny token classifier with the CoNLL tags and max_seq_length 32."""
     from conftest import shared_path
     from tfsft.config import RunConfig
-    from tfsft.data import LabelMap, encode_labels, read_token_examples
+    from tfsft.data import LabelMap, encode_labels
+    from tfsft.tasks.ner import read_token_examples
     from tfsft.export import export_bundle
     from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained
 
@@ -271,7 +272,7 @@ def oracle_predictor(bundle_dir: Path, tags: dict[str, str]):
             logits[(*position, index[tags.get(vocabulary.id_to_token(int(token_id)), "O")])] = 10.0
         return logits
 
-    predictor._run = run
+    predictor.run = run
     return predictor
 
 

@@ -1,4 +1,4 @@
-"""Extractive QA without TensorFlow (tfsft.qa): the three readers and their errors, the official
+"""Extractive QA without TensorFlow (tfsft.tasks.qa): the three readers and their errors, the official
 SQuAD metrics, question + context windows (checked against the tokenizers library's own
 overflowing windows and run_qa's answer positions) and span decoding (checked against a brute
 force search), on the MiniLM WordPiece tokenizer, a byte-level BPE and the first SQuAD dev articles."""
@@ -17,7 +17,7 @@ import pytest
 from conftest import env_without_training_packages, shared_path
 from tfsft.checkpoint import embedded_checkpoint
 from tfsft.errors import DataError
-from tfsft.qa import (
+from tfsft.tasks.qa import (
     QAExamples,
     SpanPrediction,
     best_spans,
@@ -575,7 +575,7 @@ def test_byte_level_bpe_spans_are_exact_substrings_of_the_context(dev, trim_offs
 
 def test_qa_imports_no_training_package(tmp_path):
     env = env_without_training_packages(tmp_path / "site")
-    code = "import sys, tfsft.qa; print(sorted(m for m in ('tensorflow', 'transformers') if m in sys.modules))"
+    code = "import sys, tfsft.tasks.qa; print(sorted(m for m in ('tensorflow', 'transformers') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -155,7 +155,7 @@ def test_qa_int8_quantizes_every_weight_per_column_and_reports_its_f1_drop(qa_ru
     import onnxruntime as ort
 
     from tfsft.data import LabelMap, LengthBatchedData
-    from tfsft.evaluation import span_metrics, span_reference
+    from tfsft.tasks.qa import span_metrics, span_reference
     from tfsft.export import recorded_validation
     from tfsft.tokenize import TextEncoder
 
@@ -316,14 +316,14 @@ def test_dataset_name_squad_reads_the_hub_rows(monkeypatch, squad_slices):
     import sys
     import types
 
-    from tfsft.data import example_reader, load_splits
+    from tfsft.data import load_splits
 
     rows = squad_rows(squad_slices["dev"])
     module = types.ModuleType("datasets")
     module.load_dataset = lambda name, config_name=None: {"train": rows[:30], "validation": rows[30:]}
     monkeypatch.setitem(sys.modules, "datasets", module)
     config = RunConfig.from_flat({"task": "qa", "dataset_name": "squad", "max_train_samples": 12})
-    splits = load_splits(config.data, 0, stratify=False, reader=example_reader("qa"))
+    splits = load_splits(config.data, 0, task="qa")
     assert len(splits.train) == 12 and len(splits.validation) == len(rows) - 30
     assert splits.train.source == "squad[train]"
     by_id = {row["id"]: row for row in rows}
@@ -333,4 +333,4 @@ def test_dataset_name_squad_reads_the_hub_rows(monkeypatch, squad_slices):
         assert splits.validation.answers[i][0] == (row["answers"]["text"][0], row["answers"]["answer_start"][0])
     rows[31]["answers"] = {"text": ["x"]}
     with pytest.raises(DataError, match=r"squad\[validation\]: row 2: field 'answers'"):
-        load_splits(config.data, 0, stratify=False, reader=example_reader("qa"))
+        load_splits(config.data, 0, task="qa")

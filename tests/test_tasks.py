@@ -1,6 +1,7 @@
-"""Tasks beyond single-label classification: regression on an STS-B slice with the tiny BERT
-(train, best epoch by Spearman, metrics, export parity, Predictor and server output), and the
-task metrics against values worked out by hand."""
+"""The task registry (`tfsft.tasks`: every task complete, no stage switching on task names), and
+the tasks beyond single-label classification: regression on an STS-B slice with the tiny BERT
+(train, best epoch by Spearman, metrics, export parity, Predictor and server output), multilabel,
+NER, and the task metrics against values worked out by hand."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 from conftest import run_script, shared_path, write_tsv_slice
 from tfsft import artifacts
 from tfsft.config import RunConfig
-from tfsft.data import LabelMap, encode_targets, read_examples
+from tfsft.data import LabelMap, read_examples
 from tfsft.errors import ConfigError, DataError
+from tfsft.tasks.regression import encode_targets
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def stsb_slices(tmp_path_factory) -> dict:
 
 
 def test_regression_metrics_match_hand_computed_values():
-    from tfsft.evaluation import regression_metrics
+    from tfsft.tasks.regression import regression_metrics
 
     targets = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     predictions = np.array([[1.5], [1.0], [3.5], [4.0], [6.0]])
@@ -254,7 +256,7 @@ def multilabel_files(tmp_path_factory, sst2_slices):
 
 
 def test_multilabel_metrics_match_hand_computed_values():
-    from tfsft.evaluation import multilabel_metrics
+    from tfsft.tasks.multilabel import multilabel_metrics
 
     labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.float32)
     logits = np.array([[2, -2, -1], [-3, 1, 0.5], [1, 3, -2], [-1, -1, -1]], dtype=np.float32)
@@ -274,7 +276,8 @@ def test_multilabel_metrics_match_hand_computed_values():
 
 
 def test_multilabel_label_parsing_and_bad_labels(tmp_path):
-    from tfsft.data import encode_labels, label_set, task_label_map
+    from tfsft.data import encode_labels, task_label_map
+    from tfsft.tasks.multilabel import label_set
 
     assert label_set('["b", "a", "b"]', "|", "f", 1) == ["b", "a"]
     assert label_set("a; b", ";", "f", 1) == ["a", "b"]
@@ -313,7 +316,8 @@ def multilabel_run(tmp_path_factory, tiny_checkpoint, multilabel_files):
 def test_multilabel_trains_tunes_threshold_and_serves(multilabel_run, multilabel_files):
     from starlette.testclient import TestClient
 
-    from tfsft.evaluation import THRESHOLDS, predict_logits
+    from tfsft.evaluation import predict_logits
+    from tfsft.tasks.multilabel import THRESHOLDS
     from tfsft.inference import LabelSet, Predictor
     from tfsft.serving import create_app
 
@@ -378,7 +382,8 @@ def conll_slices(tmp_path_factory):
 
 
 def test_conll_and_jsonl_token_files(tmp_path, conll_slices):
-    from tfsft.data import encode_labels, read_token_examples, task_label_map
+    from tfsft.data import encode_labels, task_label_map
+    from tfsft.tasks.ner import read_token_examples
 
     config = RunConfig.from_flat({"task": "ner", "train_file": str(conll_slices["train"])}).data
     train = read_token_examples(str(conll_slices["train"]), config)
@@ -407,7 +412,8 @@ def test_conll_and_jsonl_token_files(tmp_path, conll_slices):
 
 
 def test_labels_go_to_the_first_word_piece_only(tiny_checkpoint):
-    from tfsft.data import IGNORED_LABEL, TokenExamples
+    from tfsft.data import IGNORED_LABEL
+    from tfsft.tasks.ner import TokenExamples
     from tfsft.modeling import load_tokenizer, text_encoder
 
     encoder = text_encoder(load_tokenizer(tiny_checkpoint), 32)
@@ -421,7 +427,7 @@ def test_labels_go_to_the_first_word_piece_only(tiny_checkpoint):
 
 
 def test_entity_metrics_match_hand_counted_spans():
-    from tfsft.evaluation import ner_metrics
+    from tfsft.tasks.ner import ner_metrics
 
     label_map = LabelMap(("B-LOC", "B-ORG", "B-PER", "I-PER", "O"))
     ids = label_map.ids
@@ -449,18 +455,18 @@ def test_entity_metrics_match_hand_counted_spans():
 
 
 def test_entity_spans_have_offsets_in_the_original_text():
-    from tfsft.inference import _entity_spans
+    from tfsft.tasks.ner import entity_spans
 
     text = "  Peter  Blackburn went to\tNew York ."
     words = [(m.group(), m.start(), m.end()) for m in __import__("re").finditer(r"\S+", text)]
     tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"]
-    spans = _entity_spans(text, words, tags, [0.9, 0.7, 0.9, 0.9, 0.8, 0.6, 0.9])
+    spans = entity_spans(text, words, tags, [0.9, 0.7, 0.9, 0.9, 0.8, 0.6, 0.9])
     assert [(s["entity"], s["start"], s["end"], s["text"]) for s in spans] == [
         ("PER", 2, 18, "Peter  Blackburn"), ("LOC", 27, 35, "New York")
     ]
     assert spans[0]["score"] == pytest.approx(0.8)
     # IOB1 style: an I- tag after O (or after another type) opens an entity
-    assert [s["text"] for s in _entity_spans(text, words, ["I-PER", "I-LOC", "O", "O", "I-LOC", "I-LOC", "O"], [1.0] * 7)] == [
+    assert [s["text"] for s in entity_spans(text, words, ["I-PER", "I-LOC", "O", "O", "I-LOC", "I-LOC", "O"], [1.0] * 7)] == [
         "Peter", "Blackburn", "New York"
     ]
 
@@ -482,9 +488,11 @@ def ner_run(tmp_path_factory, tiny_checkpoint, conll_slices):
 def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
     from seqeval.metrics import f1_score, precision_score, recall_score
 
-    from tfsft.data import LengthBatchedData, encode_labels, read_token_examples
-    from tfsft.evaluation import predict_logits, token_tags
-    from tfsft.inference import Entities, Predictor, _entity_spans, _word_tags, softmax
+    from tfsft.data import LengthBatchedData, encode_labels
+    from tfsft.tasks.ner import read_token_examples
+    from tfsft.evaluation import predict_logits
+    from tfsft.inference import Entities, Predictor, softmax
+    from tfsft.tasks.ner import entity_spans, token_tags, word_tags
     from tfsft.modeling import load_finetuned, load_tokenizer, text_encoder
     from tfsft.tokenize import split_words
 
@@ -527,8 +535,8 @@ def test_ner_trains_exports_and_predicts_spans(ner_run, conll_slices):
     probabilities = softmax(predict_logits(keras_model, data))
     assert sum(len(p.entities) for p in predictions) > 0  # the loops below check spans, not nothing
     for i, prediction in enumerate(predictions):
-        tags, scores = _word_tags(probabilities[i], word_ids[i], len(words[i]), predictor.labels)
-        expected = _entity_spans(sentences[i], words[i], tags, scores)
+        tags, scores = word_tags(probabilities[i], word_ids[i], len(words[i]), predictor.labels)
+        expected = entity_spans(sentences[i], words[i], tags, scores)
         assert [(e["entity"], e["start"], e["end"]) for e in prediction.entities] == [(e["entity"], e["start"], e["end"]) for e in expected]
         assert not prediction.truncated
         for entity in prediction.entities:
@@ -623,3 +631,58 @@ def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
     spearman = [float(row.split(",")[history[0].split(",").index("val_spearman")]) for row in history[1:]]
     assert cells[5].startswith(f"{spearman.index(max(spearman)) + 1} (spearman: ")
     assert cells[8].startswith("spearman ")
+
+
+# ------------------------------------------------------------------------------- the registry
+
+
+def test_every_task_defines_each_stage():
+    """A registered task overrides what has no sensible default: labels, loss, metrics and what
+    the Predictor answers; its best-model metrics include the loss."""
+    from tfsft.tasks import TASKS, Task
+
+    assert list(TASKS) == ["classification", "regression", "multilabel", "ner", "qa"]
+    for name, task in TASKS.items():
+        assert task.name == name and task.summary, name
+        for method in ("label_map", "encode_labels", "objective", "metrics"):
+            assert getattr(type(task), method) is not getattr(Task, method), (name, method)
+        assert type(task).decode is not Task.decode or type(task).predict is not Task.predict, name
+        assert "loss" in task.best_metrics and task.best_metrics[0] != "loss", name
+        assert task.keras_metrics <= set(task.best_metrics), name
+
+
+def test_unknown_task_names_the_known_ones():
+    from tfsft.tasks import TASKS, get_task
+
+    with pytest.raises(ConfigError, match="must be one of") as caught:
+        get_task("sentiment")
+    assert all(name in str(caught.value) for name in TASKS)
+    with pytest.raises(ConfigError, match="task"):
+        RunConfig.from_dict({"model": {"task": "sentiment"}})
+
+
+def test_no_stage_switches_on_task_names():
+    """Outside tfsft/tasks/, a task name appears only as a default value: never compared with, in a
+    set, or as a dict key (a table per task is what the registry replaced)."""
+    import ast
+
+    from tfsft.tasks import TASKS
+
+    root = Path(__file__).resolve().parent.parent / "tfsft"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if "tasks" in path.relative_to(root).parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names: list = []
+            if isinstance(node, ast.Compare):
+                names = [node.left, *node.comparators]
+            elif isinstance(node, ast.Dict):
+                names = [key for key in node.keys if key is not None]
+            elif isinstance(node, (ast.Set, ast.Tuple, ast.List)):
+                names = list(node.elts)
+            for item in names:
+                if isinstance(item, ast.Constant) and item.value in TASKS:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}: {item.value!r}")
+    assert not offenders, offenders

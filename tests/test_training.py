@@ -137,6 +137,42 @@ def test_layer_lr_scale_decays_from_the_head_down_to_the_embeddings(tiny_checkpo
     assert (model.optimizer.num_layers, model.optimizer.layer_lr_decay) == (2, 0.5)
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "albert", "electra", "roberta", "mpnet"])
+def test_layer_decay_leaves_no_encoder_weight_at_the_heads_rate(family):
+    """Every family's embeddings (with their projection to the hidden size) and encoder decay; only
+    the pooler and classifier train at the full rate. ALBERT's shared layer group is one layer;
+    MPNet's relative attention bias, shared by all layers, moves as the lowest one."""
+    import transformers
+
+    from tfsft.modeling import tf
+    from tfsft.training import encoder_layer_count, layer_lr_scale
+
+    sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    configs = {
+        "bert": transformers.BertConfig(**sizes),
+        "distilbert": transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=37),
+        "albert": transformers.AlbertConfig(embedding_size=16, **sizes),
+        "electra": transformers.ElectraConfig(embedding_size=16, **sizes),
+        "roberta": transformers.RobertaConfig(max_position_embeddings=40, **sizes),
+        "mpnet": transformers.MPNetConfig(**sizes),
+    }
+    model = transformers.TFAutoModelForSequenceClassification.from_config(configs[family])
+    model(model.dummy_inputs)
+    names = [variable.name.split("/", 1)[1] for variable in model.trainable_variables]
+    layers = encoder_layer_count(names)
+    assert layers == (1 if family == "albert" else 2)
+    full_rate = [name for name in names if layer_lr_scale(name, layers, 0.5) == 1.0]
+    assert full_rate and all(
+        name.split("/")[0] in ("classifier", "pre_classifier") or "/pooler" in name for name in full_rate
+    ), full_rate
+    embedding_parts = ("/embeddings/", "/embeddings_project/", "/embedding_hidden_mapping_in/")
+    embeddings = [name for name in names if any(part in name for part in embedding_parts)]
+    assert embeddings and all(layer_lr_scale(name, layers, 0.5) == 0.5 ** (layers + 1) for name in embeddings)
+    if family == "mpnet":
+        assert layer_lr_scale("mpnet/encoder/relative_attention_bias/embeddings:0", 2, 0.5) == 0.25
+    tf.keras.backend.clear_session()
+
+
 def test_fused_adamw_with_layer_decay_moves_each_layer_at_its_own_rate():
     """Each variable follows Keras' AdamW run at its scaled peak rate, weight decay included
     (clipping is off so that the variables' trajectories are independent)."""

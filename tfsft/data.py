@@ -22,6 +22,7 @@ import numpy as np
 
 from tfsft.config import DataConfig
 from tfsft.errors import DataError
+from tfsft.tasks import IGNORED_LABEL, get_task
 from tfsft.tokenize import PAD_MULTIPLE, EncodedTexts, TextEncoder, pad_batch
 
 TEXT_COLUMN_DEFAULTS = ("sentence", "text")
@@ -74,99 +75,6 @@ class Examples:
     def encode(self, encoder: TextEncoder, labels: Any) -> tuple[EncodedTexts, Any]:
         """Token ids of the texts (and pairs); sentence-level labels pass through unchanged."""
         return encoder.encode(self.texts, self.pairs), labels
-
-
-IGNORED_LABEL = -100
-"""Label of tokens left out of a token-classification loss and its metrics (special tokens,
-continuation word pieces, padding), as in transformers."""
-
-
-@dataclass(frozen=True)
-class TokenExamples:
-    """Pre-split words with one tag per word (token classification), and source rows for errors."""
-
-    words: list[list[str]]
-    labels: list[list[str]]
-    rows: list[int]
-    source: str
-    pairs: None = None
-
-    @property
-    def texts(self) -> list[str]:
-        return [" ".join(words) for words in self.words]
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-    def subset(self, indices: Sequence[int]) -> "TokenExamples":
-        return TokenExamples(
-            words=[self.words[i] for i in indices],
-            labels=[self.labels[i] for i in indices],
-            rows=[self.rows[i] for i in indices],
-            source=self.source,
-        )
-
-    def encode(self, encoder: TextEncoder, labels: Optional[np.ndarray]) -> tuple[EncodedTexts, Optional[np.ndarray]]:
-        """Word pieces of the words; each word's tag id goes to its first piece, IGNORED_LABEL elsewhere."""
-        encoded, word_ids = encoder.encode_words(self.words)
-        return encoded, None if labels is None else align_labels(word_ids, labels)
-
-
-def align_labels(word_ids: Sequence[np.ndarray], word_labels: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-token label arrays (an object array, one per example) from per-word label ids."""
-    out = np.empty(len(word_ids), dtype=object)
-    for i, (words, tags) in enumerate(zip(word_ids, word_labels)):
-        first = np.r_[True, words[1:] != words[:-1]] & (words >= 0)
-        aligned = np.full(len(words), IGNORED_LABEL, dtype=np.int32)
-        aligned[first] = np.asarray(tags, dtype=np.int32)[words[first]]
-        out[i] = aligned
-    return out
-
-
-def read_token_examples(path: str, config: DataConfig) -> TokenExamples:
-    """CoNLL-style `token ... tag` lines (blank line between sentences, `-DOCSTART-` skipped) or
-    JSONL `{"tokens": [...], "tags": [...]}` (--text_column / --label_column rename the fields)."""
-    p = _check_path(path)
-    if Path(path).suffix.lower() in {".jsonl", ".json", ".ndjson"}:
-        _, records = _read_jsonl(path, _decode(p))
-        return _token_records(records, config.text_column or "tokens", config.label_column or "tags", path)
-    text = _decode(p)
-    words: list[list[str]] = []
-    tags: list[list[str]] = []
-    rows: list[int] = []
-    sentence: list[str] = []
-    sentence_tags: list[str] = []
-    for number, line in enumerate([*text.splitlines(), ""], start=1):
-        fields = line.split()
-        if fields and fields[0] != "-DOCSTART-":
-            if len(fields) < 2:
-                raise DataError(f"{path}: row {number}: expected 'token ... tag' (at least two fields), found {line.strip()!r}")
-            if not sentence:
-                rows.append(number)
-            sentence.append(fields[0])
-            sentence_tags.append(fields[-1])
-        elif sentence:
-            words.append(sentence)
-            tags.append(sentence_tags)
-            sentence, sentence_tags = [], []
-    if not words:
-        raise DataError(f"{path}: no sentences found; expected CoNLL lines 'token ... tag' or JSONL with tokens and tags")
-    return TokenExamples(words, tags, rows, path)
-
-
-def _token_records(records: Sequence[tuple[int, dict[str, Any]]], tokens: str, tags: str, source: str) -> TokenExamples:
-    words, labels, rows = [], [], []
-    for number, record in records:
-        values = [record.get(tokens), record.get(tags)]
-        for name, value in zip((tokens, tags), values):
-            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-                raise DataError(f"{source}: row {number}: field {name!r} must be a non-empty list of non-empty strings")
-        if len(values[0]) != len(values[1]):
-            raise DataError(f"{source}: row {number}: {len(values[0])} tokens but {len(values[1])} tags")
-        words.append(values[0])
-        labels.append(values[1])
-        rows.append(number)
-    return TokenExamples(words, labels, rows, source)
 
 
 @dataclass(frozen=True)
@@ -557,136 +465,19 @@ class LabelMap:
         return out
 
 
-def encode_targets(examples: Examples) -> np.ndarray:
-    """Float regression targets of `examples`; a target that is not a finite number names its row."""
-    out = np.empty(len(examples), dtype=np.float32)
-    for i, (label, row) in enumerate(zip(examples.labels, examples.rows)):
-        try:
-            value = float(label)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise DataError(f"{examples.source}: row {row}: regression target {label!r} is not a finite number")
-        out[i] = value
-    return out
-
-
-REGRESSION_OUTPUT = "score"
-"""Name of the single output of a regression head (its one-entry label map)."""
-STRATIFIED_TASKS = frozenset({"classification"})
-SPAN_OUTPUTS = ("start", "end")
-"""The two outputs per token of a span head (question answering): the answer's first and last token."""
-"""Tasks whose default validation hold-out is stratified by label."""
-
-def label_set(label: str, delimiter: str, source: str, row: int) -> list[str]:
-    """The labels of one multilabel cell: a JSON list (`["a", "b"]`, `[]`) or `a|b` split on `delimiter`."""
-    if label.startswith("["):
-        try:
-            values = json.loads(label)
-        except ValueError:
-            values = None
-        if not isinstance(values, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
-            raise DataError(f"{source}: row {row}: label {label!r} is not a JSON list of label names")
-        names = [str(v).strip() for v in values]
-    else:
-        names = [part.strip() for part in label.split(delimiter)]
-    if any(not name for name in names):
-        raise DataError(f"{source}: row {row}: empty label name in {label!r} (delimiter {delimiter!r})")
-    return list(dict.fromkeys(names))
-
-
-def _multilabel_map(train: Examples, delimiter: str) -> LabelMap:
-    names = {name for label, row in zip(train.labels, train.rows) for name in label_set(label, delimiter, train.source, row)}
-    if len(names) < 2:
-        raise DataError(f"{train.source}: only {sorted(names)} as labels in the training data; multilabel needs at least two")
-    return LabelMap(tuple(sorted(names, key=int) if all(_parses_as(n, int) for n in names) else sorted(names)))
-
-
-def encode_label_sets(label_map: LabelMap, examples: Examples, delimiter: str) -> np.ndarray:
-    """Multi-hot float32 [examples, labels]; a label never seen in training names its row."""
-    out = np.zeros((len(examples), len(label_map.names)), dtype=np.float32)
-    for i, (label, row) in enumerate(zip(examples.labels, examples.rows)):
-        for name in label_set(label, delimiter, examples.source, row):
-            label_id = label_map.ids.get(name)
-            if label_id is None:
-                raise DataError(
-                    f"{examples.source}: row {row}: label {name!r} never appears in the training data "
-                    f"(known labels: {list(label_map.names)})"
-                )
-            out[i, label_id] = 1.0
-    return out
-
-
-def _single_labels(examples: Examples) -> Examples:
-    """Refuse a JSONL label list in a single-label task, naming the row."""
-    for label, row in zip(examples.labels, examples.rows):
-        if label.startswith("[") and label.endswith("]"):
-            raise DataError(f"{examples.source}: row {row}: label {label} is a list; several labels per example need --task multilabel")
-    return examples
-
-
-def _tag_map(train: TokenExamples, delimiter: str) -> LabelMap:
-    tags = {tag for sentence in train.labels for tag in sentence}
-    if len(tags) < 2:
-        raise DataError(f"{train.source}: only the tag(s) {sorted(tags)} in the training data; tagging needs at least two")
-    return LabelMap(tuple(sorted(tags)))
-
-
-def encode_tags(label_map: LabelMap, examples: TokenExamples, delimiter: str = "") -> np.ndarray:
-    """Per-word tag ids (an object array of int32 arrays); a tag unseen in training names its row."""
-    out = np.empty(len(examples), dtype=object)
-    for i, (tags, row) in enumerate(zip(examples.labels, examples.rows)):
-        unknown = [tag for tag in tags if tag not in label_map.ids]
-        if unknown:
-            raise DataError(
-                f"{examples.source}: row {row}: tag {unknown[0]!r} never appears in the training data "
-                f"(known tags: {list(label_map.names)})"
-            )
-        out[i] = np.asarray([label_map.ids[tag] for tag in tags], dtype=np.int32)
-    return out
-
-
-_LABEL_MAPS: dict[str, Callable[[Any, str], LabelMap]] = {
-    "classification": lambda train, _: LabelMap.from_labels(
-        _single_labels(train).labels, train.source, train.label_names
-    ),
-    "regression": lambda train, _: LabelMap((REGRESSION_OUTPUT,)),
-    "multilabel": _multilabel_map,
-    "ner": _tag_map,
-    "qa": lambda train, _: LabelMap(SPAN_OUTPUTS),
-}
-_LABEL_ENCODERS: dict[str, Callable[[LabelMap, Examples, str], np.ndarray]] = {
-    "classification": lambda label_map, examples, _: label_map.encode(_single_labels(examples)),
-    "regression": lambda label_map, examples, _: encode_targets(examples),
-    "multilabel": encode_label_sets,
-    "ner": encode_tags,
-    "qa": lambda label_map, examples, _: np.asarray([len(answers) for answers in examples.answers], dtype=np.int64),
-}
-def read_qa_examples(path: str, config: DataConfig) -> Any:
-    """Questions with their contexts and answers (`tfsft.qa.QAExamples`) from a SQuAD JSON,
-    JSONL, CSV or TSV file."""
-    from tfsft import qa
-
-    return qa.read_qa_examples(path, config.question_column, config.context_column, config.answers_column)
-
-
-_READERS: dict[str, Callable[[str, DataConfig], Any]] = {"ner": read_token_examples, "qa": read_qa_examples}
-"""Tasks whose files are not one labeled text (or pair) per row; the others use read_examples."""
-
-
 def example_reader(task: str) -> Callable[[str, DataConfig], Any]:
-    """The file reader of a task: read_examples, or read_token_examples for tagging."""
-    return _READERS.get(task, read_examples)
+    """The file reader of a task (`Task.read`)."""
+    return get_task(task).read
 
 
 def task_label_map(task: str, train: Examples, delimiter: str = "|") -> LabelMap:
     """The outputs of the task's head: the training classes or label names, or the one regression score."""
-    return _LABEL_MAPS[task](train, delimiter)
+    return get_task(task).label_map(train, delimiter)
 
 
 def encode_labels(task: str, label_map: LabelMap, examples: Examples, delimiter: str = "|") -> np.ndarray:
     """The arrays the task's loss trains on (class ids, float targets, multi-hot rows), validated row by row."""
-    return _LABEL_ENCODERS[task](label_map, examples, delimiter)
+    return get_task(task).encode_labels(label_map, examples, delimiter)
 
 
 def class_weights(spec: str | dict[str, float], label_map: LabelMap, label_ids: np.ndarray) -> np.ndarray:
@@ -796,7 +587,7 @@ def hub_splits(config: DataConfig) -> dict[str, Examples]:
 def hub_qa_splits(config: DataConfig) -> dict[str, Any]:
     """Question-answering splits of a Hub data set laid out as `squad` is (id, question, context,
     answers: {"text": [...], "answer_start": [...]}); needs `datasets` and internet."""
-    from tfsft import qa
+    from tfsft.tasks import qa
 
     loaded = _load_hub_dataset(config)
     return {
@@ -833,16 +624,17 @@ def random_split(examples: Examples, percent: int, seed: int) -> tuple[Examples,
     return examples.subset(sorted(order[count:].tolist())), examples.subset(sorted(order[:count].tolist()))
 
 
-def load_splits(
-    config: DataConfig, seed: int, stratify: bool = True, reader: Callable[[str, DataConfig], Any] = read_examples
-) -> Splits:
-    """Train / validation / (test) examples as the config asks, sampled as the caps ask.
+def load_splits(config: DataConfig, seed: int, stratify: Optional[bool] = None, task: str = "classification") -> Splits:
+    """Train / validation / (test) examples of `task` as the config asks, sampled as the caps ask.
 
-    The hold-out is stratified by label unless `stratify` is False (regression targets).
+    The hold-out is stratified by label when `stratify` is True (default: when the task is).
     """
+    spec = get_task(task)
+    reader = spec.read
+    stratify = spec.stratified if stratify is None else stratify
     test = None
     if config.dataset_name:
-        hub = hub_qa_splits(config) if reader is read_qa_examples else hub_splits(config)
+        hub = spec.hub_splits(config)
         if "train" not in hub:
             raise DataError(
                 f"{config.dataset_name}: the Hub data set has no labeled 'train' split. Received: splits={sorted(hub)}"

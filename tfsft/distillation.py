@@ -25,6 +25,7 @@ from tfsft import artifacts
 from tfsft.checkpoint import saved_label_map
 from tfsft.data import Examples, LabelMap
 from tfsft.errors import ConfigError
+from tfsft.tasks import get_task
 
 TEACHER_LOGITS_FILE = "teacher_logits.npy"
 TEACHER_UNLABELED_LOGITS_FILE = "teacher_logits_unlabeled.npy"
@@ -61,15 +62,7 @@ def teacher_columns(teacher: str, task: str, label_map: LabelMap) -> np.ndarray:
             f"--teacher_model {teacher} was trained for --task {teacher_task}, this run is --task {task}. "
             f"Received: teacher_model={teacher!r}"
         )
-    if task == "regression":
-        return np.zeros(1, dtype=np.int64)
-    missing = [name for name in label_map.names if name not in labels]
-    if missing or len(labels) != len(label_map.names):
-        raise ConfigError(
-            f"--teacher_model {teacher} predicts labels {list(labels)}, this run's are {list(label_map.names)}: "
-            f"a teacher must have the same labels. Received: teacher_model={teacher!r}"
-        )
-    return np.array([labels.index(name) for name in label_map.names], dtype=np.int64)
+    return get_task(task).teacher_columns(teacher, labels, label_map)
 
 
 def _inputs(examples: Examples) -> list[Any]:
@@ -140,16 +133,12 @@ def pack_targets(task: str, labels: np.ndarray, teacher: np.ndarray) -> np.ndarr
 
 def teacher_labels(task: str, teacher: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Hard labels the teacher gives unlabelled texts: its argmax, its score, or its label set."""
-    if task == "classification":
-        return teacher.argmax(axis=1).astype(np.int64)
-    if task == "regression":
-        return teacher[:, 0].astype(np.float32)
-    return (teacher >= np.log(threshold / (1 - threshold))).astype(np.float32)
+    return get_task(task).teacher_labels(teacher, threshold)
 
 
 def hard_width(task: str, outputs: int) -> int:
     """Columns of the hard labels in packed targets."""
-    return outputs if task == "multilabel" else 1
+    return get_task(task).distill_hard_width(outputs)
 
 
 def distillation_objective(task: str, outputs: int, alpha: float, temperature: float) -> tuple[Any, list]:
@@ -157,9 +146,9 @@ def distillation_objective(task: str, outputs: int, alpha: float, temperature: f
     (validation) get the task's ordinary loss and metrics."""
     from tfsft.modeling import tf
 
+    spec = get_task(task)
     width = hard_width(task, outputs)
     packed_width = width + outputs
-    t = float(temperature)
 
     def unpack(y_true):
         """(hard targets, teacher outputs or None)."""
@@ -167,43 +156,19 @@ def distillation_objective(task: str, outputs: int, alpha: float, temperature: f
             return y_true[:, :width], y_true[:, width:]
         return y_true, None
 
-    def hard_loss(hard, y_pred):
-        if task == "classification":
-            labels = tf.cast(tf.reshape(hard, [-1]), tf.int32)
-            return tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
-        if task == "regression":
-            return tf.square(tf.reshape(y_pred, [-1]) - tf.reshape(tf.cast(hard, y_pred.dtype), [-1]))
-        return tf.keras.losses.binary_crossentropy(tf.cast(hard, y_pred.dtype), y_pred, from_logits=True)
-
-    def soft_loss(teacher, y_pred):
-        if task == "classification":
-            target = tf.nn.softmax(teacher / t, axis=-1)
-            kl = tf.reduce_sum(target * (tf.math.log(target + 1e-12) - tf.nn.log_softmax(y_pred / t, axis=-1)), axis=-1)
-            return kl * t * t
-        if task == "regression":
-            return tf.square(tf.reshape(y_pred, [-1]) - tf.reshape(teacher, [-1]))
-        return tf.keras.losses.binary_crossentropy(tf.sigmoid(teacher / t), y_pred / t, from_logits=True) * t * t
-
     def distillation_loss(y_true, y_pred):
         y_pred = tf.cast(y_pred, tf.float32)
         hard, teacher = unpack(tf.cast(y_true, tf.float32))
-        if teacher is None:
-            return hard_loss(hard, y_pred)
-        return alpha * hard_loss(hard, y_pred) + (1.0 - alpha) * soft_loss(teacher, y_pred)
+        hard_loss, soft_loss = spec.distill_losses(hard, teacher, y_pred, temperature)
+        if soft_loss is None:
+            return hard_loss
+        return alpha * hard_loss + (1.0 - alpha) * soft_loss
 
-    def accuracy(y_true, y_pred):
+    def metric(y_true, y_pred):
         hard, _ = unpack(tf.cast(y_true, tf.float32))
-        return tf.keras.metrics.sparse_categorical_accuracy(tf.reshape(hard, [-1, 1]), y_pred)
+        return spec.distill_metric(hard, y_pred)
 
-    def mse(y_true, y_pred):
-        hard, _ = unpack(tf.cast(y_true, tf.float32))
-        return tf.square(tf.reshape(tf.cast(y_pred, tf.float32), [-1]) - tf.reshape(hard, [-1]))
-
-    def binary_accuracy(y_true, y_pred):
-        hard, _ = unpack(tf.cast(y_true, tf.float32))
-        return tf.keras.metrics.binary_accuracy(hard, tf.cast(y_pred, tf.float32), threshold=0.0)
-
-    metric = {"classification": accuracy, "regression": mse, "multilabel": binary_accuracy}[task]
+    metric.__name__ = spec.distill_metric_name
     return distillation_loss, [metric]
 
 

@@ -35,18 +35,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts, memory
-from tfsft.config import (
-    DEFAULT_MULTILABEL_THRESHOLD,
-    LOWER_IS_BETTER,
-    SPAN_TASKS,
-    TASK_METRICS,
-    TOKEN_TASKS,
-    ExportConfig,
-    RunConfig,
-)
-from tfsft.data import IGNORED_LABEL, Examples, LabelMap, LengthBatchedData, TokenExamples
+from tfsft.config import LOWER_IS_BETTER, ExportConfig, RunConfig
+from tfsft.data import Examples, LabelMap, LengthBatchedData
 from tfsft.errors import ArtifactError
-from tfsft.evaluation import SpanReference, concat_padded, predict_logits, span_reference, task_metrics
+from tfsft.evaluation import concat_padded, predict_logits, task_metrics
+from tfsft.tasks import get_task
+from tfsft.tasks.multilabel import DEFAULT_MULTILABEL_THRESHOLD
+from tfsft.tasks.ner import TokenExamples
 from tfsft.modeling import feature_names, float32_model, float32_policy, tf
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch
 
@@ -110,7 +105,7 @@ class ParityResult:
 def parity_score_name(task: str, metric: str) -> str:
     """The score the int8 model is compared in: the run's --metric_for_best_model (MRPC's F1, say),
     or the task's main metric when that is a loss, where a "drop" would read backwards."""
-    return TASK_METRICS[task][0] if metric in LOWER_IS_BETTER else metric
+    return get_task(task).best_metrics[0] if metric in LOWER_IS_BETTER else metric
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -975,58 +970,14 @@ def label_agreement(
     """(share of the reference's decided predictions that `candidate` makes too, how many there are).
 
     A prediction is decided when no change of at most `tolerance` in each logit can flip it, so
-    a near-tie that flips inside the tolerance is no disagreement (the logit bound judges it):
-    the top two logits more than 2 x tolerance apart (classification; NER per scored token, the
-    first word pieces `token_labels` marks), or every logit more than `tolerance` from the
-    threshold's logit (multilabel, whose prediction is the set of labels at or over `threshold`,
-    the default one when None). Regression predicts no labels: (None, 0). The share is None
-    when nothing is decided.
+    a near-tie that flips inside the tolerance is no disagreement (the logit bound judges it);
+    each task says what its prediction is (`Task.agreement`): the top two logits more than
+    2 x tolerance apart (classification; NER per scored token, the first word pieces
+    `token_labels` marks), every logit more than `tolerance` from the threshold's logit
+    (multilabel, at `threshold`, the default one when None), start and end per window (QA).
+    Regression predicts no labels: (None, 0). The share is None when nothing is decided.
     """
-    if task == "regression":
-        return None, 0
-    if task in SPAN_TASKS:
-        return _span_agreement(candidate, reference, tolerance, lengths)
-    if task == "multilabel":
-        chosen = DEFAULT_MULTILABEL_THRESHOLD if threshold is None else float(threshold)
-        cut = float(np.log(chosen / (1.0 - chosen)))
-        decided = (np.abs(reference - cut) > tolerance).all(axis=-1)
-        agrees = ((candidate >= cut) == (reference >= cut)).all(axis=-1)
-    else:
-        if task in TOKEN_TASKS:
-            scored = _scored_tokens(token_labels, reference.shape[:2])
-            reference, candidate = reference[scored], candidate[scored]
-        top_two = np.sort(reference, axis=-1)[..., -2:]
-        decided = top_two[..., 1] - top_two[..., 0] > 2 * tolerance
-        agrees = candidate.argmax(-1) == reference.argmax(-1)
-    count = int(decided.sum())
-    return (float(agrees[decided].mean()) if count else None), count
-
-
-def _span_agreement(
-    candidate: np.ndarray, reference: np.ndarray, tolerance: float, lengths: Optional[np.ndarray]
-) -> tuple[Optional[float], int]:
-    """Question answering: per window, whether the most likely start and end tokens (over the
-    window's own tokens, `lengths`) are the same; decided when each is more than 2 x tolerance
-    ahead of the runner-up."""
-    agrees, decided = [], []
-    for row in range(len(reference)):
-        width = int(lengths[row]) if lengths is not None else reference.shape[1]
-        own, other = reference[row, :width], candidate[row, :width]
-        top_two = np.sort(own, axis=0)[-2:]
-        decided.append(bool(np.all(top_two[1] - top_two[0] > 2 * tolerance)))
-        agrees.append(bool(np.array_equal(own.argmax(0), other.argmax(0))))
-    decided_rows = np.asarray(decided, dtype=bool)
-    count = int(decided_rows.sum())
-    return (float(np.asarray(agrees)[decided_rows].mean()) if count else None), count
-
-
-def _scored_tokens(token_labels: Optional[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    """Boolean [examples, width]: the tokens whose tag is scored (IGNORED_LABEL elsewhere)."""
-    scored = np.zeros(shape, dtype=bool)
-    for row, values in enumerate(token_labels if token_labels is not None else ()):
-        values = np.asarray(values)[: shape[1]]
-        scored[row, : len(values)] = values != IGNORED_LABEL
-    return scored
+    return get_task(task).agreement(candidate, reference, tolerance, threshold, token_labels, lengths)
 
 
 def _max_abs_diff(candidate: np.ndarray, reference: np.ndarray, lengths: np.ndarray) -> float:
@@ -1050,7 +1001,7 @@ class _ParitySet:
     score_name: str = "accuracy"
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
     references: dict[str, Any] = field(default_factory=dict)
-    """Question answering: each set's SpanReference (its windows and their questions)."""
+    """What each set's logits are scored against (`Task.encode`'s reference: labels, or questions with windows)."""
 
     @property
     def threshold(self) -> Optional[float]:
@@ -1075,9 +1026,9 @@ def _parity_set(
     task: str = "classification",
     decision: Optional[dict[str, Any]] = None,
     score_name: str = "accuracy",
-    span: Optional[SpanReference] = None,
+    reference: Any = None,
 ) -> _ParitySet:
-    """`span`: question answering's questions and windows (`encoded` are the windows)."""
+    """`reference`: what the task scores logits against, row-aligned with `encoded` (default: `labels`)."""
     count = len(encoded)
     indices = {
         "batch_1": spread_by_length(encoded.lengths, MAX_SINGLE_EXAMPLES),
@@ -1097,16 +1048,8 @@ def _parity_set(
     return _ParitySet(
         data, keras, {name: labels[chosen] for name, chosen in indices.items()}, task, decision, label_names,
         score_name, {name: encoded.lengths[chosen] for name, chosen in indices.items()},
-        {} if span is None else {name: _span_subset(span, chosen) for name, chosen in indices.items()},
+        {name: get_task(task).reference_subset(labels if reference is None else reference, chosen) for name, chosen in indices.items()},
     )
-
-
-def _span_subset(span: SpanReference, chosen: np.ndarray) -> SpanReference:
-    """The windows at `chosen` and the questions they belong to (so a set scores only questions it has windows of)."""
-    windows = span.windows.subset(chosen)
-    questions = np.unique(windows.example_index)
-    remapped = dataclasses.replace(windows, example_index=np.searchsorted(questions, windows.example_index))
-    return SpanReference(span.examples.subset(questions.tolist()), remapped, span.settings)
 
 
 def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERANCE) -> dict[str, ParityResult]:
@@ -1116,7 +1059,7 @@ def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERAN
     for name, data in parity.data.items():
         logits = onnx_logits(session, data)
         reference = parity.keras[name]
-        token_labels = parity.labels[name] if parity.task in TOKEN_TASKS else None
+        token_labels = parity.labels[name]
         agreement, decided = label_agreement(
             parity.task, logits, reference, tolerance, parity.threshold, token_labels, parity.lengths[name]
         )
@@ -1164,16 +1107,7 @@ def _bundle_metadata(
         "pad_id": pad_id,
         "files": files,
         "decision": decision,
-        **(_span_settings(config) if config.model.task in SPAN_TASKS else {}),
-    }
-
-
-def _span_settings(config: RunConfig) -> dict[str, Any]:
-    """How the Predictor windows contexts and decodes answers: as the run's evaluation did."""
-    data = config.data
-    return {
-        "doc_stride": data.doc_stride, "max_answer_length": data.max_answer_length, "n_best_size": data.n_best_size,
-        "version_2_with_negative": data.version_2_with_negative,
+        **get_task(config.model.task).bundle_settings(config.data),
     }
 
 
@@ -1212,12 +1146,7 @@ def export_bundle(
     examples, labels = validation_data
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
-    span = None
-    if config.model.task in SPAN_TASKS:
-        span = span_reference(encoder, examples, config.data)
-        encoded, labels = span.windows.encoded, span.windows.positions
-    else:
-        encoded, labels = examples.encode(encoder, labels)
+    encoded, labels, reference = get_task(config.model.task).encode(encoder, examples, labels, config.data)
     artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
     work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
     try:
@@ -1229,7 +1158,7 @@ def export_bundle(
             with float32_policy():
                 model = float32_model(model)
                 report = _build_bundle(
-                    model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision, span
+                    model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision, reference
                 )
             del model
         report["stages"] = monitor.report()
@@ -1267,7 +1196,7 @@ def _build_bundle(
     labels: np.ndarray,
     tolerance: float,
     decision: dict[str, Any],
-    span: Optional[SpanReference] = None,
+    reference: Any = None,
 ) -> dict[str, Any]:
     """Keras logits, convert, fuse, check, quantize, check: each stage frees what it no longer
     needs before the next starts, and onnxruntime sessions are opened one at a time."""
@@ -1280,7 +1209,7 @@ def _build_bundle(
     with memory.stage("keras_logits"):
         parity_set = _parity_set(
             model, encoded, labels, encoder.pad_id, names, encoder.max_length, config.model.task, decision, score_name,
-            span,
+            reference,
         )
     keras_score = parity_set.score(parity_set.keras["batch_8"], "batch_8")
     # Every model is written with external data first: onnx.load and onnxruntime's quantizer then
@@ -1390,13 +1319,12 @@ def export_run(run_dir: str | os.PathLike, settings: Optional[ExportConfig] = No
 
 def _reread_validation(config: RunConfig) -> Examples | TokenExamples:
     """The validation examples of a run that did not record them, read as training read them."""
-    from tfsft.data import STRATIFIED_TASKS, example_reader, load_splits, sample
+    from tfsft.data import load_splits, sample
 
     data, seed, task = config.data, config.train.seed, config.model.task
-    reader = example_reader(task)
     if data.validation_file and not data.dataset_name:
-        return sample(reader(data.validation_file, data), data.max_eval_samples, seed)
-    return load_splits(data, seed, stratify=task in STRATIFIED_TASKS, reader=reader).validation
+        return sample(get_task(task).read(data.validation_file, data), data.max_eval_samples, seed)
+    return load_splits(data, seed, task=task).validation
 
 
 def record_validation(run_dir: str | os.PathLike, examples: Examples | TokenExamples) -> Path:
@@ -1447,7 +1375,7 @@ def recorded_validation(run_dir: str | os.PathLike) -> Optional[Examples | Token
 
 def _recorded_questions(values: dict[str, Any], path: Path) -> Any:
     """The question-answering validation examples `record_validation` wrote."""
-    from tfsft.qa import QAExamples
+    from tfsft.tasks.qa import QAExamples
 
     try:
         columns = [values[name] for name in ("ids", "questions", "contexts", "answers")]

@@ -24,9 +24,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from tfsft.config import FEW_SHOT_MAX_PER_CLASS, FEW_SHOT_TASKS, RunConfig, TrainConfig
+from tfsft.config import FEW_SHOT_MAX_PER_CLASS, RunConfig, TrainConfig
 from tfsft.data import batches_dataset, plan_batches
 from tfsft.errors import ConfigError
+from tfsft.tasks import get_task
 from tfsft.tokenize import EncodedTexts, pad_batch
 
 EMBED_BATCH_SIZE = 64
@@ -58,7 +59,7 @@ def resolve_few_shot(
     mode, task = config.train.few_shot, config.model.task
     if mode != "auto":
         return mode == "on", f"--few_shot {mode}"
-    if task not in FEW_SHOT_TASKS:
+    if not get_task(task).few_shot:
         return False, f"--few_shot auto: not for --task {task}"
     if label_ids is None or config.data.streaming or config.train.strategy == "multiworker":
         return False, "--few_shot auto: not for a streamed or multi-worker run"

@@ -18,9 +18,15 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import DEFAULT_MULTILABEL_THRESHOLD, SPAN_TASKS, TOKEN_TASKS
 from tfsft.errors import ArtifactError, ConfigError, DataError
-from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls, split_words
+from tfsft.tasks import TASKS, qa
+from tfsft.tasks.base import softmax  # noqa: F401  (part of this module's API)
+from tfsft.tasks.classification import Prediction
+from tfsft.tasks.multilabel import LabelSet
+from tfsft.tasks.ner import Entities, tag_chunks  # noqa: F401  (part of this module's API)
+from tfsft.tasks.qa import Answer, question_context
+from tfsft.tasks.regression import Score
+from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
 TextInput = Union[str, Sequence[str]]
 """A single text, or a (text, text pair) sequence of two strings."""
@@ -28,93 +34,8 @@ TextInput = Union[str, Sequence[str]]
 _NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """The predicted label of one input and the probability of every label."""
-
-    label: str
-    probabilities: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": self.probabilities}
-
-    def csv_fields(self, labels: Sequence[str]) -> list[str]:
-        return [self.label, *(f"{self.probabilities[label]:.6g}" for label in labels)]
-
-
-@dataclass(frozen=True)
-class Score:
-    """The predicted value of a regression bundle for one input."""
-
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score}
-
-    def csv_fields(self, labels: Sequence[str]) -> list[str]:
-        return [f"{self.score:.6g}"]
-
-
-@dataclass(frozen=True)
-class LabelSet:
-    """The predicted labels of a multilabel bundle for one input (probability >= the threshold)."""
-
-    labels: list[str]
-    probabilities: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels, "probabilities": self.probabilities}
-
-    def csv_fields(self, labels: Sequence[str]) -> list[str]:
-        return [json.dumps(self.labels, ensure_ascii=False), *(f"{self.probabilities[label]:.6g}" for label in labels)]
-
-
-@dataclass(frozen=True)
-class Entities:
-    """The entity spans a tagging bundle found in one text, with character offsets into it.
-
-    `truncated`: the text was longer than the bundle's max_seq_length, and the words past that
-    limit were not tagged (no entity can come from them).
-    """
-
-    entities: list[dict[str, Any]]
-    truncated: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"entities": self.entities, "truncated": self.truncated}
-
-    def csv_fields(self, labels: Sequence[str]) -> list[str]:
-        return [json.dumps(self.entities, ensure_ascii=False), json.dumps(self.truncated)]
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The answer a question-answering bundle found in a context: `answer == context[start:end]`
-    (character offsets), `score` the start plus end logit of the span ("" with no answer)."""
-
-    answer: str
-    start: int
-    end: int
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"answer": self.answer, "start": self.start, "end": self.end, "score": self.score}
-
-    def csv_fields(self, labels: Sequence[str]) -> list[str]:
-        return [self.answer, str(self.start), str(self.end), f"{self.score:.6g}"]
-
-
 AnyPrediction = Union[Prediction, Score, LabelSet, Entities, Answer]
 """What the Predictor returns for one input, by the bundle's task."""
-
-LABEL_COUNTS: dict[str, tuple[int, Optional[int]]] = {
-    "classification": (2, None),
-    "regression": (1, 1),
-    "multilabel": (2, None),
-    "ner": (2, None),
-    "qa": (2, 2),
-}
-"""Task -> (fewest, most) labels its bundle.json may name; the bundle's task must be one of these."""
 
 
 @dataclass(frozen=True)
@@ -142,9 +63,9 @@ class Bundle:
             bundle = cls(directory, labels, int(meta["max_seq_length"]), tuple(meta["inputs"]), dict(meta["files"]), meta, task)
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(f"{path}: missing or invalid field {error}") from None
-        if task not in LABEL_COUNTS:
-            raise ArtifactError(f"{path}: unknown task {task!r}; this tfsft serves {sorted(LABEL_COUNTS)}")
-        fewest, most = LABEL_COUNTS[task]
+        if task not in TASKS:
+            raise ArtifactError(f"{path}: unknown task {task!r}; this tfsft serves {list(TASKS)}")
+        fewest, most = TASKS[task].label_counts
         if len(labels) < fewest or (most is not None and len(labels) > most):
             expected = f"at least {fewest}" if most is None else f"exactly {most}"
             raise ArtifactError(f"{path}: a {task} label map needs {expected} label(s). Received: labels={list(labels)}")
@@ -266,14 +187,15 @@ class Predictor:
 
     def _check_output_size(self) -> None:
         """Run one tiny batch: catches a label map that does not fit the model, and warms up."""
-        logits = self._run(pad_batch(self.encoder.encode(["ok"]), [0], self.encoder.pad_id))
+        logits = self.run(pad_batch(self.encoder.encode(["ok"]), [0], self.encoder.pad_id))
         if logits.shape[-1] != len(self.labels):
             raise ArtifactError(
                 f"{self.model_path}: the model outputs {logits.shape[-1]} logits but "
                 f"{self.bundle.directory / artifacts.BUNDLE_FILE} names {len(self.labels)} labels"
             )
 
-    def _run(self, padded: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, padded: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's logits for one padded batch."""
         feed = {name: padded[name].astype(self.input_dtypes[name], copy=False) for name in self.bundle.inputs}
         try:
             return self.session.run(None, feed)[0]
@@ -290,11 +212,11 @@ class Predictor:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         encoded = self.encode(inputs)
         out = np.empty((len(encoded), len(self.labels)), dtype=np.float32)
-        for indices in self._batches(encoded):
-            out[indices] = self._run(pad_batch(encoded, indices, self.encoder.pad_id))
+        for indices in self.batches(encoded):
+            out[indices] = self.run(pad_batch(encoded, indices, self.encoder.pad_id))
         return out
 
-    def _batches(self, encoded: EncodedTexts) -> list[np.ndarray]:
+    def batches(self, encoded: EncodedTexts) -> list[np.ndarray]:
         """Indices of each model call: sorted by length, split where padding would cost more than a call."""
         order = np.argsort(encoded.lengths, kind="stable")
         return [order[start:end] for start, end in split_into_calls(encoded.lengths[order], self.batch_size)]
@@ -304,11 +226,7 @@ class Predictor:
         a label with probabilities (classification), a score (regression), a label set
         (multilabel), entity spans (ner), or for question answering, inputs
         `{"question": ..., "context": ...}` (or `(question, context)`), an answer (`predict_answers`)."""
-        if self.bundle.task in SPAN_TASKS:
-            return self.predict_answers(inputs)
-        if self.bundle.task in TOKEN_TASKS:
-            return self.predict_entities(inputs)
-        return _DECODERS[self.bundle.task](self.logits(inputs), self.bundle)
+        return TASKS[self.bundle.task].predict(self, inputs)
 
     def predict_answers(self, inputs: Sequence[Any]) -> list[Answer]:
         """The answer span of each question in its context, decoded as evaluation decodes it.
@@ -317,9 +235,7 @@ class Predictor:
         doc_stride); every window of every question goes through the model in length-sorted
         batches, and each question's best span over all its windows is its answer.
         """
-        from tfsft import qa
-
-        pairs = [_question_context(item, position) for position, item in enumerate(inputs)]
+        pairs = [question_context(item, position) for position, item in enumerate(inputs)]
         if not pairs:
             return []
         examples = qa.QAExamples(
@@ -328,24 +244,20 @@ class Predictor:
         )
         windows = self.windows(examples)
         logits: list[Optional[np.ndarray]] = [None] * len(windows)
-        for indices in self._batches(windows.encoded):
-            batch = self._run(pad_batch(windows.encoded, indices, self.encoder.pad_id))
+        for indices in self.batches(windows.encoded):
+            batch = self.run(pad_batch(windows.encoded, indices, self.encoder.pad_id))
             for row, i in enumerate(indices):
                 logits[i] = batch[row, : windows.encoded.lengths[i]]
         return self.decode_answers(logits, windows, examples)
 
     def windows(self, examples: Any) -> Any:
-        """The model inputs of question-answering examples (`tfsft.qa.QAExamples`): windows of
+        """The model inputs of question-answering examples (`tfsft.tasks.qa.QAExamples`): windows of
         question and context, cut with the bundle's doc_stride as training cut them."""
-        from tfsft import qa
-
         return qa.make_windows(self.encoder, examples, int(self.bundle.metadata.get("doc_stride", qa.DEFAULT_DOC_STRIDE)))
 
     def decode_answers(self, logits: Sequence[np.ndarray], windows: Any, examples: Any) -> list[Answer]:
         """Each question's best span from its windows' start/end logits, decoded with the bundle's
         settings (n-best, longest answer, the null threshold of a SQuAD v2 run) as evaluation did."""
-        from tfsft import qa
-
         meta = self.bundle.metadata
         threshold = (meta.get("decision") or {}).get("null_threshold")
         spans = qa.best_spans(
@@ -356,141 +268,8 @@ class Predictor:
         )
         return [Answer(s.answer, int(s.start), int(s.end), float(s.score)) for s in spans]
 
-    def predict_entities(self, inputs: Sequence[TextInput]) -> list[Entities]:
-        """Entity spans of each text: split into words as CoNLL text is (`split_words`), one tag per
-        word from its first word piece, tags joined into spans as seqeval joins them in evaluation,
-        with character offsets into the original text."""
-        texts, pairs = split_inputs(inputs)
-        if pairs is not None:
-            raise ValueError("a tagging model takes single texts, not pairs")
-        words = [split_words(text) for text in texts]
-        encoded, word_ids = self.encoder.encode_words([[w for w, _, _ in ws] or [""] for ws in words])
-        results: list[Optional[Entities]] = [None] * len(texts)
-        for indices in self._batches(encoded):
-            probabilities = softmax(self._run(pad_batch(encoded, indices, self.encoder.pad_id)))
-            for row, i in enumerate(indices):
-                tags, scores = _word_tags(probabilities[row], word_ids[i], len(words[i]), self.labels)
-                spans = _entity_spans(texts[i], words[i], tags, scores)
-                results[i] = Entities(spans, truncated=bool(words[i]) and bool(encoded.truncated[i]))
-        return results  # type: ignore[return-value]
-
     def predict_one(self, text: TextInput) -> AnyPrediction:
         return self.predict([text])[0]
-
-
-def _question_context(item: Any, position: int) -> tuple[str, str]:
-    """(question, context) of one question-answering input: a dict with both fields, or a pair."""
-    if isinstance(item, dict):
-        values = [item.get("question"), item.get("context")]
-    elif isinstance(item, (list, tuple)) and len(item) == 2:
-        values = list(item)
-    else:
-        raise ValueError(
-            f"input {position}: expected an object with 'question' and 'context' strings. Received: {item!r:.80}"
-        )
-    for name, value in zip(("question", "context"), values):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"input {position}: {name!r} must be a non-empty string. Received: {value!r:.60}")
-    return values[0], values[1]
-
-
-def _classify(logits: np.ndarray, bundle: Bundle) -> list[Prediction]:
-    labels = bundle.labels
-    return [
-        Prediction(label=labels[int(row.argmax())], probabilities={label: float(p) for label, p in zip(labels, row)})
-        for row in softmax(logits)
-    ]
-
-
-def _scores(logits: np.ndarray, bundle: Bundle) -> list[Score]:
-    return [Score(float(value)) for value in logits[:, 0]]
-
-
-def _label_sets(logits: np.ndarray, bundle: Bundle) -> list[LabelSet]:
-    """Labels whose sigmoid probability reaches the threshold chosen on validation (bundle.json)."""
-    threshold = float((bundle.metadata.get("decision") or {}).get("threshold", DEFAULT_MULTILABEL_THRESHOLD))
-    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return [
-        LabelSet(
-            labels=[label for label, p in zip(bundle.labels, row) if p >= threshold],
-            probabilities={label: float(p) for label, p in zip(bundle.labels, row)},
-        )
-        for row in probabilities
-    ]
-
-
-_DECODERS = {"classification": _classify, "regression": _scores, "multilabel": _label_sets}
-"""Task -> f(logits, bundle) -> one prediction per row."""
-
-
-def _word_tags(
-    probabilities: np.ndarray, word_ids: np.ndarray, num_words: int, labels: Sequence[str]
-) -> tuple[list[str], list[float]]:
-    """The tag of each word from its first piece (as training labelled it). Words without a piece,
-    those cut off by truncation among them, are tagged O (`Entities.truncated` says so)."""
-    tags, scores = ["O"] * num_words, [0.0] * num_words
-    previous = -1
-    for position, word in enumerate(word_ids):
-        if word >= 0 and word != previous and word < num_words:
-            best = int(probabilities[position].argmax())
-            tags[word], scores[word] = labels[best], float(probabilities[position, best])
-        previous = word
-    return tags, scores
-
-
-def _entity_spans(text: str, words: Sequence[tuple[str, int, int]], tags: Sequence[str], scores: Sequence[float]) -> list[dict[str, Any]]:
-    """Word tags -> [{entity, start, end, text, score}] with character offsets into `text`; the
-    spans are seqeval's (`tag_chunks`), the score the mean of their words' tag probabilities."""
-    spans: list[dict[str, Any]] = []
-    for kind, first, last in tag_chunks(tags):
-        start, end = words[first][1], words[last][2]
-        score = float(np.mean(scores[first : last + 1]))
-        spans.append({"entity": kind, "start": start, "end": end, "text": text[start:end], "score": score})
-    return spans
-
-
-def tag_chunks(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """(type, first word, last word) of each entity in a tag sequence, exactly as seqeval's
-    `get_entities` finds them (its default mode, which its metrics use in evaluation).
-
-    IOB2, IOB1 (`I-` after `O` or another type opens an entity) and IOBES are read as seqeval reads
-    them; so are BILOU and malformed tags, quirks included (consecutive `U-` tags of one type are
-    one entity, as in seqeval). Kept here, without seqeval, so serving needs no training package;
-    a test checks it against seqeval on thousands of tag sequences.
-    """
-    chunks: list[tuple[str, int, int]] = []
-    previous_tag, previous_type, begin = "O", "", 0
-    for position, chunk in enumerate([*tags, "O"]):
-        tag = chunk[0]
-        kind = chunk[1:].split("-", maxsplit=1)[-1] or "_"
-        if _chunk_ends(previous_tag, tag, previous_type, kind):
-            chunks.append((previous_type, begin, position - 1))
-        if _chunk_starts(previous_tag, tag, previous_type, kind):
-            begin = position
-        previous_tag, previous_type = tag, kind
-    return chunks
-
-
-_ENDING_PAIRS = frozenset({("B", "B"), ("B", "S"), ("B", "O"), ("I", "B"), ("I", "S"), ("I", "O")})
-_STARTING_PAIRS = frozenset({("E", "E"), ("E", "I"), ("S", "E"), ("S", "I"), ("O", "E"), ("O", "I")})
-
-
-def _chunk_ends(previous_tag: str, tag: str, previous_type: str, kind: str) -> bool:
-    """seqeval's `end_of_chunk`: whether an entity ended before the current word."""
-    return (
-        previous_tag in ("E", "S")
-        or (previous_tag, tag) in _ENDING_PAIRS
-        or (previous_tag not in ("O", ".") and previous_type != kind)
-    )
-
-
-def _chunk_starts(previous_tag: str, tag: str, previous_type: str, kind: str) -> bool:
-    """seqeval's `start_of_chunk`: whether an entity starts at the current word."""
-    return (
-        tag in ("B", "S")
-        or (previous_tag, tag) in _STARTING_PAIRS
-        or (tag not in ("O", ".") and previous_type != kind)
-    )
 
 
 def _open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
@@ -524,12 +303,6 @@ def _input_dtypes(session, expected: Sequence[str], path: Path) -> dict[str, Any
     if unknown:
         raise ArtifactError(f"{path}: unsupported input types {unknown}; expected int32 or int64")
     return {name: _NUMPY_DTYPES[t] for name, t in found.items()}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def split_inputs(inputs: Sequence[TextInput]) -> tuple[list[str], Optional[list[str]]]:
@@ -600,12 +373,12 @@ class InputFields:
         nothing about an input file.
         """
         path = bundle.directory / artifacts.CONFIG_FILE
-        if bundle.task in SPAN_TASKS:
-            return cls((text_column or "question",), (text_pair_column or "context",), True)
-        saved = artifacts.read_json(path, "run config") if path.is_file() and bundle.task not in TOKEN_TASKS else {}
+        fixed = TASKS[bundle.task].input_fields
+        if fixed is not None:
+            return cls((text_column or fixed[0],), (text_pair_column or fixed[1],), True)
+        saved = artifacts.read_json(path, "run config") if path.is_file() else {}
         data = saved.get("data") if isinstance(saved, dict) else None
-        columns = [data.get(name) if isinstance(data, dict) else None for name in ("text_column", "text_pair_column")]
-        trained_text, trained_pair = (column if isinstance(column, str) else None for column in columns)
+        trained_text, trained_pair = TASKS[bundle.task].trained_columns(data if isinstance(data, dict) else {})
         return cls.for_run(trained_text, trained_pair, text_column, text_pair_column)
 
 
@@ -721,10 +494,5 @@ def format_csv_row(prediction: AnyPrediction, labels: Sequence[str]) -> str:
 
 def csv_header(labels: Sequence[str], task: str = "classification") -> str:
     buffer = io.StringIO()
-    probabilities = [f"p_{label}" for label in labels]
-    columns = {
-        "regression": ["score"], "ner": ["entities", "truncated"], "multilabel": ["labels", *probabilities],
-        "qa": ["answer", "start", "end", "score"],
-    }.get(task, ["label", *probabilities])
-    csv.writer(buffer, lineterminator="\n").writerow(columns)
+    csv.writer(buffer, lineterminator="\n").writerow(TASKS[task].csv_columns(labels))
     return buffer.getvalue()

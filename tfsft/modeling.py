@@ -27,10 +27,10 @@ from tfsft.checkpoint import (  # noqa: F401  (TF-free; re-exported for callers 
     weights_file,
 )
 from tfsft.artifacts import write_text
-from tfsft.config import SPAN_TASKS, TOKEN_TASKS
 from tfsft.data import LabelMap
 from tfsft.errors import ArtifactError, ConfigError
 from tfsft.runtime import import_tensorflow
+from tfsft.tasks import get_task
 
 tf = import_tensorflow()
 
@@ -77,9 +77,6 @@ def quiet_transformers():
     finally:
         hf_logging.set_verbosity(previous)
 
-
-MODEL_CLASSES = {"ner": "TFAutoModelForTokenClassification"}
-"""Task -> transformers auto class of its head; the others are sequence-level heads."""
 
 POOLING_ATTRIBUTE = "tfsft_pooling"
 """Key in a saved model's config.json recording how its sequence head pools (absent: 'cls')."""
@@ -137,10 +134,17 @@ or use the ONNX bundle tfsft exported beside it (`../onnx/`).
 """
 
 
-def model_class(task: str):
-    import transformers
+def sequence_classifier_class():
+    """transformers' auto class of a sequence head over the pooler (a task's default head)."""
+    from transformers import TFAutoModelForSequenceClassification
 
-    return getattr(transformers, MODEL_CLASSES.get(task, "TFAutoModelForSequenceClassification"))
+    return TFAutoModelForSequenceClassification
+
+
+def mean_pooled_class(model_type: str):
+    """tfsft's mean-pooled sequence head for a checkpoint of `model_type` (an architecture, or a
+    saved mean-pooled model's type)."""
+    return _mean_pooled_class(base_model_type(model_type))
 
 
 def checkpoint_pooling(checkpoint: Path) -> str:
@@ -186,9 +190,7 @@ def base_model_type(model_type: str) -> str:
 def head_class(task: str, pooling: str, model_type: str):
     """The model class of a task's head with the given (resolved) pooling, for a checkpoint of
     `model_type` (an architecture, or the type of a saved mean-pooled model)."""
-    if task in SPAN_TASKS:
-        return StackedSpanModel
-    return _mean_pooled_class(base_model_type(model_type)) if pooling == "mean" else model_class(task)
+    return get_task(task).head_class(pooling, model_type)
 
 
 class StackedSpanModel:
@@ -240,7 +242,7 @@ def _stacked_span_class(base):
 
 def resolve_pooling(requested: str, checkpoint: Path, model_type: str, task: str) -> str:
     """The pooling a new sequence head gets: `requested`, or under 'auto' what the checkpoint was trained with."""
-    if task in TOKEN_TASKS or task in SPAN_TASKS:
+    if not get_task(task).sequence_head:
         return "cls"
     if requested == "auto":
         pooling = checkpoint_pooling(checkpoint)

@@ -23,16 +23,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from tfsft import artifacts
-from tfsft.config import SPAN_TASKS, ExportConfig, RunConfig, parse_class_weights
+from tfsft.config import ExportConfig, RunConfig, parse_class_weights
 from tfsft.data import (
-    STRATIFIED_TASKS,
     Examples,
     LabelMap,
     LengthBatchedData,
     Splits,
     class_weights,
     encode_labels,
-    example_reader,
     load_splits,
     read_columns,
     read_unlabeled,
@@ -52,6 +50,7 @@ from tfsft.checkpoint import (
 )
 from tfsft.errors import ArtifactError, ConfigError, DataError, ExportFailed, RunInterrupted, TfsftError, stage
 from tfsft.streaming import StreamCache, open_cache
+from tfsft.tasks import get_task
 
 
 EVALUATIONS_DIR = "evaluations"
@@ -210,6 +209,7 @@ def read_inputs(config: RunConfig) -> RunInputs:
     """Read and validate the data and the checkpoint. Needs no TensorFlow (except to write the
     token cache of --streaming), so bad input fails before it is imported."""
     task = config.model.task
+    spec = get_task(task)
     delimiter = config.data.label_delimiter
     stream = None
     if config.data.streaming:
@@ -220,7 +220,7 @@ def read_inputs(config: RunConfig) -> RunInputs:
             train_labels = stream.label_ids()
     else:
         with stage("data"):
-            splits = load_splits(config.data, config.train.seed, stratify=task in STRATIFIED_TASKS, reader=example_reader(task))
+            splits = load_splits(config.data, config.train.seed, task=task)
             label_map = task_label_map(task, splits.train, delimiter)
             train_labels = encode_labels(task, label_map, splits.train, delimiter)
     with stage("data"):
@@ -229,19 +229,14 @@ def read_inputs(config: RunConfig) -> RunInputs:
             "validation": encode_labels(task, label_map, splits.validation, delimiter),
             "test": encode_labels(task, label_map, splits.test, delimiter) if splits.test is not None else None,
         }
-    if task in SPAN_TASKS and not config.data.version_2_with_negative:
-        _require_answers(splits)
-    if task == "classification" and config.train.metric_for_best_model == "f1" and len(label_map.names) != 2:
-        raise ConfigError(
-            f"--metric_for_best_model f1 is the F1 of the second of two labels; {config.data.train_file or 'the data'} "
-            f"has {len(label_map.names)}: use f1_macro. Received: metric_for_best_model=f1"
-        )
+    spec.check_splits(splits, config.data)
+    spec.check_metric(config.train.metric_for_best_model, label_map, config.data.train_file or "the data")
     weight_spec = parse_class_weights(config.train.class_weights)
     weights = None if weight_spec is None else class_weights(weight_spec, label_map, labels["train"])
     _log(
         f"data: {len(train_labels)} train / {len(splits.validation)} validation"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
-        + (" questions" if task in SPAN_TASKS else f" examples, labels {list(label_map.names)}")
+        + f" {spec.describe(label_map)}"
         + (" (training data streamed)" if stream is not None else "")
     )
     if stream is None:
@@ -266,19 +261,6 @@ def read_inputs(config: RunConfig) -> RunInputs:
             unlabeled = sample(unlabeled, config.data.max_unlabeled_samples, config.train.seed)
         _log(f"data: {len(unlabeled)} unlabelled texts for self-training")
     return RunInputs(splits, labels, label_map, weights, stream, checkpoint, tokenizer, encoder, columns, unlabeled)
-
-
-def _require_answers(splits: Splits) -> None:
-    """Without --version_2_with_negative every question of every split has an answer."""
-    for examples in (splits.train, splits.validation, splits.test):
-        if examples is None:
-            continue
-        missing = next((i for i, answers in enumerate(examples.answers) if not answers), None)
-        if missing is not None:
-            raise DataError(
-                f"{examples.source}: question {examples.ids[missing]!r} has no answer; pass "
-                "--version_2_with_negative for data with unanswerable questions (SQuAD v2)"
-            )
 
 
 def _finetune(
@@ -434,7 +416,7 @@ def _streaming_splits(config: RunConfig, encoder) -> tuple[StreamCache, Splits]:
     """The training file's token cache (written on first use) and the in-memory validation and
     test examples; `Splits.train` is None, since training examples are only ever streamed."""
     data = config.data
-    reader = example_reader(config.model.task)
+    reader = get_task(config.model.task).read
     stream = open_cache(data.train_file, encoder, data, data.streaming_cache_dir)
     validation = sample(reader(data.validation_file, data), data.max_eval_samples, config.train.seed)
     test = sample(reader(data.test_file, data), data.max_predict_samples, config.train.seed) if data.test_file else None
@@ -458,24 +440,20 @@ def _train_and_save(
     from tfsft.training import compile_model, fit, is_chief, make_strategy
 
     task = config.model.task
-    span_references: dict[int, Any] = {}
-    """Question answering: each split's windows and questions (`SpanReference`), by id of its examples."""
+    spec = get_task(task)
+    references: dict[int, Any] = {}
+    """What `task_metrics` scores each split's logits against (`Task.encode`), by id of its examples."""
 
     def encode(examples: Examples, y: np.ndarray):
         """Token ids, and the labels as the loss sees them (per-token ones aligned to word pieces;
         for question answering, the windows of each question and the answer's token positions)."""
-        if task in SPAN_TASKS:
-            from tfsft.evaluation import span_reference
-
-            span_references[id(examples)] = split = span_reference(encoder, examples, config.data)
-            return split.windows.encoded, split.windows.positions
-        encoded, y = examples.encode(encoder, y)
+        encoded, y, references[id(examples)] = spec.encode(encoder, examples, y, config.data)
         encoder.warn_truncated(encoded, examples.source)
         return encoded, y
 
-    def reference(examples: Examples, data: LengthBatchedData) -> Any:
+    def reference(examples: Examples) -> Any:
         """What `task_metrics` scores logits against: the labels, or the questions and windows."""
-        return span_references[id(examples)] if task in SPAN_TASKS else data.labels
+        return references[id(examples)]
 
     with stage("model"):
         strategy = make_strategy(config.train.strategy)
@@ -532,7 +510,7 @@ def _train_and_save(
         )
 
     validation_data = eval_data(splits.validation, labels["validation"])
-    validation_reference = reference(splits.validation, validation_data)
+    validation_reference = reference(splits.validation)
     few_shot = config.train.few_shot == "on"
     fit_config = config.train
     if few_shot:
@@ -589,7 +567,7 @@ def _train_and_save(
             test_data = eval_data(splits.test, labels["test"])
             test_logits = predict_logits(model, test_data)
             decided = report.get("decision")
-            test_reference = reference(splits.test, test_data)
+            test_reference = reference(splits.test)
             test_metrics, test_report = task_metrics(task, test_reference, test_logits, label_map, "test", decided)
             write_evaluation(partial, test_metrics, test_report, "test")
             metrics.update(test_metrics)
@@ -604,7 +582,7 @@ def _train_and_save(
         epochs_resumed=len(losses) - epochs_run,
         replicas=replicas,
         padding_fraction=round(train_data.padding_fraction(), 4),
-        **({"train_windows": len(train_data.encoded)} if task in SPAN_TASKS else {}),
+        **({"train_windows": len(train_data.encoded)} if spec.windowed else {}),
         newly_initialized=list(load_report.newly_initialized),
         **parameters,
         few_shot=config.train.few_shot,
@@ -629,6 +607,7 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
     )
 
     task, teacher, train = config.model.task, config.train.teacher_model, config.train
+    spec = get_task(task)
     start = time.perf_counter()
     outputs, cached = teacher_logits(teacher, examples, task, label_map, partial / TEACHER_LOGITS_FILE)
     hard = np.asarray(labels)
@@ -636,8 +615,9 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
         "teacher_model": teacher, "distill_alpha": train.distill_alpha, "distill_temperature": train.distill_temperature,
         "teacher_examples": len(examples), "teacher_outputs_cached": cached,
     }
-    if task == "classification":
-        report["teacher_train_agreement"] = round(float((outputs.argmax(axis=1) == hard).mean()), 4)
+    agreement = spec.teacher_agreement(outputs, hard)
+    if agreement is not None:
+        report["teacher_train_agreement"] = round(agreement, 4)
     if unlabeled is not None:
         unlabeled_outputs, _ = teacher_logits(teacher, unlabeled, task, label_map, partial / TEACHER_UNLABELED_LOGITS_FILE)
         hard, outputs = mix_unlabeled(task, hard, outputs, unlabeled_outputs, config.train.multilabel_threshold or 0.5)
@@ -650,9 +630,8 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
         + f" texts ({'read back' if cached else 'computed'} in {report['teacher_seconds']:.1f} s); "
         f"alpha {train.distill_alpha}, temperature {train.distill_temperature}"
     )
-    width = 1 if task == "regression" else len(label_map.names)
-    objective = distillation_objective(task, width, train.distill_alpha, train.distill_temperature)
-    classes = hard.reshape(len(hard), -1)[:, 0] if task == "classification" else hard
+    objective = distillation_objective(task, len(label_map.names), train.distill_alpha, train.distill_temperature)
+    classes = hard.reshape(len(hard), -1)[:, 0] if spec.class_weighted else hard
     return encoded, pack_targets(task, hard, outputs), classes, objective, report
 
 
@@ -677,7 +656,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     model_dir = run / artifacts.MODEL_DIR
     task = config.model.task
     label_map = saved_label_map(model_dir)
-    examples = example_reader(task)(file, config.data)
+    examples = get_task(task).read(file, config.data)
     labels = encode_labels(task, label_map, examples, config.data.label_delimiter)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
@@ -686,15 +665,8 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     from tfsft.modeling import feature_names
 
     model = load_run_model(model_dir, task)
-    if task in SPAN_TASKS:
-        from tfsft.evaluation import span_reference
-
-        reference = span_reference(encoder, examples, config.data)
-        encoded, labels = reference.windows.encoded, reference.windows.positions
-    else:
-        encoded, labels = examples.encode(encoder, labels)
-        encoder.warn_truncated(encoded, file)
-        reference = labels
+    encoded, labels, reference = get_task(task).encode(encoder, examples, labels, config.data)
+    encoder.warn_truncated(encoded, file)
     data = LengthBatchedData(
         encoded, labels, batch_size or config.train.per_device_eval_batch_size,
         shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),

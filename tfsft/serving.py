@@ -38,7 +38,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import SPAN_TASKS, TOKEN_TASKS, AnyPrediction, PrecisionChoice, Predictor, TextInput, choose_precision
+from tfsft.inference import AnyPrediction, PrecisionChoice, Predictor, TextInput, choose_precision
+from tfsft.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -433,12 +434,9 @@ def _check_item(key: str, index: int, item: Any, limits: Limits) -> None:
 
 def _check_kind(task: str, key: str) -> None:
     """Refuse inputs of a kind the bundle's task does not take."""
-    if task in SPAN_TASKS and key != "questions":
-        raise RequestError('a question-answering model takes {"questions": [{"question": "...", "context": "..."}]}')
-    if task not in SPAN_TASKS and key == "questions":
-        raise RequestError(f'a {task} model takes "texts" or "pairs", not "questions"')
-    if task in TOKEN_TASKS and key == "pairs":
-        raise RequestError(f'a {task} model tags single texts: send "texts", not "pairs"')
+    error = TASKS[task].request_error(key)
+    if error is not None:
+        raise RequestError(error)
 
 
 ADAPTER_KEY = "adapter"

@@ -22,12 +22,18 @@ from tfsft.modeling import tf  # TensorFlow with the legacy-Keras switch already
 from tfsft import artifacts
 from tfsft.artifacts import read_history
 from tfsft.config import LOWER_IS_BETTER, TrainConfig
-from tfsft.data import IGNORED_LABEL, LengthBatchedData
+from tfsft.data import LengthBatchedData
 from tfsft.errors import ArtifactError, ConfigError
+from tfsft.tasks import get_task
 
 NO_DECAY = ("LayerNorm", "layer_norm", "bias")
-ENCODER_LAYER = re.compile(r"/layer_\._(\d+)/")
-"""How transformers' TF encoders name the variables of layer i (`.../encoder/layer_._3/...`)."""
+ENCODER_LAYER = re.compile(r"/(?:layer_\._|albert_layer_groups_\._)(\d+)/")
+"""How transformers' TF encoders name the variables of layer i (`.../encoder/layer_._3/...`); ALBERT's
+shared layers count as one layer per group (`.../albert_layer_groups_._0/...`)."""
+EMBEDDING_PART = re.compile(r"/(?:embeddings|embeddings_project|embedding_hidden_mapping_in)/")
+"""Embeddings, and the projections that map them to the hidden size (ELECTRA, ALBERT)."""
+ENCODER_PART = re.compile(r"/(?:encoder|transformer)/")
+"""The encoder stack: a weight here outside any numbered layer (MPNet's relative attention bias) serves them all."""
 
 
 def encoder_layer_count(variable_names: Sequence[str]) -> int:
@@ -41,12 +47,15 @@ def layer_lr_scale(variable_name: str, num_layers: int, decay: float) -> float:
 
     The head (and pooler) trains at the full rate, encoder layer i at decay ** (num_layers - i),
     the embeddings at decay ** (num_layers + 1): the lower a layer, the more general what it
-    learned in pretraining and the less it should move.
+    learned in pretraining and the less it should move. An encoder weight that belongs to no one
+    layer but serves all of them moves as the lowest layer does.
     """
+    if EMBEDDING_PART.search(variable_name):
+        return decay ** (num_layers + 1)
     if match := ENCODER_LAYER.search(variable_name):
         return decay ** (num_layers - int(match.group(1)))
-    if "/embeddings/" in variable_name:
-        return decay ** (num_layers + 1)
+    if ENCODER_PART.search(variable_name):
+        return decay**num_layers
     return 1.0
 
 
@@ -312,62 +321,6 @@ def compile_classifier(model, config: TrainConfig, total_steps: int) -> None:
     compile_model(model, config, total_steps, "classification")
 
 
-def _classification_objective() -> tuple[Any, list]:
-    return (
-        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-
-
-def _regression_objective() -> tuple[Any, list]:
-    # Keras squeezes the [batch, 1] logits to the [batch] targets before comparing them.
-    return tf.keras.losses.MeanSquaredError(), [tf.keras.metrics.MeanSquaredError(name="mse")]
-
-
-def _multilabel_objective() -> tuple[Any, list]:
-    # One independent sigmoid per label; a logit of 0 is probability 0.5.
-    return tf.keras.losses.BinaryCrossentropy(from_logits=True), [tf.keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0)]
-
-
-def masked_token_loss(y_true, y_pred):
-    """Cross-entropy averaged over labeled tokens only: IGNORED_LABEL (-100) marks special tokens,
-    continuation word pieces and padding, which must not count (nor dilute the mean)."""
-    mask = tf.not_equal(y_true, IGNORED_LABEL)
-    labels = tf.where(mask, y_true, tf.zeros_like(y_true))
-    losses = tf.keras.losses.sparse_categorical_crossentropy(labels, y_pred, from_logits=True)
-    weights = tf.cast(mask, losses.dtype)
-    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
-
-
-def _token_objective() -> tuple[Any, list]:
-    return masked_token_loss, []
-
-
-def span_loss(y_true, y_pred):
-    """Mean of the start and end cross-entropies over each window's tokens (transformers' QA loss).
-    `y_true`: [batch, 2] token positions of the answer's first and last token ([CLS], 0, when the
-    window does not hold it); `y_pred`: [batch, length, 2] start and end logits."""
-    positions = tf.cast(y_true, tf.int32)
-    logits = tf.cast(y_pred, tf.float32)
-    start = tf.keras.losses.sparse_categorical_crossentropy(positions[:, 0], logits[:, :, 0], from_logits=True)
-    end = tf.keras.losses.sparse_categorical_crossentropy(positions[:, 1], logits[:, :, 1], from_logits=True)
-    return (start + end) / 2.0
-
-
-def _span_objective() -> tuple[Any, list]:
-    return span_loss, []
-
-
-TASK_OBJECTIVES: dict[str, Callable[[], tuple[Any, list]]] = {
-    "classification": _classification_objective,
-    "regression": _regression_objective,
-    "multilabel": _multilabel_objective,
-    "ner": _token_objective,
-    "qa": _span_objective,
-}
-"""Task -> (loss on the logits, Keras metrics logged per epoch)."""
-
-
 def compile_model(
     model, config: TrainConfig, total_steps: int, task: str, steps_per_epoch: Optional[int] = None,
     objective: Optional[tuple[Any, list]] = None,
@@ -377,7 +330,7 @@ def compile_model(
     `total_steps`: batches over the whole run; `steps_per_epoch`: batches per epoch (see make_optimizer).
     `objective`: (loss, metrics) instead of the task's (distillation's, say).
     """
-    loss, metrics = objective or TASK_OBJECTIVES[task]()
+    loss, metrics = objective or get_task(task).objective()
     num_layers = encoder_layer_count([variable.name for variable in model.trainable_variables])
     optimizer = make_optimizer(config, total_steps, num_layers, steps_per_epoch)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=config.xla)

@@ -1,6 +1,8 @@
-"""Extractive question answering (SQuAD-style) without TensorFlow: read questions, cut each
-question + context into overlapping token windows, decode start/end logits back to a span of
-the context, and score answers as the official SQuAD scripts do.
+"""Extractive question answering (SQuAD): the answer's start and end token in a context.
+
+Without TensorFlow: read questions, cut each question + context into overlapping token windows,
+decode start/end logits back to a span of the context, and score answers as the official SQuAD
+scripts do; the `QuestionAnswering` task at the end ties them to the pipeline's stages.
 
 Training and the ONNX Predictor share this module, so the windows a model was trained on and the
 windows it is served with cannot drift apart. Windows follow transformers' run_qa.py (question
@@ -10,6 +12,7 @@ official SQuAD v1.1 / v2.0 evaluation scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import string
@@ -17,13 +20,17 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from tfsft.data import _check_path, _decode, file_format, parse_json_record, read_records
 from tfsft.errors import DataError
+from tfsft.tasks.base import Task, invalid_setting, log_softmax
 from tfsft.tokenize import EncodedTexts, TextEncoder
+
+if TYPE_CHECKING:
+    from tfsft.config import DataConfig
+    from tfsft.data import LabelMap
 
 QUESTION_COLUMN = "question"
 CONTEXT_COLUMN = "context"
@@ -89,6 +96,8 @@ def read_qa_examples(
 
     The column names apply to JSONL and CSV/TSV; the SQuAD JSON layout fixes its own.
     """
+    from tfsft.data import _check_path, _decode, file_format, parse_json_record, read_records
+
     p = _check_path(path)
     if file_format(path) != "jsonl":
         columns, records = read_records(path)
@@ -692,3 +701,254 @@ def squad_v2_scores(
             metrics[f"{prefix}_f1"] = float(per_question[group, 1].mean())
     metrics["best_f1_threshold"] = threshold
     return metrics, threshold
+
+
+# ------------------------------------------------------------------------------------ the task
+
+
+SPAN_OUTPUTS = ("start", "end")
+"""The two outputs per token of a span head: the answer's first and last token."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer a question-answering bundle found in a context: `answer == context[start:end]`
+    (character offsets), `score` the start plus end logit of the span ("" with no answer)."""
+
+    answer: str
+    start: int
+    end: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "start": self.start, "end": self.end, "score": self.score}
+
+    def csv_fields(self, labels: Sequence[str]) -> list[str]:
+        return [self.answer, str(self.start), str(self.end), f"{self.score:.6g}"]
+
+
+@dataclass(frozen=True)
+class SpanReference:
+    """What question-answering logits are scored against: the questions with their gold
+    answers (`QAExamples`), their windows (`QAWindows`, in the logits' row order), and
+    the run's decoding settings (n_best_size, max_answer_length, version_2_with_negative)."""
+
+    examples: Any
+    windows: Any
+    settings: "DataConfig"
+
+
+def span_reference(encoder: Any, examples: Any, settings: "DataConfig") -> SpanReference:
+    """Question-answering examples cut into their windows (`settings.doc_stride`), with what
+    scores them: the windows' `encoded` and `positions` are the model's inputs and labels."""
+    return SpanReference(examples, make_windows(encoder, examples, settings.doc_stride), settings)
+
+
+def span_loss(logits: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> float:
+    """Mean over windows of the start and end cross-entropies, each over the window's own tokens."""
+    total = 0.0
+    for row, (start, end) in enumerate(np.asarray(positions)):
+        own = np.asarray(logits[row, : lengths[row]], dtype=np.float64)
+        log_probabilities = log_softmax(own.T)
+        total += -(log_probabilities[0, start] + log_probabilities[1, end]) / 2.0
+    return total / max(len(positions), 1)
+
+
+def span_metrics(
+    reference: SpanReference, logits: np.ndarray, label_map: "LabelMap", prefix: str = "eval",
+    null_threshold: Optional[float] = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """SQuAD exact match and F1 (official normalisation, as fractions) of the best span of each
+    question over all its windows, and the windows' span loss.
+
+    SQuAD v2 data (`version_2_with_negative`): a question gets "" when its null score beats its
+    best span's by more than the null threshold. Without `null_threshold` the threshold with the
+    best F1 on these questions is chosen (on validation only, as the official v2 script's best_f1
+    does): it is the decision shipped (report["decision"]) and the test set's threshold, and the
+    scores taken at it are in-sample. With it (the test set, a saved run) the scores are at it.
+    """
+    examples, windows, settings = reference.examples, reference.windows, reference.settings
+    spans = best_spans(
+        logits, windows, examples, n_best=settings.n_best_size, max_answer_length=settings.max_answer_length
+    )
+    golds = examples.answer_texts()
+    metrics: dict[str, Any] = {f"{prefix}_loss": span_loss(logits, windows.positions, windows.encoded.lengths)}
+    report: dict[str, Any] = {}
+    answered = spans
+    if settings.version_2_with_negative:
+        if null_threshold is None:
+            _, null_threshold = squad_v2_scores(spans, golds)
+            selection = "tuned on these questions (in-sample): the threshold with the best F1"
+        else:
+            selection = "fixed before scoring (chosen on validation)"
+        answered = [apply_null_threshold(span, null_threshold) for span in spans]
+        scores = _has_answer_scores([span.answer for span in answered], golds)
+        metrics[f"{prefix}_null_threshold"] = float(null_threshold)
+        report["decision"] = {"null_threshold": float(null_threshold)}
+        report["threshold_selection"] = selection
+    else:
+        scores = squad_scores([span.answer for span in answered], golds)
+    metrics.update({f"{prefix}_{name}": float(value) for name, value in scores.items()})
+    metrics[f"{prefix}_samples"] = len(examples)
+    metrics[f"{prefix}_windows"] = len(windows)
+    report["predictions"] = [
+        {"id": example_id, **span.to_dict()} for example_id, span in zip(examples.ids, answered)
+    ]
+    return metrics, report
+
+
+def _has_answer_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
+    """SQuAD v2 scores: overall, and over the questions with and without an answer."""
+    scores = squad_scores(predictions, golds)
+    for name, keep in (("has_ans", [bool(g) for g in golds]), ("no_ans", [not g for g in golds])):
+        chosen = [i for i, k in enumerate(keep) if k]
+        if chosen:
+            part = squad_scores([predictions[i] for i in chosen], [golds[i] for i in chosen])
+            scores.update({f"{name}_{metric}": value for metric, value in part.items()})
+    return scores
+
+
+def span_training_loss(y_true, y_pred):
+    """Mean of the start and end cross-entropies over each window's tokens (transformers' QA loss).
+    `y_true`: [batch, 2] token positions of the answer's first and last token ([CLS], 0, when the
+    window does not hold it); `y_pred`: [batch, length, 2] start and end logits."""
+    from tfsft.modeling import tf
+
+    positions = tf.cast(y_true, tf.int32)
+    logits = tf.cast(y_pred, tf.float32)
+    start = tf.keras.losses.sparse_categorical_crossentropy(positions[:, 0], logits[:, :, 0], from_logits=True)
+    end = tf.keras.losses.sparse_categorical_crossentropy(positions[:, 1], logits[:, :, 1], from_logits=True)
+    return (start + end) / 2.0
+
+
+def question_context(item: Any, position: int) -> tuple[str, str]:
+    """(question, context) of one question-answering input: a dict with both fields, or a pair."""
+    if isinstance(item, dict):
+        values = [item.get("question"), item.get("context")]
+    elif isinstance(item, (list, tuple)) and len(item) == 2:
+        values = list(item)
+    else:
+        raise ValueError(
+            f"input {position}: expected an object with 'question' and 'context' strings. Received: {item!r:.80}"
+        )
+    for name, value in zip(("question", "context"), values):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"input {position}: {name!r} must be a non-empty string. Received: {value!r:.60}")
+    return values[0], values[1]
+
+
+class QuestionAnswering(Task):
+    name = "qa"
+    summary = "extractive question answering: an answer span of a context (SQuAD)"
+    best_metrics = ("f1", "exact_match", "loss")
+    default_max_seq_length = 384
+    label_counts = (2, 2)
+    sequence_head = False
+    input_fields = ("question", "context")
+    windowed = True
+
+    def check_data(self, data: "DataConfig") -> None:
+        length = data.max_seq_length
+        if data.doc_stride >= length // 2:
+            raise invalid_setting(
+                "doc_stride", data.doc_stride,
+                f"fewer than half of --max_seq_length ({length}), so that windows advance through a long context",
+            )
+
+    def read(self, path: str, data: "DataConfig") -> Any:
+        """Questions with their contexts and answers (`QAExamples`) from a SQuAD JSON,
+        JSONL, CSV or TSV file."""
+        return read_qa_examples(path, data.question_column, data.context_column, data.answers_column)
+
+    def hub_splits(self, data: "DataConfig") -> dict[str, Any]:
+        """Splits laid out as `squad` is (id, question, context, answers: {"text": [...], "answer_start": [...]})."""
+        from tfsft.data import hub_qa_splits
+
+        return hub_qa_splits(data)
+
+    def check_splits(self, splits: Any, data: "DataConfig") -> None:
+        """Without --version_2_with_negative every question of every split has an answer."""
+        from tfsft.errors import DataError
+
+        if data.version_2_with_negative:
+            return
+        for examples in (splits.train, splits.validation, splits.test):
+            if examples is None:
+                continue
+            missing = next((i for i, answers in enumerate(examples.answers) if not answers), None)
+            if missing is not None:
+                raise DataError(
+                    f"{examples.source}: question {examples.ids[missing]!r} has no answer; pass "
+                    "--version_2_with_negative for data with unanswerable questions (SQuAD v2)"
+                )
+
+    def label_map(self, train: Any, delimiter: str) -> "LabelMap":
+        from tfsft.data import LabelMap
+
+        return LabelMap(SPAN_OUTPUTS)
+
+    def encode_labels(self, label_map: "LabelMap", examples: Any, delimiter: str) -> np.ndarray:
+        """How many gold answers each question has (the windows carry the positions the loss reads)."""
+        return np.asarray([len(answers) for answers in examples.answers], dtype=np.int64)
+
+    def encode(self, encoder: Any, examples: Any, labels: np.ndarray, data: "DataConfig") -> tuple[Any, np.ndarray, Any]:
+        """The windows of each question, the answer's token positions in each, and the questions
+        with their windows that the metrics decode and score."""
+        reference = span_reference(encoder, examples, data)
+        return reference.windows.encoded, reference.windows.positions, reference
+
+    def reference_subset(self, reference: SpanReference, rows: np.ndarray) -> SpanReference:
+        """The windows at `rows` and the questions they belong to (so a set scores only questions it has windows of)."""
+        windows = reference.windows.subset(rows)
+        questions = np.unique(windows.example_index)
+        remapped = dataclasses.replace(windows, example_index=np.searchsorted(questions, windows.example_index))
+        return SpanReference(reference.examples.subset(questions.tolist()), remapped, reference.settings)
+
+    def describe(self, label_map: "LabelMap") -> str:
+        return "questions"
+
+    def head_class(self, pooling: str, model_type: str):
+        from tfsft.modeling import StackedSpanModel
+
+        return StackedSpanModel
+
+    def objective(self) -> tuple[Any, list]:
+        return span_training_loss, []
+
+    def metrics(self, reference, logits, label_map, prefix, decision):
+        return span_metrics(reference, logits, label_map, prefix, decision.get("null_threshold"))
+
+    def agreement(self, candidate, reference, tolerance, threshold, token_labels, lengths) -> tuple[Optional[float], int]:
+        """Per window, whether the most likely start and end tokens (over the window's own tokens,
+        `lengths`) are the same; decided when each is more than 2 x tolerance ahead of the runner-up."""
+        agrees, decided = [], []
+        for row in range(len(reference)):
+            width = int(lengths[row]) if lengths is not None else reference.shape[1]
+            own, other = reference[row, :width], candidate[row, :width]
+            top_two = np.sort(own, axis=0)[-2:]
+            decided.append(bool(np.all(top_two[1] - top_two[0] > 2 * tolerance)))
+            agrees.append(bool(np.array_equal(own.argmax(0), other.argmax(0))))
+        decided_rows = np.asarray(decided, dtype=bool)
+        count = int(decided_rows.sum())
+        return (float(np.asarray(agrees)[decided_rows].mean()) if count else None), count
+
+    def predict(self, predictor: Any, inputs: Sequence[Any]) -> list[Answer]:
+        return predictor.predict_answers(inputs)
+
+    def csv_columns(self, labels: Sequence[str]) -> list[str]:
+        return ["answer", "start", "end", "score"]
+
+    def request_error(self, key: str) -> Optional[str]:
+        if key != "questions":
+            return 'a question-answering model takes {"questions": [{"question": "...", "context": "..."}]}'
+        return None
+
+    def bundle_settings(self, data: "DataConfig") -> dict[str, Any]:
+        """How the Predictor windows contexts and decodes answers: as the run's evaluation did."""
+        return {
+            "doc_stride": data.doc_stride, "max_answer_length": data.max_answer_length, "n_best_size": data.n_best_size,
+            "version_2_with_negative": data.version_2_with_negative,
+        }
+
+
+TASK = QuestionAnswering()
