@@ -1,0 +1,292 @@
+"""Text generation over an ONNX decoder with a key/value cache: numpy and onnxruntime, no TensorFlow.
+
+The decoder graph (made by `tfsft.export_decoder`) takes `input_ids [batch, new]`, `attention_mask
+[batch, past + new]`, `position_ids [batch, new]` and `past.{i}.key/value [batch, kv_heads, past,
+head_dim]`, and returns `logits [batch, new, vocab]` and `present.{i}.key/value` (past + new long).
+One graph serves the prefill (a past 0 positions long) and every decode step.
+
+`generate` left-pads a batch of prompts, prefills once, then feeds one token per row per step
+through the cache. Rows stop on their own (eos, a stop token sequence, or the token budget) and
+leave the batch, so a long row never makes the finished ones compute. Positions count from each
+row's first real token, as transformers numbers them, so a row's tokens do not depend on the
+other prompts it is batched with (beyond float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from tfsft.errors import ArtifactError, ConfigError, DataError
+from tfsft.inference import _open_session
+
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LOGITS_OUTPUT = "logits"
+METADATA_MODEL_TYPE = "tfsft.decoder.model_type"
+METADATA_MAX_POSITIONS = "tfsft.decoder.max_positions"
+"""ONNX metadata keys: the architecture, and how many positions its position table covers."""
+
+FINISH_EOS = "eos"
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32}
+
+TokenIds = Union[int, Sequence[int], None]
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past.{i}.{half}" for i in range(num_layers) for half in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{half}" for i in range(num_layers) for half in ("key", "value")]
+
+
+class DecoderSession:
+    """An onnxruntime session over a decoder graph, with the cache layout read from the graph.
+
+    Args:
+        path: the ONNX decoder.
+        num_threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        spinning: let idle onnxruntime threads busy-wait between runs (faster steps, busier cores).
+
+    Raises:
+        ArtifactError: the file is missing or unreadable, or lacks the decoder's inputs or outputs.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, num_threads: Optional[int] = None, spinning: bool = False) -> None:
+        self.path = Path(path)
+        self.session = _open_session(self.path, num_threads, spinning)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        self.num_layers = sum(1 for name in inputs if name.startswith("past.") and name.endswith(".key"))
+        self._check_names(list(inputs), [*DECODER_INPUTS, *past_names(self.num_layers)], "inputs")
+        self._check_names(list(outputs), [LOGITS_OUTPUT, *present_names(self.num_layers)], "outputs")
+        if self.num_layers == 0:
+            raise ArtifactError(
+                f"ONNX decoder {self.path} has no cache inputs: expected past.{{i}}.key/value for each layer. "
+                f"Received: inputs={sorted(inputs)}"
+            )
+        cache = inputs["past.0.key"]
+        if len(cache.shape) != 4 or not all(isinstance(d, int) for d in cache.shape[1::2]):
+            raise ArtifactError(
+                f"ONNX decoder {self.path} has a cache input without fixed heads and head size: expected "
+                f"[batch, kv_heads, past, head_dim]. Received: past.0.key shape={cache.shape}"
+            )
+        if cache.type not in _ORT_DTYPES or inputs["input_ids"].type not in _ORT_DTYPES:
+            raise ArtifactError(
+                f"ONNX decoder {self.path} has inputs of a type it cannot feed: expected float or float16 caches "
+                f"and int64 or int32 ids. Received: past.0.key {cache.type}, input_ids {inputs['input_ids'].type}"
+            )
+        self.num_kv_heads, self.head_dim = cache.shape[1], cache.shape[3]
+        self.cache_dtype = _ORT_DTYPES[cache.type]
+        self.ids_dtype = _ORT_DTYPES[inputs["input_ids"].type]
+        self._outputs = [LOGITS_OUTPUT, *present_names(self.num_layers)]
+        self._past = past_names(self.num_layers)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.model_type = metadata.get(METADATA_MODEL_TYPE)
+        self.max_positions = int(metadata[METADATA_MAX_POSITIONS]) if METADATA_MAX_POSITIONS in metadata else None
+        vocab = next(o for o in self.session.get_outputs() if o.name == LOGITS_OUTPUT).shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else None
+
+    def _check_names(self, found: list[str], expected: list[str], kind: str) -> None:
+        missing = [name for name in expected if name not in found]
+        if missing:
+            raise ArtifactError(
+                f"ONNX decoder {self.path} lacks {kind} {missing[:4]}: expected {', '.join(expected[:5])}, ... "
+                f"(made by tfsft.export_decoder). Received: {kind}={sorted(found)}"
+            )
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """A cache 0 positions long: what a prefill passes."""
+        return [np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.cache_dtype) for _ in self._past]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward pass: logits `[batch, new, vocab]` and the cache grown by the new positions."""
+        feeds = {
+            "input_ids": np.asarray(input_ids, self.ids_dtype),
+            "attention_mask": np.asarray(attention_mask, self.ids_dtype),
+            "position_ids": np.asarray(position_ids, self.ids_dtype),
+            **dict(zip(self._past, past)),
+        }
+        logits, *present = self.session.run(self._outputs, feeds)
+        return logits, present
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The new tokens of one prompt, without the eos token or the stop sequence that ended them."""
+
+    tokens: list[int]
+    finish_reason: str
+    """`eos`, `stop` (a stop token sequence) or `length` (max_new_tokens reached)."""
+
+
+def generate(
+    session: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: TokenIds = None,
+    pad_token_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    stop_token_sequences: Sequence[Sequence[int]] = (),
+    use_cache: bool = True,
+) -> list[Generated]:
+    """Continue each prompt (token ids), batched with left padding.
+
+    Args:
+        session: the decoder.
+        prompts: one list of token ids per prompt, none empty.
+        max_new_tokens: the most tokens to add to each prompt.
+        eos_token_id: the token (or tokens) that end a row; not included in its result.
+        pad_token_id: the id left padding and finished rows carry (masked out: any valid id works).
+        temperature: 0 picks the most likely token (greedy); above 0, sampling from the softmax of
+            logits / temperature.
+        top_p: sampling keeps the most likely tokens whose probabilities add up to top_p (nucleus).
+        seed: seeds the sampler; the same seed, prompts and model give the same tokens.
+        stop_token_sequences: token sequences that end a row, trimmed from its result.
+        use_cache: False recomputes the whole sequence every step (a baseline for benchmarks).
+
+    Returns:
+        One `Generated` per prompt, in order.
+
+    Raises:
+        ConfigError: a bad argument, or prompt + new tokens beyond the model's positions.
+        DataError: an empty prompt, or a token id outside the vocabulary.
+    """
+    _check_settings(max_new_tokens, temperature, top_p, pad_token_id)
+    _check_prompts(session, prompts, max_new_tokens)
+    eos = _token_set(eos_token_id, "eos_token_id")
+    stops = [list(s) for s in stop_token_sequences]
+    if any(len(s) == 0 for s in stops):
+        raise ConfigError("stop_token_sequences holds an empty sequence: expected at least one token in each. "
+                          f"Received: stop_token_sequences={stops}")
+    tokens: list[list[int]] = [[] for _ in prompts]
+    reasons: list[Optional[str]] = [None] * len(prompts)
+    if max_new_tokens == 0:
+        return [Generated([], FINISH_LENGTH) for _ in prompts]
+    rng = np.random.default_rng(seed)
+    ids, mask, positions = left_padded(prompts, pad_token_id)
+    logits, past = session.run(ids, mask, positions, session.empty_past(len(prompts)))
+    active = np.arange(len(prompts))
+    for step in range(max_new_tokens):
+        chosen = _choose(logits[:, -1, :], temperature, top_p, rng)
+        keep = []
+        for k, row in enumerate(active):
+            reasons[row] = _append(tokens[row], int(chosen[k]), eos, stops)
+            if reasons[row] is None:
+                keep.append(k)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            active, ids, mask, chosen = active[keep], ids[keep], mask[keep], chosen[keep]
+            past = [p[keep] for p in past]
+        position = mask.sum(axis=1, keepdims=True)
+        ids = np.concatenate([ids, chosen[:, None].astype(ids.dtype)], axis=1)
+        mask = np.concatenate([mask, np.ones_like(position)], axis=1)
+        if use_cache:
+            logits, past = session.run(chosen[:, None], mask, position, past)
+        else:
+            logits, _ = session.run(ids, mask, np.cumsum(mask, axis=1) - mask, session.empty_past(len(ids)))
+    return [Generated(row, reason or FINISH_LENGTH) for row, reason in zip(tokens, reasons)]
+
+
+def _append(tokens: list[int], token: int, eos: frozenset[int], stops: list[list[int]]) -> Optional[str]:
+    """Add `token` to a row; the reason the row ends with it, if it does."""
+    if token in eos:
+        return FINISH_EOS
+    tokens.append(token)
+    for stop in stops:
+        if len(tokens) >= len(stop) and tokens[-len(stop):] == stop:
+            del tokens[-len(stop):]
+            return FINISH_STOP
+    return None
+
+
+def _choose(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> np.ndarray:
+    """The next token of each row: argmax at temperature 0, else a nucleus sample."""
+    if temperature == 0:
+        return np.argmax(logits, axis=-1)
+    scaled = logits.astype(np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    ranked = np.where(np.cumsum(ranked, axis=-1) - ranked < top_p, ranked, 0.0)
+    cumulative = np.cumsum(ranked / ranked.sum(axis=-1, keepdims=True), axis=-1)
+    draws = rng.random(len(logits))[:, None]
+    picked = np.minimum((cumulative < draws).sum(axis=-1), logits.shape[-1] - 1)
+    return order[np.arange(len(logits)), picked]
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`input_ids`, `attention_mask`, `position_ids` of a left-padded batch, positions numbered as
+    transformers' TF `prepare_inputs_for_generation` numbers them (exclusive cumsum of the mask:
+    each row counts from its first real token; padding sits at position 0, masked out)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask, np.cumsum(mask, axis=1) - mask
+
+
+def _token_set(value: TokenIds, name: str) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    values = [value] if isinstance(value, (int, np.integer)) else list(value)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{name} must be a token id or a list of token ids. Received: {name}={value!r}")
+    return frozenset(int(v) for v in values)
+
+
+def _check_settings(max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0. Received: max_new_tokens={max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy). Received: temperature={temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1]. Received: top_p={top_p!r}")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
+        raise ConfigError(f"pad_token_id must be a token id >= 0. Received: pad_token_id={pad_token_id!r}")
+
+
+def _check_prompts(session: DecoderSession, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if len(prompts) == 0:
+        raise DataError("no prompts to generate from: expected at least one. Received: prompts=[]")
+    vocab = session.vocab_size
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise DataError(f"prompt {index} is empty: expected at least one token. Received: prompt {index}=[]")
+        ids = np.asarray(prompt)
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
+            raise DataError(
+                f"prompt {index} has a token id outside the vocabulary: expected integers in [0, {vocab}). "
+                f"Received: prompt {index}={list(prompt)[:8]}{'...' if len(prompt) > 8 else ''}"
+            )
+    longest = max(len(p) for p in prompts)
+    if session.max_positions is not None and longest + max_new_tokens - 1 > session.max_positions:
+        raise ConfigError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens goes beyond the model's "
+            f"{session.max_positions} positions: expected at most {session.max_positions - longest + 1} new tokens. "
+            f"Received: max_new_tokens={max_new_tokens}"
+        )
+
+
+def trim_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` cut before the first occurrence of any stop string, and whether one occurred.
+    Stop strings are matched on decoded text (a string may span tokens), by the caller that decodes."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
