@@ -728,3 +728,16 @@ def test_adapter_flags_are_checked(bundle_dir):
         ServeSettings()
     with pytest.raises(ConfigError, match="'a' twice"):
         ServeSettings(adapters=(("a", str(bundle_dir)), ("a", str(bundle_dir))))
+
+
+def test_generate_on_a_classifier_is_a_400_that_points_to_predict(bundle_dir):
+    from starlette.testclient import TestClient
+
+    from tfsft.inference import Predictor
+    from tfsft.serving import create_app
+
+    with TestClient(create_app(Predictor(bundle_dir))) as client:
+        response = client.post("/generate", json={"prompts": ["a fine film"]})
+        meta = client.get("/metadata").json()
+    assert response.status_code == 400 and "does not generate text: POST /predict" in response.json()["error"]
+    assert "generation" not in meta and meta["task"] == "classification"

@@ -638,16 +638,16 @@ def test_benchmark_script_writes_a_results_table(tiny_checkpoint, tmp_path):
 
 def test_every_task_defines_each_stage():
     """A registered task overrides what has no sensible default: labels, loss, metrics and what
-    the Predictor answers; its best-model metrics include the loss."""
+    the Predictor answers; its best-model metrics include the loss (a language model's first)."""
     from tfsft.tasks import TASKS, Task
 
-    assert list(TASKS) == ["classification", "regression", "multilabel", "ner", "qa"]
+    assert list(TASKS) == ["classification", "regression", "multilabel", "ner", "qa", "causal_lm"]
     for name, task in TASKS.items():
         assert task.name == name and task.summary, name
         for method in ("label_map", "encode_labels", "objective", "metrics"):
             assert getattr(type(task), method) is not getattr(Task, method), (name, method)
         assert type(task).decode is not Task.decode or type(task).predict is not Task.predict, name
-        assert "loss" in task.best_metrics and task.best_metrics[0] != "loss", name
+        assert "loss" in task.best_metrics and (task.best_metrics[0] != "loss" or task.generates), name  # an LM's main metric is its loss
         assert task.keras_metrics <= set(task.best_metrics), name
 
 

@@ -333,7 +333,11 @@ def text_encoder(tokenizer, max_length: int) -> TextEncoder:
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < max_length:
         raise ConfigError(f"--max_seq_length exceeds the model's limit of {limit}. Received: max_seq_length={max_length}")
-    return TextEncoder(backend, max_length)
+    encoder = TextEncoder(backend, max_length)
+    from tfsft.tasks.causal_lm import PromptFormat
+
+    encoder.prompt_format = PromptFormat.from_tokenizer(tokenizer)
+    return encoder
 
 
 def checkpoint_config(checkpoint: Path) -> dict[str, Any]:

@@ -179,6 +179,19 @@ class DataConfig:
         "--task qa: some questions have no answer in their context (SQuAD v2): the model may answer \"\", at a "
         "null-score threshold chosen on validation.",
     )
+    prompt_column: str = _field("prompt", "--task causal_lm: the prompt column.")
+    completion_column: str = _field("completion", "--task causal_lm: the completion column (what the loss trains on).")
+    messages_column: str = _field(
+        "messages",
+        "--task causal_lm: chat records instead: a list of {\"role\", \"content\"} messages ending with the "
+        "assistant's reply, rendered with the tokenizer's chat template.",
+    )
+    max_new_tokens: int = _field(
+        64, "--task causal_lm: most tokens generated per validation prompt, and the bundle's default for serving."
+    )
+    max_generate_samples: int = _field(
+        32, "--task causal_lm: validation prompts generated (greedy) and scored against their completions; 0: none."
+    )
     streaming: bool = _field(
         False,
         "Corpora larger than memory (classification): tokenize --train_file once into a sharded TFRecord "
@@ -202,6 +215,8 @@ class DataConfig:
         _require(self.doc_stride >= 1, "doc_stride", self.doc_stride, "a positive integer")
         _require(self.max_answer_length >= 1, "max_answer_length", self.max_answer_length, "a positive integer")
         _require(self.n_best_size >= 1, "n_best_size", self.n_best_size, "a positive integer")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "a positive integer")
+        _require(self.max_generate_samples >= 0, "max_generate_samples", self.max_generate_samples, "a non-negative integer")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_unlabeled_samples"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "a positive integer")

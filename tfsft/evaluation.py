@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from tfsft.artifacts import CONFUSION_PLOT, write_json
 from tfsft.data import LabelMap, LengthBatchedData
 from tfsft.modeling import tf
-from tfsft.tasks import get_task
+from tfsft.tasks import IGNORED_LABEL, get_task
 
 
 def predict_logits(model, data: LengthBatchedData) -> np.ndarray:
@@ -25,6 +26,68 @@ def predict_logits(model, data: LengthBatchedData) -> np.ndarray:
     out = np.empty_like(logits)
     out[data.order()] = logits
     return out
+
+
+def token_nll(model, data: LengthBatchedData) -> tuple[float, int]:
+    """(summed cross-entropy, count) over the labelled tokens of `data` (a language model's
+    completions), batch by batch: the [batch, width, vocabulary] logits never pile up."""
+
+    @tf.function(reduce_retracing=True)
+    def step(features, labels):
+        logits = tf.cast(model(features, training=False).logits, tf.float32)
+        mask = tf.not_equal(labels, IGNORED_LABEL)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.where(mask, labels, 0), logits=logits)
+        weights = tf.cast(mask, tf.float32)
+        return tf.reduce_sum(losses * weights), tf.reduce_sum(weights)
+
+    total, count = 0.0, 0.0
+    for features, labels in data:
+        nll, tokens = step(features, tf.constant(labels, tf.int32))
+        total, count = total + float(nll), count + float(tokens)
+    return total, int(count)
+
+
+def keras_generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_ids: Sequence[int] | int | None,
+    pad_token_id: int, batch_size: int = 8,
+) -> list[list[int]]:
+    """Keras' own greedy `generate` on `prompts` (token ids), left-padded in batches: each row's new
+    tokens, up to and without an eos.
+
+    TF greedy search reads an eos of None as "the model's own eos" (`model.generation_config`, not
+    the config passed), so for the call the model's generation config is replaced by a copy holding
+    the eos as given: None or () then means no eos.
+    """
+    import copy
+
+    from tfsft.generation import left_padded
+    from tfsft.modeling import quiet_transformers
+
+    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or ())
+    settings = copy.deepcopy(model.generation_config)
+    settings.eos_token_id, settings.pad_token_id = (eos or None), pad_token_id
+    settings.do_sample, settings.max_new_tokens, settings.max_length = False, max_new_tokens, None
+    saved, model.generation_config = model.generation_config, settings
+    rows: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask, _ = left_padded(prompts[start:start + batch_size], pad_token_id)
+            with quiet_transformers():
+                out = model.generate(tf.constant(ids, tf.int32), attention_mask=tf.constant(mask, tf.int32),
+                                     generation_config=settings)
+            rows.extend([int(t) for t in row] for row in np.asarray(out)[:, ids.shape[1]:])
+    finally:
+        model.generation_config = saved
+    return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
+def score_model(
+    task: str, model, data: LengthBatchedData, reference: Any, label_map: LabelMap, prefix: str,
+    decision: Optional[dict[str, Any]], settings: Any,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, report) of a Keras model on encoded data, as its task scores one (`Task.score`)."""
+    decided = {k: v for k, v in (decision or {}).items() if v is not None}
+    return get_task(task).score(model, data, reference, label_map, prefix, decided, settings)
 
 
 def concat_padded(chunks: list[np.ndarray]) -> np.ndarray:
@@ -89,8 +152,15 @@ def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path,
 
 
 def write_evaluation(directory: Path, metrics: dict[str, float], report: dict[str, Any], name: str) -> None:
-    """Write `<name>_report.json`, and its confusion-matrix PNG when it has one, into `directory`."""
+    """Write `<name>_report.json`, and its confusion-matrix PNG when it has one, into `directory`; a
+    language model's sample generations go to `generations.jsonl` (`<name>_generations.jsonl`)."""
+    generations = report.pop("generations", None)
     write_json(directory / f"{name}_report.json", report)
+    if generations is not None:
+        from tfsft.artifacts import write_text
+
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations)
+        write_text(directory / ("generations.jsonl" if name == "eval" else f"{name}_generations.jsonl"), lines)
     if "confusion_matrix" not in report:
         return
     plot_name = CONFUSION_PLOT if name == "eval" else f"{name}_{CONFUSION_PLOT}"

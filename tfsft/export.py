@@ -1143,6 +1143,10 @@ def export_bundle(
     config = artifacts.read_config(run_dir)
     if settings is not None:
         config = dataclasses.replace(config, export=settings)
+    if get_task(config.model.task).generates:
+        from tfsft.export_decoder import export_decoder_bundle
+
+        return export_decoder_bundle(model, run_dir, validation_data[0], config)
     examples, labels = validation_data
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
@@ -1332,6 +1336,12 @@ def record_validation(run_dir: str | os.PathLike, examples: Examples | TokenExam
     (`artifacts.VALIDATION_EXAMPLES`), for `export_run` to check parity on exactly those."""
     if isinstance(examples, TokenExamples):
         values: dict[str, Any] = {"kind": "tokens", "words": examples.words}
+    elif hasattr(examples, "completions"):
+        values = {
+            "kind": "completions", "prompts": examples.prompts, "completions": examples.completions, "rows": examples.rows,
+            "source": examples.source, "columns": examples.columns, "format_version": RECORD_VERSION,
+        }
+        return artifacts.write_text(Path(run_dir) / artifacts.VALIDATION_EXAMPLES, json.dumps(values, ensure_ascii=False) + "\n")
     elif hasattr(examples, "contexts"):
         values = {
             "kind": "questions", "ids": examples.ids, "questions": examples.questions, "contexts": examples.contexts,
@@ -1353,6 +1363,8 @@ def recorded_validation(run_dir: str | os.PathLike) -> Optional[Examples | Token
     values = artifacts.read_json(path, "validation record")
     if isinstance(values, dict) and values.get("kind") == "questions":
         return _recorded_questions(values, path)
+    if isinstance(values, dict) and values.get("kind") == "completions":
+        return _recorded_completions(values, path)
     try:
         kind, common = values["kind"], {"labels": values["labels"], "rows": values["rows"], "source": values["source"]}
         examples: Examples | TokenExamples
@@ -1371,6 +1383,21 @@ def recorded_validation(run_dir: str | os.PathLike) -> Optional[Examples | Token
             f"Corrupt validation record {path}: {detail}; delete it to re-read the validation data"
         ) from None
     return examples
+
+
+def _recorded_completions(values: dict[str, Any], path: Path) -> Any:
+    """The prompt/completion validation examples `record_validation` wrote."""
+    from tfsft.tasks.causal_lm import CausalLMExamples
+
+    try:
+        prompts, completions, rows = values["prompts"], values["completions"], values["rows"]
+        if not len(prompts) == len(completions) == len(rows):
+            raise ValueError("its columns differ in length")
+        columns = tuple(values["columns"]) if values.get("columns") else None
+        return CausalLMExamples(list(prompts), [str(c) for c in completions], list(rows), str(values["source"]), None, columns)
+    except (KeyError, TypeError, ValueError) as error:
+        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise ArtifactError(f"Corrupt validation record {path}: {detail}; delete it to re-read the validation data") from None
 
 
 def _recorded_questions(values: dict[str, Any], path: Path) -> Any:

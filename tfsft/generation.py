@@ -6,10 +6,11 @@ head_dim]`, and returns `logits [batch, new, vocab]` and `present.{i}.key/value`
 One graph serves the prefill (a past 0 positions long) and every decode step.
 
 `generate` left-pads a batch of prompts, prefills once, then feeds one token per row per step
-through the cache. Rows stop on their own (eos, a stop token sequence, or the token budget) and
-leave the batch, so a long row never makes the finished ones compute. Positions count from each
-row's first real token, as transformers numbers them, so a row's tokens do not depend on the
-other prompts it is batched with (beyond float rounding).
+through the cache; `generate_steps` is the same loop yielding each step's new tokens (what a
+streamed response sends as they come). Rows stop on their own (eos, a stop token sequence, or
+the token budget) and leave the batch, so a long row never makes the finished ones compute.
+Positions count from each row's first real token, as transformers numbers them, so a row's
+tokens do not depend on the other prompts it is batched with (beyond float rounding).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from tfsft.errors import ArtifactError, ConfigError, DataError
-from tfsft.inference import _open_session
+from tfsft.inference import open_session
 
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LOGITS_OUTPUT = "logits"
@@ -63,7 +64,7 @@ class DecoderSession:
 
     def __init__(self, path: str | os.PathLike, *, num_threads: Optional[int] = None, spinning: bool = False) -> None:
         self.path = Path(path)
-        self.session = _open_session(self.path, num_threads, spinning)
+        self.session = open_session(self.path, num_threads, spinning)
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         self.num_layers = sum(1 for name in inputs if name.startswith("past.") and name.endswith(".key"))
@@ -117,7 +118,11 @@ class DecoderSession:
             "position_ids": np.asarray(position_ids, self.ids_dtype),
             **dict(zip(self._past, past)),
         }
-        logits, *present = self.session.run(self._outputs, feeds)
+        try:
+            logits, *present = self.session.run(self._outputs, feeds)
+        except Exception as error:  # onnxruntime's own exception types, reported in one line
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ArtifactError(f"{self.path}: inference failed ({message})") from None
         return logits, present
 
 
@@ -128,6 +133,26 @@ class Generated:
     tokens: list[int]
     finish_reason: str
     """`eos`, `stop` (a stop token sequence) or `length` (max_new_tokens reached)."""
+
+
+StopCheck = Callable[[int, list[int]], bool]
+"""(row, its tokens so far) -> whether the row ends here (finish reason `stop`): e.g. a stop string
+found in the decoded text, which the caller decodes."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one generation step did to one row."""
+
+    row: int
+    """The row's index in the prompts."""
+    token: Optional[int]
+    """The token added; None when the row ended on eos (never added) or asked for no tokens."""
+    tokens: list[int]
+    """The row's tokens so far, a stop token sequence that ended it trimmed: the live list, which
+    later steps extend (copy it to keep it)."""
+    finish_reason: Optional[str]
+    """None while the row goes on; else `eos`, `stop` or `length`, in the row's last step."""
 
 
 def generate(
@@ -164,41 +189,94 @@ def generate(
         ConfigError: a bad argument, or prompt + new tokens beyond the model's positions.
         DataError: an empty prompt, or a token id outside the vocabulary.
     """
-    _check_settings(max_new_tokens, temperature, top_p, pad_token_id)
+    results: list[Optional[Generated]] = [None] * len(prompts)
+    for steps in generate_steps(session, prompts, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, seed,
+                                stop_token_sequences, use_cache):
+        for step in steps:
+            if step.finish_reason is not None:
+                results[step.row] = Generated(list(step.tokens), step.finish_reason)
+    return [result for result in results if result is not None]
+
+
+def generate_steps(
+    session: DecoderSession,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: TokenIds = None,
+    pad_token_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    stop_token_sequences: Sequence[Sequence[int]] = (),
+    use_cache: bool = True,
+    stop_check: Optional[StopCheck] = None,
+) -> Iterator[list[Step]]:
+    """`generate`, one step at a time: yields, per step, a `Step` for each row still going, the
+    step that ends a row carrying its finish reason; each row gets exactly one finishing step.
+
+    The arguments are `generate`'s, checked here, before the first step (errors do not wait for
+    iteration). `stop_check` ends a row (reason `stop`) after any token it returns True for.
+    Each step is yielded before the next forward pass, so a consumer sees a token as soon as it
+    is chosen.
+    """
+    check_settings(max_new_tokens, temperature, top_p, pad_token_id)
     _check_prompts(session, prompts, max_new_tokens)
     eos = _token_set(eos_token_id, "eos_token_id")
     stops = [list(s) for s in stop_token_sequences]
     if any(len(s) == 0 for s in stops):
         raise ConfigError("stop_token_sequences holds an empty sequence: expected at least one token in each. "
                           f"Received: stop_token_sequences={stops}")
-    tokens: list[list[int]] = [[] for _ in prompts]
-    reasons: list[Optional[str]] = [None] * len(prompts)
-    if max_new_tokens == 0:
-        return [Generated([], FINISH_LENGTH) for _ in prompts]
-    rng = np.random.default_rng(seed)
-    ids, mask, positions = left_padded(prompts, pad_token_id)
-    logits, past = session.run(ids, mask, positions, session.empty_past(len(prompts)))
-    active = np.arange(len(prompts))
-    for step in range(max_new_tokens):
-        chosen = _choose(logits[:, -1, :], temperature, top_p, rng)
-        keep = []
-        for k, row in enumerate(active):
-            reasons[row] = _append(tokens[row], int(chosen[k]), eos, stops)
-            if reasons[row] is None:
-                keep.append(k)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):
-            active, ids, mask, chosen = active[keep], ids[keep], mask[keep], chosen[keep]
-            past = [p[keep] for p in past]
-        position = mask.sum(axis=1, keepdims=True)
-        ids = np.concatenate([ids, chosen[:, None].astype(ids.dtype)], axis=1)
-        mask = np.concatenate([mask, np.ones_like(position)], axis=1)
-        if use_cache:
-            logits, past = session.run(chosen[:, None], mask, position, past)
-        else:
-            logits, _ = session.run(ids, mask, np.cumsum(mask, axis=1) - mask, session.empty_past(len(ids)))
-    return [Generated(row, reason or FINISH_LENGTH) for row, reason in zip(tokens, reasons)]
+    loop = _StepLoop(session, eos, stops, stop_check, use_cache)
+    return loop.steps(prompts, max_new_tokens, pad_token_id, temperature, top_p, np.random.default_rng(seed))
+
+
+@dataclass
+class _StepLoop:
+    """The decoding loop of `generate_steps`, its arguments already checked."""
+
+    session: DecoderSession
+    eos: frozenset[int]
+    stops: list[list[int]]
+    stop_check: Optional[StopCheck]
+    use_cache: bool
+
+    def steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_token_id: int, temperature: float,
+              top_p: float, rng: np.random.Generator) -> Iterator[list[Step]]:
+        tokens: list[list[int]] = [[] for _ in prompts]
+        if max_new_tokens == 0:
+            yield [Step(row, None, tokens[row], FINISH_LENGTH) for row in range(len(prompts))]
+            return
+        session = self.session
+        ids, mask, positions = left_padded(prompts, pad_token_id)
+        logits, past = session.run(ids, mask, positions, session.empty_past(len(prompts)))
+        active = np.arange(len(prompts))
+        for step in range(max_new_tokens):
+            chosen = _choose(logits[:, -1, :], temperature, top_p, rng)
+            events = [self._advance(int(row), tokens[row], int(chosen[k]), step == max_new_tokens - 1)
+                      for k, row in enumerate(active)]
+            yield events
+            keep = [k for k, event in enumerate(events) if event.finish_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                active, ids, mask, chosen = active[keep], ids[keep], mask[keep], chosen[keep]
+                past = [p[keep] for p in past]
+            position = mask.sum(axis=1, keepdims=True)
+            ids = np.concatenate([ids, chosen[:, None].astype(ids.dtype)], axis=1)
+            mask = np.concatenate([mask, np.ones_like(position)], axis=1)
+            if self.use_cache:
+                logits, past = session.run(chosen[:, None], mask, position, past)
+            else:
+                logits, _ = session.run(ids, mask, np.cumsum(mask, axis=1) - mask, session.empty_past(len(ids)))
+
+    def _advance(self, row: int, tokens: list[int], token: int, last: bool) -> Step:
+        """Add the chosen token to a row, and say whether (and why) the row ends with it."""
+        reason = _append(tokens, token, self.eos, self.stops)
+        if reason is None and self.stop_check is not None and self.stop_check(row, tokens):
+            reason = FINISH_STOP
+        if reason is None and last:
+            reason = FINISH_LENGTH
+        return Step(row, None if reason == FINISH_EOS else token, tokens, reason)
 
 
 def _append(tokens: list[int], token: int, eos: frozenset[int], stops: list[list[int]]) -> Optional[str]:
@@ -252,7 +330,8 @@ def _token_set(value: TokenIds, name: str) -> frozenset[int]:
     return frozenset(int(v) for v in values)
 
 
-def _check_settings(max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int) -> None:
+def check_settings(max_new_tokens: int, temperature: float, top_p: float, pad_token_id: int) -> None:
+    """ConfigError naming the first bad setting: callers check before work they would waste."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be an integer >= 0. Received: max_new_tokens={max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:

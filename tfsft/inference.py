@@ -2,7 +2,9 @@
 
 A server or batch job imports this module without paying for (or depending on) TensorFlow or
 transformers. Texts are tokenized by `tfsft.tokenize`, the same code training used, sorted by
-length and padded per batch, so short texts never pay for the longest one.
+length and padded per batch, so short texts never pay for the longest one. A bundle of a task
+that generates (a decoder LM) continues prompts instead (`Predictor.generate`, `Predictor.stream`),
+over `tfsft.generation`'s key/value-cache loop.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from tfsft import artifacts
 from tfsft.errors import ArtifactError, ConfigError, DataError
 from tfsft.tasks import TASKS, qa
 from tfsft.tasks.base import softmax  # noqa: F401  (part of this module's API)
+from tfsft.tasks.causal_lm import Prompt, PromptFormat, check_messages
 from tfsft.tasks.classification import Prediction
 from tfsft.tasks.multilabel import LabelSet
 from tfsft.tasks.ner import Entities, tag_chunks  # noqa: F401  (part of this module's API)
@@ -28,14 +31,52 @@ from tfsft.tasks.qa import Answer, question_context
 from tfsft.tasks.regression import Score
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
+if TYPE_CHECKING:
+    from tfsft.generation import DecoderSession, Step, StopCheck
+
 TextInput = Union[str, Sequence[str]]
 """A single text, or a (text, text pair) sequence of two strings."""
 
 _NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
-AnyPrediction = Union[Prediction, Score, LabelSet, Entities, Answer]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The continuation of one prompt by a model that generates text."""
+
+    text: str
+    """The new tokens decoded (special tokens skipped), cut before the first stop string, outer
+    whitespace stripped: what evaluation scores (`tfsft.tasks.causal_lm.decode_generation`)."""
+    tokens: tuple[int, ...]
+    """The new token ids, without the eos or the stop token sequence that ended them."""
+    finish_reason: str
+    """`eos`, `stop` (a stop string) or `length` (max_new_tokens reached)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generated": self.text, "finish_reason": self.finish_reason}
+
+    def csv_fields(self, labels: Sequence[str]) -> list[Any]:
+        return [self.text]
+
+
+AnyPrediction = Union[Prediction, Score, LabelSet, Entities, Answer, Generation]
 """What the Predictor returns for one input, by the bundle's task."""
+
+
+class PromptError(DataError):
+    """A prompt the model cannot take; `index`: its position among the call's prompts, so a caller
+    can name its own row or field; `detail`: what is wrong, a sentence with the prompt as subject."""
+
+    def __init__(self, index: int, detail: str):
+        super().__init__(f"prompt {index} {detail}")
+        self.index = index
+        self.detail = detail
+
+
+DEFAULT_MAX_NEW_TOKENS = 64
+"""New tokens per prompt when neither the call nor the bundle (`max_new_tokens`) says."""
 
 
 @dataclass(frozen=True)
@@ -155,12 +196,13 @@ def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice
 
 
 class Predictor:
-    """Classify or score texts or text pairs with an exported bundle. Safe to share between threads.
+    """Classify or score texts or text pairs with an exported bundle, or continue prompts with a
+    bundle whose task generates (`generate`, `stream`). Safe to share between threads.
 
     `onnxruntime.InferenceSession.run` may be called concurrently, and the tokenizer is
     configured once here and only read afterwards, so no lock is needed. `int8`: serve the int8
     model (True), an fp32 one (False), or (None) fp32 when the bundle ships one, else int8
-    (`Bundle.model_path`).
+    (`Bundle.model_path`). `batch_size`: texts per model call, or prompts generated together.
     """
 
     def __init__(
@@ -181,9 +223,37 @@ class Predictor:
         self.batch_size = batch_size
         self.model_path = self.bundle.model_path(int8=int8, fused=fused)
         self.encoder = TextEncoder.from_file(self.bundle.directory / artifacts.BUNDLE_TOKENIZER, self.bundle.max_seq_length)
-        self.session = _open_session(self.model_path, num_threads, spinning)
+        self.generates = TASKS[self.bundle.task].generates
+        if self.generates:
+            self._open_decoder(num_threads, spinning)
+            return
+        self.session = open_session(self.model_path, num_threads, spinning)
         self.input_dtypes = _input_dtypes(self.session, self.bundle.inputs, self.model_path)
         self._check_output_size()
+
+    def _open_decoder(self, num_threads: Optional[int], spinning: bool) -> None:
+        """The decoder session, prompt format and generation defaults of a generating bundle."""
+        from tfsft.generation import DecoderSession
+
+        meta, path = self.bundle.metadata, self.bundle.directory / artifacts.BUNDLE_FILE
+        self.decoder: DecoderSession = DecoderSession(self.model_path, num_threads=num_threads, spinning=spinning)
+        self.session = self.decoder.session
+        formats = meta.get("prompt_format")
+        default = meta.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        pad = meta.get("pad_id", self.encoder.pad_id)
+        if not isinstance(formats, dict):
+            raise ArtifactError(
+                f"{path}: a generating bundle needs a \"prompt_format\" object. Received: {formats!r:.80}")
+        for name, value in (("max_new_tokens", default), ("pad_id", pad)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ArtifactError(f"{path}: {name} must be an integer >= 0. Received: {name}={value!r}")
+        try:
+            self.prompt_format = PromptFormat.from_dict(formats)
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"{path}: invalid prompt_format ({error})") from None
+        self.max_new_tokens: int = min(default, self.bundle.max_seq_length - 1)
+        self.pad_id: int = pad
+        self.encoder.tokenizer.no_truncation()
 
     def _check_output_size(self) -> None:
         """Run one tiny batch: catches a label map that does not fit the model, and warms up."""
@@ -208,6 +278,8 @@ class Predictor:
 
     def logits(self, inputs: Sequence[TextInput]) -> np.ndarray:
         """Logits of every input, in input order (computed in length-sorted batches)."""
+        if self.generates:
+            raise ConfigError(f"a {self.bundle.task} model generates text: call Predictor.generate, not logits")
         if len(inputs) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         encoded = self.encode(inputs)
@@ -225,7 +297,8 @@ class Predictor:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
         a label with probabilities (classification), a score (regression), a label set
         (multilabel), entity spans (ner), or for question answering, inputs
-        `{"question": ..., "context": ...}` (or `(question, context)`), an answer (`predict_answers`)."""
+        `{"question": ..., "context": ...}` (or `(question, context)`), an answer (`predict_answers`);
+        for a model that generates, prompts continued with the bundle's defaults (`generate`)."""
         return TASKS[self.bundle.task].predict(self, inputs)
 
     def predict_answers(self, inputs: Sequence[Any]) -> list[Answer]:
@@ -271,8 +344,234 @@ class Predictor:
     def predict_one(self, text: TextInput) -> AnyPrediction:
         return self.predict([text])[0]
 
+    # ---------------------------------------------------------------------------- generation
 
-def _open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: Optional[int] = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Union[str, Sequence[str]] = (),
+        seed: Optional[int] = None,
+    ) -> list[Generation]:
+        """Continue each prompt, in input order, `batch_size` prompts at a time (left-padded).
+
+        Args:
+            prompts: strings, or chat conversations (`[{"role": ..., "content": ...}, ...]`)
+                rendered with the bundle's chat template and its generation prompt.
+            max_new_tokens: the most tokens to add (None: the bundle's `max_new_tokens`).
+            temperature: 0 is greedy; above 0, sampling (`tfsft.generation.generate`).
+            top_p: nucleus sampling's probability mass.
+            stop: strings that end a continuation, cut from its text. Their token sequences end
+                rows as they are generated; the decoded text is checked as well, since a string
+                may come out of other tokens than it encodes to on its own.
+            seed: seeds the sampler (each chunk of `batch_size` prompts from its own stream).
+
+        Raises:
+            PromptError: a prompt that is empty, badly formed, or too long to leave room for
+                max_new_tokens within the bundle's max_seq_length (names its index).
+            ConfigError: a bad setting, or a bundle that does not generate.
+        """
+        request = self._generation_request(prompts, max_new_tokens, temperature, top_p, stop, seed)
+        results: list[Generation] = []
+        for chunk, start in enumerate(range(0, len(request.prompt_ids), self.batch_size)):
+            rows = request.prompt_ids[start : start + self.batch_size]
+            finished: dict[int, Generation] = {}
+            for steps in self._steps(request, rows, _chunk_seed(seed, chunk)):
+                for step in steps:
+                    if step.finish_reason is not None:
+                        finished[step.row] = self._finish(step.tokens, step.finish_reason, request.stop)
+            results.extend(finished[row] for row in range(len(rows)))
+        return results
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: Optional[int] = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Union[str, Sequence[str]] = (),
+        seed: Optional[int] = None,
+    ) -> Iterator[Union[str, Generation]]:
+        """`generate` for one prompt, as it goes: yields pieces of text as tokens come, then the
+        whole `Generation`; the pieces join to its text.
+
+        Each step decodes all tokens so far and yields what its text adds beyond what was
+        yielded. Text is held back while it ends in U+FFFD (a character whose bytes have not all
+        come), in whitespace (stripped if nothing follows), or in the start of a stop string.
+        The arguments are checked here, before the first step (errors do not wait for iteration).
+        """
+        request = self._generation_request([prompt], max_new_tokens, temperature, top_p, stop, seed)
+        return self._stream(request, seed)
+
+    def _stream(self, request: "GenerationRequest", seed: Optional[int]) -> Iterator[Union[str, Generation]]:
+        emitted = ""
+        final: Optional[Generation] = None
+        for steps in self._steps(request, request.prompt_ids, seed):
+            step = steps[0]
+            if step.finish_reason is not None:
+                final = self._finish(step.tokens, step.finish_reason, request.stop)
+                break
+            visible = streamable_text(self._decode(step.tokens), request.stop)
+            if visible is not None and len(visible) > len(emitted) and visible.startswith(emitted):
+                yield visible[len(emitted):]
+                emitted = visible
+        assert final is not None, "generate_steps gives every row a finishing step"
+        if len(final.text) > len(emitted) and final.text.startswith(emitted):
+            yield final.text[len(emitted):]
+        yield final
+
+    def _steps(self, request: "GenerationRequest", prompt_ids: list[list[int]],
+               seed: Optional[int]) -> Iterator[list["Step"]]:
+        from tfsft.generation import generate_steps
+
+        return generate_steps(
+            self.decoder, prompt_ids, request.max_new_tokens, eos_token_id=list(self.prompt_format.eos_token_ids),
+            pad_token_id=self.pad_id, temperature=request.temperature, top_p=request.top_p, seed=seed,
+            stop_token_sequences=request.stop_ids, stop_check=self._stop_check(request.stop),
+        )
+
+    def _stop_check(self, stop: tuple[str, ...]) -> Optional["StopCheck"]:
+        """Ends a row once its decoded text holds a stop string (None: no stop strings)."""
+        if not stop:
+            return None
+        return lambda row, tokens: any(s in self._decode(tokens) for s in stop)
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self.encoder.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _finish(self, tokens: Sequence[int], reason: str, stop: tuple[str, ...]) -> Generation:
+        from tfsft.generation import FINISH_STOP, trim_at_stop
+
+        text, stopped = trim_at_stop(self._decode(tokens), stop)
+        return Generation(text.strip(), tuple(int(t) for t in tokens), FINISH_STOP if stopped else reason)
+
+    def _generation_request(self, prompts: Sequence[Prompt], max_new_tokens: Optional[int], temperature: float,
+                            top_p: float, stop: Union[str, Sequence[str]], seed: Optional[int]) -> "GenerationRequest":
+        """The checked settings and the prompts' token ids of one generate or stream call."""
+        from tfsft.generation import check_settings
+
+        if not self.generates:
+            raise ConfigError(f"a {self.bundle.task} model does not generate text (its bundle is no decoder LM): "
+                              "call Predictor.predict")
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ConfigError(f"prompts must be a list of prompts. Received: {type(prompts).__name__}")
+        new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        check_settings(new, temperature, top_p, self.pad_id)
+        most = self.bundle.max_seq_length - 1
+        if new > most:
+            raise ConfigError(f"max_new_tokens must be at most {most}: the model's max_seq_length "
+                              f"({self.bundle.max_seq_length}) holds the prompt too. Received: max_new_tokens={new}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ConfigError(f"seed must be an integer or None. Received: seed={seed!r}")
+        stops = _stop_strings(stop)
+        return GenerationRequest(self.prompt_ids(prompts, new), int(new), float(temperature), float(top_p), stops,
+                                 self._stop_token_sequences(stops))
+
+    def prompt_ids(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
+        """Each prompt's token ids, as training encoded prompts (rendered, the tokenizer's special
+        tokens added). Raises PromptError for a prompt too long to leave max_new_tokens positions."""
+        texts = [self._prompt_text(index, prompt) for index, prompt in enumerate(prompts)]
+        encoded = [e.ids for e in self.encoder.tokenizer.encode_batch(texts, add_special_tokens=True)] if texts else []
+        room = self.bundle.max_seq_length - max_new_tokens
+        for index, ids in enumerate(encoded):
+            if not ids:
+                raise PromptError(index, "has no tokens: expected some text")
+            if len(ids) > room:
+                raise PromptError(
+                    index, f"has {len(ids)} tokens; at most {room} fit before max_new_tokens={max_new_tokens} within "
+                           f"the model's max_seq_length={self.bundle.max_seq_length}: shorten it or ask for fewer "
+                           "tokens")
+        return [list(ids) for ids in encoded]
+
+    def _prompt_text(self, index: int, prompt: Any) -> str:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise PromptError(index, "is empty")
+            return prompt
+        if self.prompt_format.chat_template is None:
+            raise PromptError(index, "is a chat conversation, but the model has no chat template: send a string")
+        try:
+            return self.prompt_format.prompt_text(check_messages(prompt, "messages"))
+        except DataError as error:
+            raise PromptError(index, f"is not a chat conversation the model takes ({error})") from None
+        except Exception as error:  # the template itself (jinja2's TemplateError, raise_exception)
+            raise PromptError(index, f"could not be rendered by the chat template ({error})") from None
+
+    def _stop_token_sequences(self, stops: tuple[str, ...]) -> list[list[int]]:
+        """The token sequence of each stop string that encodes to tokens decoding back to it
+        exactly: only those can end a row at token level without ending it on something else
+        (an unknown word's <unk>, say); the decoded text catches the others."""
+        sequences = []
+        for text in stops:
+            ids = self.encoder.tokenizer.encode(text, add_special_tokens=False).ids
+            if ids and self.encoder.tokenizer.decode(ids, skip_special_tokens=False) == text:
+                sequences.append(list(ids))
+        return sequences
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generate or stream call, checked: the prompts' token ids and the settings."""
+
+    prompt_ids: list[list[int]]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    stop_ids: list[list[int]]
+
+
+def _stop_strings(stop: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    values = [stop] if isinstance(stop, str) else stop
+    if not isinstance(values, Sequence):
+        raise ConfigError(f"stop must be a string or a list of strings. Received: {type(stop).__name__}")
+    for index, value in enumerate(values):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"stop[{index}] must be a non-empty string. Received: {value!r:.60}")
+    return tuple(values)
+
+
+def _chunk_seed(seed: Optional[int], chunk: int) -> Optional[int]:
+    """The sampler seed of one chunk of prompts: `seed` itself for the first (so one call of a
+    few prompts samples as `tfsft.generation.generate` with that seed), a derived one after."""
+    if seed is None or chunk == 0:
+        return seed
+    return int(np.random.SeedSequence([int(seed), chunk]).generate_state(1)[0])
+
+
+def streamable_text(text: str, stop: Sequence[str]) -> Optional[str]:
+    """What of a continuation's text so far can be sent and never taken back, or None to send
+    nothing new yet (it ends in U+FFFD: a character whose bytes have not all been generated).
+
+    The text is cut at a stop string, else before any end of it that begins one; leading
+    whitespace goes (the final text is stripped) and trailing whitespace waits for what follows.
+    """
+    from tfsft.generation import trim_at_stop
+
+    text, stopped = trim_at_stop(text, stop)
+    if not stopped:
+        text = text[: len(text) - _partial_stop(text, stop)]
+    if text.endswith("\ufffd"):
+        return None
+    return text.strip()
+
+
+def _partial_stop(text: str, stop: Sequence[str]) -> int:
+    """The length of the longest end of `text` that a stop string begins with (0: none)."""
+    longest = 0
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:size]):
+                longest = size
+                break
+    return longest
+
+
+def open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
     """An onnxruntime CPU session.
 
     Spinning is off by default: onnxruntime's idle intra-op threads otherwise busy-wait after
@@ -425,6 +724,12 @@ def _record_input(record: dict[str, Any], source: str, number: int, fields: Inpu
 
 
 def _read_jsonl(stream: TextIO, source: str, fields: InputFields = ANY_FIELDS) -> Iterator[tuple[int, TextInput]]:
+    for number, record in _jsonl_records(stream, source, fields):
+        yield number, _record_input(record, source, number, fields)
+
+
+def _jsonl_records(stream: TextIO, source: str, fields: InputFields) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; a bare string is the text field's value."""
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
@@ -436,7 +741,35 @@ def _read_jsonl(stream: TextIO, source: str, fields: InputFields = ANY_FIELDS) -
             record = {fields.text[0]: record}
         if not isinstance(record, dict):
             raise DataError(f"{source}: line {number}: expected a JSON object or string, got {type(record).__name__}")
-        yield number, _record_input(record, source, number, fields)
+        yield number, record
+
+
+MESSAGES_FIELD = "messages"
+"""The JSONL field of a chat prompt (a list of {"role", "content"} messages), for a generating model."""
+
+
+def read_prompts(
+    stream: TextIO, fmt: str, source: str, fields: InputFields = ANY_FIELDS
+) -> Iterator[tuple[int, Prompt]]:
+    """Yield (line number, prompt) from a CSV, TSV or JSONL stream, lazily, for a model that
+    generates: the text field (`fields.text`, first `prompt` for a causal LM bundle), or in JSONL a
+    chat conversation in `messages`.
+
+    Raises:
+        DataError: a malformed line or prompt, naming `source` and the line number.
+    """
+    if fmt != "jsonl":
+        yield from read_inputs(stream, fmt, source, fields)
+        return
+    for number, record in _jsonl_records(stream, source, fields):
+        messages = record.get(MESSAGES_FIELD)
+        if messages is not None:
+            yield number, check_messages(messages, f"{source}: line {number}: {MESSAGES_FIELD!r}")
+        elif any(name in record for name in fields.text):
+            yield number, _record_input(record, source, number, InputFields(fields.text, ()))
+        else:
+            raise DataError(f"{source}: line {number}: no prompt; expected a {fields.text[0]!r} string or "
+                            f"{MESSAGES_FIELD!r} (a list of {{\"role\", \"content\"}} messages)")
 
 
 def _read_delimited(

@@ -433,7 +433,7 @@ def _train_and_save(
     `stream`: the training file's StreamCache under --streaming (then `splits.train` is None).
     `unlabeled`: --unlabeled_file's examples, for the self-training of --few_shot or for --teacher_model to label.
     """
-    from tfsft.evaluation import keras_scores, predict_logits, task_metrics, write_evaluation
+    from tfsft.evaluation import keras_scores, predict_logits, score_model, task_metrics, write_evaluation
     from tfsft.lora import LoraSettings, apply_lora, parameter_counts, save_adapter
     from tfsft.modeling import build_classifier, feature_names, save_pretrained
     from tfsft.streaming import StreamingData
@@ -530,6 +530,8 @@ def _train_and_save(
 
     few_shot_report: dict[str, Any] = {}
     history, epochs_run, seconds = [], 0, 0.0
+    with stage("evaluation"):
+        initial_metrics = spec.before_training(model, validation_data, validation_reference)
     with stage("training"):
         if few_shot:
             from tfsft.few_shot import few_shot_train
@@ -560,21 +562,24 @@ def _train_and_save(
             )
         record_validation(partial, splits.validation)
     with stage("evaluation"):
-        logits = predict_logits(model, validation_data)
-        metrics, report = task_metrics(task, validation_reference, logits, label_map, "eval", decision)
+        metrics, report = score_model(task, model, validation_data, validation_reference, label_map, "eval", decision, config.data)
         write_evaluation(partial, metrics, report, "eval")
         if splits.test is not None:
             test_data = eval_data(splits.test, labels["test"])
-            test_logits = predict_logits(model, test_data)
             decided = report.get("decision")
             test_reference = reference(splits.test)
-            test_metrics, test_report = task_metrics(task, test_reference, test_logits, label_map, "test", decided)
+            test_metrics, test_report = score_model(
+                task, model, test_data, test_reference, label_map, "test", decided, config.data
+            )
             write_evaluation(partial, test_metrics, test_report, "test")
             metrics.update(test_metrics)
     losses = [row["loss"] for row in history if "loss" in row]
+    train_tokens = None if stream is not None else int(train_data.encoded.lengths.sum())
     metrics.update(
+        **initial_metrics,
         train_runtime_s=round(seconds, 3),
         train_examples_per_s=round(train_samples * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
+        train_tokens_per_s=round(train_tokens * epochs_run / max(seconds, 1e-9), 1) if epochs_run and train_tokens else None,
         train_samples=train_samples,
         train_loss_first_epoch=float(losses[0]) if losses else None,
         train_loss_last_epoch=float(losses[-1]) if losses else None,
@@ -660,7 +665,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     labels = encode_labels(task, label_map, examples, config.data.label_delimiter)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
-    from tfsft.evaluation import predict_logits, task_metrics, write_evaluation
+    from tfsft.evaluation import score_model, write_evaluation
     from tfsft.lora import load_run_model
     from tfsft.modeling import feature_names
 
@@ -672,7 +677,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
         shuffle=False, pad_id=encoder.pad_id, feature_names=feature_names(model),
     )
     decision = artifacts.read_decision(run)
-    metrics, report = task_metrics(task, reference, predict_logits(model, data), label_map, "eval", decision)
+    metrics, report = score_model(task, model, data, reference, label_map, "eval", decision, config.data)
     report["data_file"] = str(file)
     evaluations = run / EVALUATIONS_DIR
     name = Path(file).stem.lstrip(".") or "data"  # never "..": that would be the run itself

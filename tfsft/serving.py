@@ -13,6 +13,12 @@ of longer texts get their own call in the thread pool (`Batching.max_input_chars
 model's arithmetic, not the per-call overhead, bounds a CPU. bench/serve_load.py measures the
 modes against each other and against the in-process ceiling; /metrics shows the batch sizes
 that actually form.
+
+A bundle whose task generates (a decoder LM) is served by POST /generate instead: each request
+is one `Predictor.generate` call in the thread pool (its prompts batched together), or with
+`"stream": true` a server-sent event stream of the text as tokens come. Generation requests are
+not micro-batched: a decoder's steps already batch a request's prompts, and rows of different
+requests would wait for each other's prefill and longest continuation.
 """
 
 from __future__ import annotations
@@ -32,13 +38,22 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tfsft.errors import ConfigError, TfsftError
-from tfsft.inference import AnyPrediction, PrecisionChoice, Predictor, TextInput, choose_precision
+from tfsft.errors import ConfigError, DataError, TfsftError
+from tfsft.inference import (
+    AnyPrediction,
+    Generation,
+    PrecisionChoice,
+    Predictor,
+    PromptError,
+    TextInput,
+    choose_precision,
+)
+from tfsft.tasks.causal_lm import check_messages
 from tfsft.tasks import TASKS
 
 
@@ -391,6 +406,8 @@ def parse_payload(body: bytes, limits: Limits) -> dict[str, Any]:
 def parse_inputs(payload: dict[str, Any], limits: Limits, task: Optional[str] = None) -> list[Any]:
     """The inputs of a parsed /predict body (see `parse_request`)."""
     keys = [key for key in INPUT_KEYS if key in payload]
+    if task is not None and TASKS[task].generates:
+        _check_kind(task, keys[0] if keys else INPUT_KEYS[0])
     if len(keys) != 1:
         raise RequestError('body must have exactly one of the fields "texts", "pairs" or "questions"')
     key = keys[0]
@@ -454,7 +471,7 @@ class _Served:
 
 def _model_metadata(predictor: Predictor, precision: Optional[PrecisionChoice]) -> dict[str, Any]:
     bundle = predictor.bundle
-    return {
+    metadata = {
         "task": bundle.task,
         "labels": list(predictor.labels),
         "model": bundle.metadata.get("model_name"),
@@ -464,6 +481,124 @@ def _model_metadata(predictor: Predictor, precision: Optional[PrecisionChoice]) 
         "max_seq_length": bundle.max_seq_length,
         "export_report": bundle.report(),
     }
+    if predictor.generates:
+        metadata["generation"] = {
+            "endpoint": "/generate", "max_new_tokens": predictor.max_new_tokens, "temperature": 0.0, "top_p": 1.0,
+            "eos_token_ids": list(predictor.prompt_format.eos_token_ids),
+            "chat_template": predictor.prompt_format.chat_template is not None,
+        }
+    return metadata
+
+
+# ---------------------------------------------------------------------------------- /generate
+
+GENERATE_FIELDS = ("prompts", "max_new_tokens", "temperature", "top_p", "stop", "seed", "stream")
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A checked /generate body: the prompts, the `Predictor.generate` keyword arguments, and
+    whether to stream (one prompt only)."""
+
+    prompts: list[Any]
+    settings: dict[str, Any]
+    stream: bool
+
+
+def parse_generate(payload: dict[str, Any], limits: Limits) -> GenerateRequest:
+    """The prompts and settings of a parsed /generate body.
+
+    Raises:
+        RequestError: naming the offending field, or the prompt's index.
+    """
+    unknown = sorted(set(payload) - {*GENERATE_FIELDS, ADAPTER_KEY})
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown[:5]}: a /generate body takes {list(GENERATE_FIELDS)}")
+    prompts = payload.get("prompts")
+    if not isinstance(prompts, list):
+        raise RequestError('"prompts" must be a list of strings or of chat conversations '
+                           f'([{{"role": ..., "content": ...}}]). Received: {type(prompts).__name__}')
+    if not prompts:
+        raise RequestError('"prompts" is empty; send at least one prompt')
+    if len(prompts) > limits.max_texts:
+        raise RequestError(f'"prompts" holds {len(prompts)} prompts; at most {limits.max_texts} per request', 413)
+    checked = [_check_prompt(index, prompt, limits) for index, prompt in enumerate(prompts)]
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f'"stream" must be true or false. Received: {stream!r:.40}')
+    if stream and len(checked) != 1:
+        raise RequestError(f'"stream": true takes exactly one prompt. Received: {len(checked)} prompts')
+    return GenerateRequest(checked, _generate_settings(payload), stream)
+
+
+def _check_prompt(index: int, prompt: Any, limits: Limits) -> Any:
+    where = f'"prompts"[{index}]'
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list):
+        try:
+            prompt = check_messages(prompt, where)
+        except DataError as error:
+            raise RequestError(str(error)) from None
+        text = "".join(message["content"] for message in prompt)
+    else:
+        raise RequestError(f'{where} must be a string or a list of {{"role", "content"}} messages. '
+                           f"Received: {type(prompt).__name__}")
+    if isinstance(prompt, str) and not text.strip():
+        raise RequestError(f"{where} is empty")
+    if len(text) > limits.max_chars:
+        raise RequestError(f"{where} has {len(text)} characters; at most {limits.max_chars}", 413)
+    return prompt
+
+
+def _generate_settings(payload: dict[str, Any]) -> dict[str, Any]:
+    """`Predictor.generate`'s keyword arguments from the body's fields, each type-checked."""
+    settings: dict[str, Any] = {}
+    new = payload.get("max_new_tokens")
+    if new is not None:
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+            raise RequestError(f'"max_new_tokens" must be a positive integer. Received: {new!r:.40}')
+        settings["max_new_tokens"] = new
+    for name, low, high in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0)):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high or (name == "top_p" and value == 0):
+            expected = "a number >= 0 (0: greedy)" if name == "temperature" else "a number in (0, 1]"
+            raise RequestError(f'"{name}" must be {expected}. Received: {value!r:.40}')
+        settings[name] = float(value)
+    stop = payload.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS:
+            raise RequestError(f'"stop" must be a string or a list of at most {MAX_STOP_STRINGS} strings. '
+                               f"Received: {stop!r:.60}")
+        for index, value in enumerate(stops):
+            if not isinstance(value, str) or not value:
+                raise RequestError(f'"stop"[{index}] must be a non-empty string. Received: {value!r:.40}')
+        settings["stop"] = tuple(stops)
+    seed = payload.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise RequestError(f'"seed" must be an integer >= 0 or null. Received: {seed!r:.40}')
+        settings["seed"] = seed
+    return settings
+
+
+def _generation_error(error: TfsftError) -> RequestError:
+    """A request the model cannot take (a prompt too long for it, too many new tokens) as a 400."""
+    if isinstance(error, PromptError):
+        return RequestError(f'"prompts"[{error.index}] {error.detail}')
+    return RequestError(" ".join(str(error).split()))
+
+
+def _sse(event: Any) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
 
 
 def create_app(
@@ -473,7 +608,8 @@ def create_app(
     metrics: Optional[ServerMetrics] = None,
     precision: Optional[PrecisionChoice | dict[str, PrecisionChoice]] = None,
 ) -> Starlette:
-    """The ASGI app: POST /predict, GET /health, GET /metadata, GET /metrics.
+    """The ASGI app: POST /predict (or POST /generate for a model that generates), GET /health,
+    GET /metadata, GET /metrics.
 
     `predictor`: one Predictor, or several by name (LoRA adapters of one base, say, each a merged
     bundle): a request then names its model in "adapter" (optional when only one is served), and
@@ -490,7 +626,7 @@ def create_app(
     choices = precision if isinstance(precision, dict) else {name: precision for name in predictors}
     served = {
         name: _Served(
-            model, MicroBatcher(model, batching, metrics) if batching is not None else None,
+            model, MicroBatcher(model, batching, metrics) if batching is not None and not model.generates else None,
             _model_metadata(model, choices.get(name)),
         )
         for name, model in predictors.items()
@@ -524,21 +660,27 @@ def create_app(
         metrics.observe_call(len(inputs), 1)
         return predictions
 
+    def refuse(error: RequestError) -> JSONResponse:
+        if error.refused:
+            metrics.refused.labels(error.refused).inc()
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    def at_capacity() -> JSONResponse:
+        metrics.refused.labels("queue_full").inc()
+        return JSONResponse(
+            {"error": f"the server is at capacity ({in_flight.count} of at most {limits.max_queued_texts} inputs "
+                      f"queued or computing); retry in {RETRY_AFTER_S} s"},
+            status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
     async def predict(request: Request) -> JSONResponse:
         try:
             payload = parse_payload(await read_body(request, limits), limits)
             entry = choose(payload)
             inputs = parse_inputs(payload, limits, entry.predictor.bundle.task)
         except RequestError as error:
-            if error.refused:
-                metrics.refused.labels(error.refused).inc()
-            return JSONResponse({"error": str(error)}, status_code=error.status)
+            return refuse(error)
         if not in_flight.admit(len(inputs)):
-            metrics.refused.labels("queue_full").inc()
-            return JSONResponse(
-                {"error": f"the server is at capacity ({in_flight.count} of at most {limits.max_queued_texts} inputs "
-                          f"queued or computing); retry in {RETRY_AFTER_S} s"},
-                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return at_capacity()
         batcher = entry.batcher
         batch_it = batcher is not None and batcher.batching.batches(inputs)
         # The work is its own task, shielded from the timeout: it ends (and leaves the count) only
@@ -554,6 +696,69 @@ def create_app(
         except (TfsftError, ValueError) as error:
             return JSONResponse({"error": " ".join(str(error).split())}, status_code=500)
         return JSONResponse({"predictions": [p.to_dict() for p in predictions]})
+
+    async def generate(request: Request) -> Response:
+        """POST /generate: the continuation of each prompt, or (stream) server-sent events."""
+        try:
+            payload = parse_payload(await read_body(request, limits), limits)
+            entry = choose(payload)
+            if not entry.predictor.generates:
+                raise RequestError(f"this {entry.predictor.bundle.task} model does not generate text: POST /predict "
+                                   '{"texts": ["..."]}')
+            parsed = parse_generate(payload, limits)
+        except RequestError as error:
+            return refuse(error)
+        if not in_flight.admit(len(parsed.prompts)):
+            return at_capacity()
+        if parsed.stream:
+            return await stream_generation(entry.predictor, parsed)
+        work = asyncio.ensure_future(run_in_threadpool(entry.predictor.generate, parsed.prompts, **parsed.settings))
+        work.add_done_callback(functools.partial(in_flight.release, len(parsed.prompts)))
+        try:
+            generations = await asyncio.wait_for(asyncio.shield(work), limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.refused.labels("timeout").inc()
+            return JSONResponse({"error": f"no generation within {limits.request_timeout_s:g} s (request_timeout_s): "
+                                          "the server is overloaded or stalled"}, status_code=504)
+        except (DataError, ConfigError) as error:
+            return refuse(_generation_error(error))
+        except (TfsftError, ValueError) as error:
+            return JSONResponse({"error": " ".join(str(error).split())}, status_code=500)
+        metrics.observe_call(len(parsed.prompts), 1)
+        return JSONResponse({"generations": [{"text": g.text, "finish_reason": g.finish_reason} for g in generations]})
+
+    async def stream_generation(predictor: Predictor, parsed: GenerateRequest) -> Response:
+        """An event stream of one prompt's text as it is generated: `{"text": piece}` events,
+        then `{"finish_reason", "text"}` (the whole text) and `[DONE]`. The prompt is checked
+        before the stream starts (a 400 then); a failure after that is an `{"error"}` event. The
+        request timeout does not apply: a stream sends as it goes."""
+        try:
+            events = await run_in_threadpool(predictor.stream, parsed.prompts[0], **parsed.settings)
+        except (DataError, ConfigError) as error:
+            in_flight.release(1)
+            return refuse(_generation_error(error))
+        except BaseException:
+            in_flight.release(1)
+            raise
+        return StreamingResponse(sse_events(events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def sse_events(events: Any) -> AsyncIterator[str]:
+        """The stream's events; each step runs in the thread pool, and the count of texts in flight
+        drops when the stream ends, however it ends (a client that goes away included)."""
+        try:
+            async for event in iterate_in_threadpool(events):
+                if isinstance(event, Generation):
+                    yield _sse({"finish_reason": event.finish_reason, "text": event.text})
+                else:
+                    yield _sse({"text": event})
+            metrics.observe_call(1, 1)
+            yield SSE_DONE
+        except (TfsftError, ValueError) as error:
+            yield _sse({"error": " ".join(str(error).split())})
+        finally:
+            events.close()
+            in_flight.release(1)
 
     async def health(request: Request) -> JSONResponse:
         if not all(batcher.healthy for batcher in batchers):
@@ -595,6 +800,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/predict", instrumented("/predict", predict), methods=["POST"]),
+            Route("/generate", instrumented("/generate", generate), methods=["POST"]),
             Route("/health", instrumented("/health", health), methods=["GET"]),
             Route("/metadata", instrumented("/metadata", meta), methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),

@@ -59,6 +59,8 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.pad_id = _pad_id(tokenizer)  # before its padding settings, which may name it, are turned off
+        self.prompt_format = None
+        """How a decoder's prompts become tokens (`tfsft.tasks.causal_lm.PromptFormat`); set from a checkpoint's tokenizer."""
         self.word_tokenizer = _word_tokenizer(tokenizer)
         for backend in {id(tokenizer): tokenizer, id(self.word_tokenizer): self.word_tokenizer}.values():
             backend.no_padding()

@@ -5,7 +5,10 @@ Predictions are written in input order as they are computed (JSONL objects with 
 read from the columns the run trained on, as its config.json in the bundle records them, else
 from `text`/`sentence`/... (and `text_pair`/`sentence2`/...); --text_column and
 --text_pair_column choose others. A question-answering bundle reads `question` and `context` and
-writes `answer`, `start`, `end` (character offsets into the context) and `score`.
+writes `answer`, `start`, `end` (character offsets into the context) and `score`. A bundle of a
+model that generates text (--task causal_lm) reads a `prompt` field or column (or, in JSONL, chat
+`messages`) and writes `generated` and `finish_reason` (CSV: a `generated` column), continuing
+each prompt greedily by up to --max_new_tokens tokens.
 """
 
 from __future__ import annotations
@@ -37,15 +40,31 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              "only that).")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--num_threads", type=positive_int, default=None, help="onnxruntime intra-op threads.")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=None,
+                        help="A model that generates text: the most tokens added to each prompt "
+                             "(default: the bundle's).")
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from tfsft.inference import InputFields, Predictor, chunked, csv_header, format_csv_row, input_format, read_inputs
+    from tfsft.errors import ConfigError
+    from tfsft.inference import (
+        InputFields,
+        Predictor,
+        chunked,
+        csv_header,
+        format_csv_row,
+        input_format,
+        read_inputs,
+        read_prompts,
+    )
 
     predictor = Predictor(args.bundle, int8=args.int8, batch_size=args.batch_size, num_threads=args.num_threads)
+    if args.max_new_tokens is not None and not predictor.generates:
+        raise ConfigError(f"--max_new_tokens applies to a model that generates text; this bundle's task is "
+                          f"{predictor.bundle.task}. Received: max_new_tokens={args.max_new_tokens}")
     fields = InputFields.for_bundle(predictor.bundle, args.text_column, args.text_pair_column)
     fmt = args.input_format or input_format(args.input)
     with ExitStack() as stack:
@@ -55,8 +74,10 @@ def run(args: argparse.Namespace) -> None:
         progress = stack.enter_context(tqdm(unit=" texts", disable=args.input == "-", file=sys.stderr))
         if args.output_format == "csv":
             out.write(csv_header(predictor.labels, predictor.bundle.task))
-        for chunk in chunked(read_inputs(source, fmt, name, fields), CHUNK):
-            for prediction in predictor.predict([text for _, text in chunk]):
+        read = read_prompts if predictor.generates else read_inputs
+        size = args.batch_size if predictor.generates else CHUNK  # generations are written as each batch ends
+        for chunk in chunked(read(source, fmt, name, fields), size):
+            for prediction in predictions(predictor, chunk, name, args.max_new_tokens):
                 if args.output_format == "csv":
                     out.write(format_csv_row(prediction, predictor.labels))
                 else:
@@ -64,3 +85,17 @@ def run(args: argparse.Namespace) -> None:
             out.flush()
             progress.update(len(chunk))
 
+
+def predictions(predictor, chunk: list, source: str, max_new_tokens: int | None) -> list:
+    """The predictions of one chunk of (line number, input); a prompt the model cannot take is an
+    error naming its line."""
+    from tfsft.errors import DataError
+    from tfsft.inference import PromptError
+
+    inputs = [item for _, item in chunk]
+    if not predictor.generates:
+        return predictor.predict(inputs)
+    try:
+        return predictor.generate(inputs, max_new_tokens=max_new_tokens)
+    except PromptError as error:
+        raise DataError(f"{source}: line {chunk[error.index][0]}: the prompt {error.detail}") from None

@@ -55,6 +55,8 @@ class Task:
     """--streaming can read its training file."""
     windowed: ClassVar[bool] = False
     """An example becomes several model inputs (windows): metrics.json counts them."""
+    generates: ClassVar[bool] = False
+    """A decoder language model: it generates text (exported with a key/value cache, served by /generate)."""
     input_fields: ClassVar[Optional[tuple[str, str]]] = None
     """The (text, pair) fields every input record of predict.py has, whatever the run's columns were."""
 
@@ -116,6 +118,19 @@ class Task:
         """(metrics keyed `{prefix}_<name>`, report). `decision`: settings fixed by the user or chosen
         on validation (a threshold); a report's "decision" is what the test set and bundle must use."""
         raise NotImplementedError
+
+    def before_training(self, model: Any, data: Any, reference: Any) -> dict[str, float]:
+        """Metrics of the model as loaded, before any training (metrics.json keeps them)."""
+        return {}
+
+    def score(
+        self, model: Any, data: Any, reference: Any, label_map: "LabelMap", prefix: str, decision: dict[str, Any],
+        settings: "DataConfig",
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """(metrics, report) of a Keras model on encoded data: by default its logits through `metrics`."""
+        from tfsft.evaluation import predict_logits
+
+        return self.metrics(reference, predict_logits(model, data), label_map, prefix, decision)
 
     def agreement(
         self, candidate: np.ndarray, reference: np.ndarray, tolerance: float, threshold: Optional[float],
