@@ -1167,14 +1167,19 @@ def export_bundle(
             del model
         report["stages"] = monitor.report()
         report["peak_rss_mb"] = round(monitor.peak_rss / memory.MB, 1)
-        shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
-        artifacts.save_config(config, work)
-        artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
-        os.chmod(work, 0o755)
-        artifacts.publish_dir(work, run_dir / artifacts.ONNX_DIR)
+        publish_bundle(work, run_dir, config, report, tokenizer_file)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def publish_bundle(work: Path, run_dir: Path, config: RunConfig, report: dict[str, Any], tokenizer_file: Path) -> None:
+    """Complete the bundle built in `work` (tokenizer, config, report) and rename it into `run_dir/onnx`."""
+    shutil.copy(tokenizer_file, work / artifacts.BUNDLE_TOKENIZER)
+    artifacts.save_config(config, work)
+    artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
+    os.chmod(work, 0o755)
+    artifacts.publish_dir(work, run_dir / artifacts.ONNX_DIR)
 
 
 def wants_external_data(mode: str, weight_bytes: int) -> bool:

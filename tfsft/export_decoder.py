@@ -32,6 +32,7 @@ from tfsft.export import (
     _FrozenGraph,
     _register_erfc_handler,
     _save_graph,
+    publish_bundle,
     quantize_int8,
     save_onnx,
 )
@@ -601,7 +602,6 @@ def export_decoder_bundle(model, run_dir: str | os.PathLike, validation: Any, co
     """Export a fine-tuned causal LM run to `run_dir/onnx/`: the decoder with its cache (and int8
     when the run's variants ask for it), its tokenizer and prompt format, and the report of the
     parity gate on validation prompts. Nothing is published unless the fp32 decoder passes."""
-    import json as _json
     import shutil
     import time
 
@@ -637,12 +637,8 @@ def export_decoder_bundle(model, run_dir: str | os.PathLike, validation: Any, co
             "files": files, "decision": {}, "prompt_format": prompt_format.to_dict(),
             **get_task(config.model.task).bundle_settings(config.data),
         }
-        shutil.copy(model_dir / artifacts.BUNDLE_TOKENIZER, work / artifacts.BUNDLE_TOKENIZER)
-        artifacts.write_text(work / artifacts.BUNDLE_FILE, _json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
-        artifacts.save_config(config, work)
-        artifacts.write_json(work / artifacts.BUNDLE_REPORT, report)
-        os.chmod(work, 0o755)
-        artifacts.publish_dir(work, run_dir / artifacts.ONNX_DIR)
+        artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
+        publish_bundle(work, run_dir, config, report, model_dir / artifacts.BUNDLE_TOKENIZER)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
