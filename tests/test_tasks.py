@@ -641,7 +641,7 @@ def test_every_task_defines_each_stage():
     the Predictor answers; its best-model metrics include the loss (a language model's first)."""
     from tfsft.tasks import TASKS, Task
 
-    assert list(TASKS) == ["classification", "regression", "multilabel", "ner", "qa", "causal_lm"]
+    assert list(TASKS) == ["classification", "regression", "multilabel", "ner", "qa", "causal_lm", "seq2seq"]
     for name, task in TASKS.items():
         assert task.name == name and task.summary, name
         for method in ("label_map", "encode_labels", "objective", "metrics"):

@@ -186,11 +186,15 @@ class DataConfig:
         "--task causal_lm: chat records instead: a list of {\"role\", \"content\"} messages ending with the "
         "assistant's reply, rendered with the tokenizer's chat template.",
     )
+    source_column: str = _field("source", "--task seq2seq: the source column (what the encoder reads).")
+    target_column: str = _field("target", "--task seq2seq: the target column (what the decoder learns to write).")
+    source_prefix: str = _field("", "--task seq2seq: text put before every source (T5: 'translate English to German: ').")
+    max_target_length: int = _field(128, "--task seq2seq: most target tokens trained on; longer targets are truncated.")
     max_new_tokens: int = _field(
-        64, "--task causal_lm: most tokens generated per validation prompt, and the bundle's default for serving."
+        64, "--task causal_lm/seq2seq: most tokens generated per validation prompt, and the bundle's default for serving."
     )
     max_generate_samples: int = _field(
-        32, "--task causal_lm: validation prompts generated (greedy) and scored against their completions; 0: none."
+        32, "--task causal_lm/seq2seq: validation prompts generated (greedy) and scored against their references; 0: none."
     )
     streaming: bool = _field(
         False,
@@ -216,6 +220,7 @@ class DataConfig:
         _require(self.max_answer_length >= 1, "max_answer_length", self.max_answer_length, "a positive integer")
         _require(self.n_best_size >= 1, "n_best_size", self.n_best_size, "a positive integer")
         _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "a positive integer")
+        _require(self.max_target_length >= 1, "max_target_length", self.max_target_length, "a positive integer")
         _require(self.max_generate_samples >= 0, "max_generate_samples", self.max_generate_samples, "a non-negative integer")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples", "max_unlabeled_samples"):
             value = getattr(self, name)

@@ -750,6 +750,9 @@ class LengthBatchedData:
         labels = self.labels[indices]
         if labels.dtype != object:
             return labels
+        longest = max(len(values) for values in labels)  # a seq2seq target may outgrow its source
+        if longest > width:
+            width = -(-longest // self.pad_multiple) * self.pad_multiple
         out = np.full((len(indices), width), IGNORED_LABEL, dtype=np.int32)
         for row, values in enumerate(labels):
             out[row, : len(values)] = values

@@ -40,11 +40,52 @@ def token_nll(model, data: LengthBatchedData) -> tuple[float, int]:
         weights = tf.cast(mask, tf.float32)
         return tf.reduce_sum(losses * weights), tf.reduce_sum(weights)
 
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     total, count = 0.0, 0.0
     for features, labels in data:
+        if encoder_decoder:  # the decoder reads the labels shifted right (teacher forcing)
+            features = dict(features, labels=labels)
         nll, tokens = step(features, tf.constant(labels, tf.int32))
         total, count = total + float(nll), count + float(tokens)
     return total, int(count)
+
+
+def greedy_config(model, max_new_tokens: int, eos_token_ids: Sequence[int] | int | None, pad_token_id: int):
+    """A generation config holding nothing but greedy search (one beam; eos, pad and the start token;
+    the single tokens the checkpoint bans): what ONNX generation computes. A checkpoint's own config
+    may add beams, length penalties, forced tokens or n-gram bans, which serving never applies. An
+    eos of None means no eos (TF generation would read None as the model's own, so it is set here)."""
+    from transformers import GenerationConfig
+
+    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or ())
+    own = model.generation_config
+    banned = [words[0] for words in (getattr(own, "bad_words_ids", None) or []) if len(words) == 1]
+    banned += list(getattr(own, "suppress_tokens", None) or [])
+    start = getattr(own, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None, pad_token_id=pad_token_id,
+        decoder_start_token_id=start, bad_words_ids=[[int(t)] for t in sorted(set(banned))] or None,
+    )
+
+
+def _generate(model, ids: np.ndarray, mask: np.ndarray, settings) -> np.ndarray:
+    """Keras' `generate` with `settings` standing in for the model's own generation config."""
+    from tfsft.modeling import quiet_transformers
+
+    saved, model.generation_config = model.generation_config, settings
+    try:
+        with quiet_transformers():
+            out = model.generate(tf.constant(ids, tf.int32), attention_mask=tf.constant(mask, tf.int32),
+                                 generation_config=settings)
+    finally:
+        model.generation_config = saved
+    return np.asarray(out)
+
+
+def _until_eos(rows: list[list[int]], eos: Sequence[int]) -> list[list[int]]:
+    return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
 
 
 def keras_generate(
@@ -52,33 +93,35 @@ def keras_generate(
     pad_token_id: int, batch_size: int = 8,
 ) -> list[list[int]]:
     """Keras' own greedy `generate` on `prompts` (token ids), left-padded in batches: each row's new
-    tokens, up to and without an eos.
-
-    TF greedy search reads an eos of None as "the model's own eos" (`model.generation_config`, not
-    the config passed), so for the call the model's generation config is replaced by a copy holding
-    the eos as given: None or () then means no eos.
-    """
-    import copy
-
+    tokens, up to and without an eos (`greedy_config`)."""
     from tfsft.generation import left_padded
-    from tfsft.modeling import quiet_transformers
 
-    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or ())
-    settings = copy.deepcopy(model.generation_config)
-    settings.eos_token_id, settings.pad_token_id = (eos or None), pad_token_id
-    settings.do_sample, settings.max_new_tokens, settings.max_length = False, max_new_tokens, None
-    saved, model.generation_config = model.generation_config, settings
+    settings = greedy_config(model, max_new_tokens, eos_token_ids, pad_token_id)
     rows: list[list[int]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            ids, mask, _ = left_padded(prompts[start:start + batch_size], pad_token_id)
-            with quiet_transformers():
-                out = model.generate(tf.constant(ids, tf.int32), attention_mask=tf.constant(mask, tf.int32),
-                                     generation_config=settings)
-            rows.extend([int(t) for t in row] for row in np.asarray(out)[:, ids.shape[1]:])
-    finally:
-        model.generation_config = saved
-    return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+    for start in range(0, len(prompts), batch_size):
+        ids, mask, _ = left_padded(prompts[start:start + batch_size], pad_token_id)
+        rows.extend([int(t) for t in row] for row in _generate(model, ids, mask, settings)[:, ids.shape[1]:])
+    return _until_eos(rows, settings.eos_token_id or ())
+
+
+def keras_seq2seq_generate(
+    model, sources: Sequence[Sequence[int]], max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """Keras' own greedy `generate` of an encoder-decoder on `sources` (token ids, right-padded: absolute
+    encoder positions, as BART has, start at each source's first token): each row's new tokens,
+    without the decoder start token and up to and without an eos (`greedy_config`)."""
+    settings = greedy_config(model, max_new_tokens, eos_token_ids, pad_token_id)
+    rows: list[list[int]] = []
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = np.full((len(chunk), width), pad_token_id, dtype=np.int32)
+        mask = np.zeros((len(chunk), width), dtype=np.int32)
+        for row, source in enumerate(chunk):
+            ids[row, : len(source)], mask[row, : len(source)] = source, 1
+        rows.extend([int(t) for t in row[1:]] for row in _generate(model, ids, mask, settings))
+    return _until_eos(rows, settings.eos_token_id or ())
 
 
 def score_model(

@@ -1143,7 +1143,12 @@ def export_bundle(
     config = artifacts.read_config(run_dir)
     if settings is not None:
         config = dataclasses.replace(config, export=settings)
-    if get_task(config.model.task).generates:
+    task = get_task(config.model.task)
+    if task.generates and task.encoder_decoder:
+        from tfsft.export_seq2seq import export_seq2seq_bundle
+
+        return export_seq2seq_bundle(model, run_dir, [config.data.source_prefix + s for s in validation_data[0].prompts], config)
+    if task.generates:
         from tfsft.export_decoder import export_decoder_bundle
 
         return export_decoder_bundle(model, run_dir, validation_data[0], config)

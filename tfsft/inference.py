@@ -4,7 +4,8 @@ A server or batch job imports this module without paying for (or depending on) T
 transformers. Texts are tokenized by `tfsft.tokenize`, the same code training used, sorted by
 length and padded per batch, so short texts never pay for the longest one. A bundle of a task
 that generates (a decoder LM) continues prompts instead (`Predictor.generate`, `Predictor.stream`),
-over `tfsft.generation`'s key/value-cache loop.
+over `tfsft.generation`'s key/value-cache loop; a seq2seq bundle (an encoder and a decoder) generates
+each source's target the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tfsft.tasks.regression import Score
 from tfsft.tokenize import EncodedTexts, TextEncoder, pad_batch, split_into_calls
 
 if TYPE_CHECKING:
-    from tfsft.generation import DecoderSession, Step, StopCheck
+    from tfsft.generation import DecoderSession, Seq2SeqSession, Step, StopCheck
 
 TextInput = Union[str, Sequence[str]]
 """A single text, or a (text, text pair) sequence of two strings."""
@@ -113,15 +114,29 @@ class Bundle:
         return bundle
 
     @property
+    def encoder_decoder(self) -> bool:
+        """A seq2seq bundle: an encoder and a decoder file (`encoder`, `decoder` and their `_int8` copies)."""
+        return TASKS[self.task].encoder_decoder
+
+    @property
     def has_fp32(self) -> bool:
+        if self.encoder_decoder:
+            return "decoder" in self.files
         return "fused" in self.files or "model" in self.files
+
+    @property
+    def has_int8(self) -> bool:
+        return ("decoder_int8" if self.encoder_decoder else "int8") in self.files
 
     def model_path(self, int8: Optional[bool] = None, fused: bool = True) -> Path:
         """The ONNX file to serve: the int8 model (`int8=True`), an fp32 one (`False`: the fused
         model when shipped, unless `fused=False` asks for the plain one), or (`None`) fp32 when
-        the bundle ships one, else int8. A bundle ships what `--export_variants` chose."""
+        the bundle ships one, else int8. A bundle ships what `--export_variants` chose.
+        A seq2seq bundle's is its decoder (`encoder_path` is the encoder of the same precision)."""
         if int8 is None:
             int8 = not self.has_fp32
+        if self.encoder_decoder:
+            return self._seq2seq_path("decoder", int8)
         if int8:
             key = "int8"
         elif fused and "fused" in self.files:
@@ -136,6 +151,23 @@ class Bundle:
             raise ArtifactError(
                 f"{self.directory / artifacts.BUNDLE_FILE}: the bundle has no {what} model (it ships {shipped}); "
                 f"re-export the run with `tfsft export RUN_DIR --export_variants {variant},...`"
+            )
+        return self.directory / self.files[key]
+
+    def encoder_path(self, int8: Optional[bool] = None) -> Path:
+        """A seq2seq bundle's encoder, of the precision `model_path(int8)` gives its decoder."""
+        if not self.encoder_decoder:
+            raise ArtifactError(f"{self.directory / artifacts.BUNDLE_FILE}: a {self.task} bundle has no encoder file")
+        return self._seq2seq_path("encoder", not self.has_fp32 if int8 is None else int8)
+
+    def _seq2seq_path(self, part: str, int8: bool) -> Path:
+        key = f"{part}_int8" if int8 else part
+        if key not in self.files:
+            shipped = ", ".join(sorted(self.files.values())) or "no model"
+            raise ArtifactError(
+                f"{self.directory / artifacts.BUNDLE_FILE}: the bundle has no {'int8' if int8 else 'fp32'} {part} (it "
+                f"ships {shipped}); re-export the run with `tfsft export RUN_DIR --export_variants "
+                f"{'int8' if int8 else 'fp32'},...`"
             )
         return self.directory / self.files[key]
 
@@ -169,7 +201,7 @@ def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice
     score within INT8_MAX_SCORE_DROP of the Keras model's on validation, else fp32)."""
     if requested not in PRECISIONS:
         raise ConfigError(f"Invalid value for --precision: expected one of {list(PRECISIONS)}. Received: precision={requested!r}")
-    has_int8 = "int8" in bundle.files
+    has_int8 = bundle.has_int8
     for name, missing in (("fp32", not bundle.has_fp32), ("int8", not has_int8)):
         if requested == name and missing:
             raise ArtifactError(
@@ -197,7 +229,8 @@ def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice
 
 class Predictor:
     """Classify or score texts or text pairs with an exported bundle, or continue prompts with a
-    bundle whose task generates (`generate`, `stream`). Safe to share between threads.
+    bundle whose task generates (`generate`, `stream`), or for a seq2seq bundle generate each
+    source's target with the same calls. Safe to share between threads.
 
     `onnxruntime.InferenceSession.run` may be called concurrently, and the tokenizer is
     configured once here and only read afterwards, so no lock is needed. `int8`: serve the int8
@@ -224,6 +257,10 @@ class Predictor:
         self.model_path = self.bundle.model_path(int8=int8, fused=fused)
         self.encoder = TextEncoder.from_file(self.bundle.directory / artifacts.BUNDLE_TOKENIZER, self.bundle.max_seq_length)
         self.generates = TASKS[self.bundle.task].generates
+        self.encoder_decoder = TASKS[self.bundle.task].encoder_decoder
+        if self.encoder_decoder:
+            self._open_seq2seq(int8, num_threads, spinning)
+            return
         if self.generates:
             self._open_decoder(num_threads, spinning)
             return
@@ -254,6 +291,34 @@ class Predictor:
         self.max_new_tokens: int = min(default, self.bundle.max_seq_length - 1)
         self.pad_id: int = pad
         self.encoder.tokenizer.no_truncation()
+
+    def _open_seq2seq(self, int8: Optional[bool], num_threads: Optional[int], spinning: bool) -> None:
+        """The encoder and decoder sessions and generation settings of a seq2seq bundle. Sources are
+        truncated to the bundle's max_seq_length, as training truncated them."""
+        from tfsft.generation import Seq2SeqSession
+
+        meta, path = self.bundle.metadata, self.bundle.directory / artifacts.BUNDLE_FILE
+        self.seq2seq: Seq2SeqSession = Seq2SeqSession(self.bundle.encoder_path(int8), self.model_path,
+                                                      num_threads=num_threads, spinning=spinning)
+        self.session = self.seq2seq.session
+        default = meta.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        pad = meta.get("pad_id", self.encoder.pad_id)
+        start = meta.get("decoder_start_token_id", self.seq2seq.decoder_start_token_id)
+        for name, value in (("max_new_tokens", default), ("pad_id", pad), ("decoder_start_token_id", start)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ArtifactError(f"{path}: {name} must be an integer >= 0. Received: {name}={value!r}")
+        token_lists = {name: meta.get(name, []) for name in ("eos_token_ids", "suppress_token_ids")}
+        for name, ids in token_lists.items():
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ArtifactError(f"{path}: {name} must be a list of token ids. Received: {name}={ids!r:.80}")
+        prefix = meta.get("source_prefix", "")
+        if not isinstance(prefix, str):
+            raise ArtifactError(f"{path}: source_prefix must be a string. Received: source_prefix={prefix!r:.80}")
+        self.prompt_format = PromptFormat(eos_token_ids=tuple(token_lists["eos_token_ids"]))
+        limit = self.seq2seq.max_positions
+        self.max_new_tokens = default if limit is None else min(default, limit)
+        self.pad_id, self.decoder_start_token_id, self.source_prefix = pad, start, prefix
+        self.suppress_token_ids: tuple[int, ...] = tuple(token_lists["suppress_token_ids"])
 
     def _check_output_size(self) -> None:
         """Run one tiny batch: catches a label map that does not fit the model, and warms up."""
@@ -359,7 +424,8 @@ class Predictor:
 
         Args:
             prompts: strings, or chat conversations (`[{"role": ..., "content": ...}, ...]`)
-                rendered with the bundle's chat template and its generation prompt.
+                rendered with the bundle's chat template and its generation prompt. For a seq2seq
+                bundle, source texts (`source_ids`: the bundle's source_prefix first).
             max_new_tokens: the most tokens to add (None: the bundle's `max_new_tokens`).
             temperature: 0 is greedy; above 0, sampling (`tfsft.generation.generate`).
             top_p: nucleus sampling's probability mass.
@@ -424,8 +490,15 @@ class Predictor:
 
     def _steps(self, request: "GenerationRequest", prompt_ids: list[list[int]],
                seed: Optional[int]) -> Iterator[list["Step"]]:
-        from tfsft.generation import generate_steps
+        from tfsft.generation import generate_seq2seq_steps, generate_steps
 
+        if self.encoder_decoder:
+            return generate_seq2seq_steps(
+                self.seq2seq, prompt_ids, request.max_new_tokens, eos_token_id=list(self.prompt_format.eos_token_ids),
+                pad_token_id=self.pad_id, temperature=request.temperature, top_p=request.top_p, seed=seed,
+                stop_token_sequences=request.stop_ids, stop_check=self._stop_check(request.stop),
+                suppress_token_ids=list(self.suppress_token_ids), decoder_start_token_id=self.decoder_start_token_id,
+            )
         return generate_steps(
             self.decoder, prompt_ids, request.max_new_tokens, eos_token_id=list(self.prompt_format.eos_token_ids),
             pad_token_id=self.pad_id, temperature=request.temperature, top_p=request.top_p, seed=seed,
@@ -459,15 +532,43 @@ class Predictor:
             raise ConfigError(f"prompts must be a list of prompts. Received: {type(prompts).__name__}")
         new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_settings(new, temperature, top_p, self.pad_id)
+        self._check_new_tokens(new)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ConfigError(f"seed must be an integer or None. Received: seed={seed!r}")
+        stops = _stop_strings(stop)
+        ids = self.source_ids(prompts) if self.encoder_decoder else self.prompt_ids(prompts, new)
+        return GenerationRequest(ids, int(new), float(temperature), float(top_p), stops, self._stop_token_sequences(stops))
+
+    def _check_new_tokens(self, new: int) -> None:
+        """A decoder LM's prompt and new tokens share its max_seq_length; a seq2seq decoder's new
+        tokens have the decoder's positions to themselves (no limit for T5's relative positions)."""
+        if self.encoder_decoder:
+            limit = self.seq2seq.max_positions
+            if limit is not None and new > limit:
+                raise ConfigError(f"max_new_tokens must be at most {limit}: the decoder's positions. "
+                                  f"Received: max_new_tokens={new}")
+            return
         most = self.bundle.max_seq_length - 1
         if new > most:
             raise ConfigError(f"max_new_tokens must be at most {most}: the model's max_seq_length "
                               f"({self.bundle.max_seq_length}) holds the prompt too. Received: max_new_tokens={new}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ConfigError(f"seed must be an integer or None. Received: seed={seed!r}")
-        stops = _stop_strings(stop)
-        return GenerationRequest(self.prompt_ids(prompts, new), int(new), float(temperature), float(top_p), stops,
-                                 self._stop_token_sequences(stops))
+
+    def source_ids(self, sources: Sequence[Any]) -> list[list[int]]:
+        """Each source's token ids for a seq2seq model, as training encoded them: the bundle's
+        source_prefix prepended, the tokenizer's special tokens added, truncated to max_seq_length.
+        Raises PromptError (naming the index) for a source that is not a non-empty string."""
+        texts = []
+        for index, source in enumerate(sources):
+            if not isinstance(source, str):
+                raise PromptError(index, f"is a {type(source).__name__}: a seq2seq model takes a source text (a string)")
+            if not source.strip():
+                raise PromptError(index, "is empty")
+            texts.append(self.source_prefix + source)
+        encoded = [e.ids for e in self.encoder.tokenizer.encode_batch(texts, add_special_tokens=True)] if texts else []
+        for index, ids in enumerate(encoded):
+            if not ids:
+                raise PromptError(index, "has no tokens: expected some text")
+        return [list(ids) for ids in encoded]
 
     def prompt_ids(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[list[int]]:
         """Each prompt's token ids, as training encoded prompts (rendered, the tokenizer's special

@@ -224,8 +224,10 @@ def merge_lora(model) -> int:
             layer.base.trainable = True
             merged[id(layer)] = layer.base
         setattr(owner, attribute, merged[id(layer)])
+    if not merged:
+        return 0
     main = encoder_layer(model)
-    for layer in (main, *main.submodules) if merged else ():
+    for layer in (main, *main.submodules):
         if isinstance(layer, tf.keras.layers.Layer):
             layer.trainable = True
             frozen = vars(layer).pop(FROZEN_WEIGHTS_ATTRIBUTE, None)

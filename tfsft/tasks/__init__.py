@@ -7,10 +7,10 @@ metrics, parity rule, Predictor decoding) and one line below; no stage switches 
 from __future__ import annotations
 
 from tfsft.errors import ConfigError
-from tfsft.tasks import causal_lm, classification, multilabel, ner, qa, regression
+from tfsft.tasks import causal_lm, classification, multilabel, ner, qa, regression, seq2seq
 from tfsft.tasks.base import IGNORED_LABEL, Task
 
-TASKS: dict[str, Task] = {module.TASK.name: module.TASK for module in (classification, regression, multilabel, ner, qa, causal_lm)}
+TASKS: dict[str, Task] = {module.TASK.name: module.TASK for module in (classification, regression, multilabel, ner, qa, causal_lm, seq2seq)}
 """--task name -> its Task, in the order --help lists them."""
 
 

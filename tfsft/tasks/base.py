@@ -57,6 +57,8 @@ class Task:
     """An example becomes several model inputs (windows): metrics.json counts them."""
     generates: ClassVar[bool] = False
     """A decoder language model: it generates text (exported with a key/value cache, served by /generate)."""
+    encoder_decoder: ClassVar[bool] = False
+    """Of the generating tasks, one whose model reads a source with an encoder (seq2seq) instead of continuing a prompt."""
     input_fields: ClassVar[Optional[tuple[str, str]]] = None
     """The (text, pair) fields every input record of predict.py has, whatever the run's columns were."""
 

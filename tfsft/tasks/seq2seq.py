@@ -1,0 +1,211 @@
+"""Sequence-to-sequence fine-tuning (translation, summarisation): source -> target with an
+encoder-decoder (T5, Marian, BART from the Hub, `TFAutoModelForSeq2SeqLM`).
+
+The encoder reads the source (after `--source_prefix`, T5's "translate English to German: "),
+the decoder is trained with teacher forcing on the target: transformers shifts the labels right
+behind the decoder start token and computes the token cross-entropy itself, skipping
+IGNORED_LABEL padding, as its own `run_translation` does. Evaluation: the loss over the target
+tokens, and greedy generations of the first --max_generate_samples sources scored against the
+targets with sacreBLEU's corpus BLEU and chrF (fractions 0..1, as every tfsft metric).
+
+Without TensorFlow: examples are `CausalLMExamples` (sources as prompts, targets as completions),
+so reading, sampling and the validation record are shared with causal_lm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+
+import numpy as np
+
+from tfsft.errors import ConfigError, DataError
+from tfsft.tasks.base import Task, invalid_setting
+from tfsft.tasks.causal_lm import CausalLMExamples, decode_generation, loss_metrics
+
+if TYPE_CHECKING:
+    from tfsft.config import DataConfig
+    from tfsft.data import LabelMap
+
+
+def read_seq2seq_examples(path: str, data: "DataConfig") -> CausalLMExamples:
+    """Source/target examples of a JSONL, CSV or TSV file (`--source_column`, `--target_column`)."""
+    from tfsft.data import read_records
+
+    _, records = read_records(path, data.no_header)
+    return examples_from_records(records, path, data)
+
+
+def examples_from_records(records: Sequence[tuple[int, dict[str, Any]]], source: str, data: "DataConfig") -> CausalLMExamples:
+    sources, targets, rows = [], [], []
+    for number, record in records:
+        where = f"{source}: row {number}"
+        values = []
+        for name in (data.source_column, data.target_column):
+            value = record.get(name)
+            if value is None:
+                raise DataError(f"{where}: no {name!r} field; a seq2seq record has {data.source_column!r} and {data.target_column!r}")
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: {name!r} must be a non-empty string")
+            values.append(value)
+        sources.append(values[0])
+        targets.append(values[1])
+        rows.append(number)
+    if not sources:
+        raise DataError(f"{source}: no examples")
+    return CausalLMExamples(sources, targets, rows, source)
+
+
+@dataclass(frozen=True)
+class TargetReference:
+    """What evaluation scores a seq2seq model against: the examples and the encoded sources."""
+
+    examples: CausalLMExamples
+    source_ids: list[list[int]]
+    eos_token_ids: tuple[int, ...]
+    pad_id: int
+    tokenizer: Any = None
+
+
+def encode_pairs(encoder: Any, examples: CausalLMExamples, data: "DataConfig"):
+    """(sources as EncodedTexts, target ids + eos as per-token labels, TargetReference)."""
+    tokenizer = encoder.tokenizer
+    sources = [data.source_prefix + text for text in examples.prompts]
+    encoded = encoder.encode(sources)
+    tokenizer.enable_truncation(data.max_target_length, strategy="longest_first")
+    try:
+        targets = tokenizer.encode_batch(list(examples.completions), add_special_tokens=True)
+    finally:
+        tokenizer.enable_truncation(encoder.max_length, strategy="longest_first")
+    labels = np.empty(len(targets), dtype=object)
+    labels[:] = [np.asarray(t.ids, dtype=np.int32) for t in targets]
+    prompt_format = getattr(encoder, "prompt_format", None)
+    eos = prompt_format.eos_token_ids if prompt_format is not None else ()
+    reference = TargetReference(examples, [list(map(int, ids)) for ids in encoded.input_ids], tuple(eos), encoder.pad_id, tokenizer)
+    return encoded, labels, reference
+
+
+def corpus_scores(generations: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """sacreBLEU's corpus BLEU (13a tokenisation) and chrF, as fractions of 1."""
+    import sacrebleu
+
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(list(generations), [list(references)]).score) / 100.0,
+        "chrf": float(sacrebleu.corpus_chrf(list(generations), [list(references)]).score) / 100.0,
+    }
+
+
+class SequenceToSequence(Task):
+    name = "seq2seq"
+    summary = "sequence-to-sequence (translation, summarisation): source -> target with an encoder-decoder"
+    best_metrics = ("loss",)
+    keras_metrics = frozenset({"loss"})
+    default_max_seq_length = 256
+    label_counts = (0, 0)
+    sequence_head = False
+    takes_pairs = False
+    needs_train_file = True
+    generates = True
+    encoder_decoder: ClassVar[bool] = True
+
+    def check_data(self, data: "DataConfig") -> None:
+        for name in ("text_pair_column", "label_column", "text_column"):
+            if getattr(data, name) is not None:
+                raise invalid_setting(
+                    name, getattr(data, name), "no value for --task seq2seq (it reads --source_column and --target_column)"
+                )
+
+    def read(self, path: str, data: "DataConfig") -> CausalLMExamples:
+        return read_seq2seq_examples(path, data)
+
+    def hub_splits(self, data: "DataConfig") -> dict[str, Any]:
+        from tfsft.data import _load_hub_dataset
+
+        loaded = _load_hub_dataset(data)
+        return {
+            name: examples_from_records(list(enumerate((dict(row) for row in split), start=1)), f"{data.dataset_name}[{name}]", data)
+            for name, split in loaded.items()
+        }
+
+    def label_map(self, train: Any, delimiter: str) -> "LabelMap":
+        from tfsft.data import LabelMap
+
+        return LabelMap(())
+
+    def encode_labels(self, label_map: "LabelMap", examples: Any, delimiter: str) -> np.ndarray:
+        return np.zeros(len(examples), dtype=np.int64)
+
+    def encode(self, encoder: Any, examples: Any, labels: np.ndarray, data: "DataConfig") -> tuple[Any, np.ndarray, Any]:
+        return encode_pairs(encoder, examples, data)
+
+    def reference_subset(self, reference: TargetReference, rows: np.ndarray) -> TargetReference:
+        return TargetReference(
+            reference.examples.subset(rows.tolist()), [reference.source_ids[i] for i in rows], reference.eos_token_ids,
+            reference.pad_id, reference.tokenizer,
+        )
+
+    def describe(self, label_map: "LabelMap") -> str:
+        return "source/target examples"
+
+    def head_class(self, pooling: str, model_type: str):
+        from transformers import TFAutoModelForSeq2SeqLM
+
+        return TFAutoModelForSeq2SeqLM
+
+    def objective(self) -> tuple[Any, list]:
+        """transformers' own loss: the labels go into the model, which shifts them into decoder inputs."""
+        return "auto", []
+
+    def before_training(self, model: Any, data: Any, reference: Any) -> dict[str, float]:
+        from tfsft.evaluation import token_nll
+
+        nll, tokens = token_nll(model, data)
+        return {"eval_loss_initial": nll / max(tokens, 1)}
+
+    def score(self, model: Any, data: Any, reference: TargetReference, label_map: "LabelMap", prefix: str,
+              decision: dict[str, Any], settings: "DataConfig") -> tuple[dict[str, float], dict[str, Any]]:
+        """Loss over the target tokens, and greedy translations of up to --max_generate_samples
+        sources scored with corpus BLEU and chrF."""
+        from tfsft.evaluation import keras_seq2seq_generate, token_nll
+
+        nll, tokens = token_nll(model, data)
+        metrics = loss_metrics(nll, tokens, prefix)
+        metrics[f"{prefix}_samples"] = len(reference.examples)
+        count = min(len(reference.examples), settings.max_generate_samples)
+        report: dict[str, Any] = {"tokens": tokens}
+        if count:
+            outputs = keras_seq2seq_generate(
+                model, reference.source_ids[:count], settings.max_new_tokens, reference.eos_token_ids, reference.pad_id,
+                batch_size=data.batch_size,
+            )
+            texts = [decode_generation(reference.tokenizer, ids) for ids in outputs]
+            targets = reference.examples.completions[:count]
+            metrics.update({f"{prefix}_{name}": value for name, value in corpus_scores(texts, targets).items()})
+            metrics[f"{prefix}_generated_samples"] = count
+            report["generations"] = [
+                {"source": s, "reference": r, "generation": g}
+                for s, r, g in zip(reference.examples.prompts[:count], targets, texts)
+            ]
+            report["max_new_tokens"] = settings.max_new_tokens
+        return metrics, report
+
+    def metrics(self, reference, logits, label_map, prefix, decision):
+        raise ConfigError("seq2seq scores a model (Task.score), not logits")
+
+    def predict(self, predictor: Any, inputs: Sequence[Any]) -> list[Any]:
+        return predictor.generate(inputs)
+
+    def csv_columns(self, labels: Sequence[str]) -> list[str]:
+        return ["generated"]
+
+    def request_error(self, key: str) -> Optional[str]:
+        return 'a seq2seq model generates text: POST /generate {"prompts": ["source text", ...], "max_new_tokens": N}'
+
+    def bundle_settings(self, data: "DataConfig") -> dict[str, Any]:
+        return {"max_new_tokens": data.max_new_tokens, "source_prefix": data.source_prefix}
+
+    def trained_columns(self, saved: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+        return saved.get("source_column") or "source", None
+
+
+TASK = SequenceToSequence()
