@@ -155,8 +155,8 @@ def test_causal_lm_config_defaults_and_refusals():
 # ------------------------------------------------------------------------------------- whole run
 
 
-def tiny_checkpoint(directory: Path) -> Path:
-    """A 2-layer, hidden-32 random Mistral with the word tokenizer and CHAT_TEMPLATE, saved as transformers saves."""
+def tiny_checkpoint(directory: Path, kind: str = "mistral") -> Path:
+    """A 2-layer, hidden-32 random Mistral (or GPT-2) with the word tokenizer and CHAT_TEMPLATE, saved as transformers saves."""
     from transformers import MistralConfig, PreTrainedTokenizerFast
 
     from tfsft.modeling import tf
@@ -166,9 +166,15 @@ def tiny_checkpoint(directory: Path) -> Path:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(directory))
-    from transformers import TFMistralForCausalLM
+    from transformers import GPT2Config, TFGPT2LMHeadModel, TFMistralForCausalLM
 
-    tf.random.set_seed(0)
+    tf.keras.utils.set_random_seed(0)
+    if kind == "gpt2":
+        model = TFGPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                             eos_token_id=2, bos_token_id=1))
+        model(model.dummy_inputs)
+        model.save_pretrained(str(directory))
+        return directory
     config = MistralConfig(
         vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=None, max_position_embeddings=64, eos_token_id=2, bos_token_id=1,
@@ -248,3 +254,43 @@ def test_predictor_generates_what_evaluation_generated(causal_run):
     predictor = Predictor(causal_run.run_dir / "onnx")
     generated = predictor.generate([row["prompt"] for row in rows])
     assert [g.text for g in generated] == [row["generation"] for row in rows]
+
+
+def test_lora_trains_only_the_adapters_of_a_language_model(tmp_path):
+    """--lora_rank on a decoder: q/v adapters train, the embeddings and the pretrained output layer do
+    not (PEFT's CAUSAL_LM); the run saves the adapters only and still exports through the gate."""
+    from tfsft.config import RunConfig
+    from tfsft.pipeline import finetune
+
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint")
+    result = finetune(RunConfig.from_flat(dict(
+        task="causal_lm", model_name_or_path=str(checkpoint), train_file=write_jsonl(tmp_path / "t.jsonl", successor_rows(64, 0)),
+        validation_file=write_jsonl(tmp_path / "v.jsonl", successor_rows(8, 1)), output_dir=str(tmp_path / "run"),
+        num_train_epochs=2, learning_rate=1e-2, per_device_train_batch_size=16, max_seq_length=32, max_generate_samples=2,
+        max_new_tokens=3, lora_rank=4, lora_targets="q_proj,v_proj",
+    )), verbose=0)
+    # by hand, per layer: q 32->32 (A 32x4, B 4x32) and v 32->16 (A 32x4, B 4x16) = 256 + 192; two layers
+    assert result.metrics["trainable_parameters"] == 2 * (256 + 192)
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_initial"]
+    saved = json.loads((result.run_dir / "model" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == []
+    parity = json.loads((result.run_dir / "onnx" / "export_report.json").read_text())["fp32"]
+    assert parity["greedy_identical"] == parity["greedy_prompts"] == 8
+
+
+def test_a_gpt2_checkpoint_trains_and_exports_the_same_way(tmp_path):
+    from tfsft.config import RunConfig
+    from tfsft.pipeline import finetune
+
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint", kind="gpt2")
+    result = finetune(RunConfig.from_flat(dict(
+        task="causal_lm", model_name_or_path=str(checkpoint), train_file=write_jsonl(tmp_path / "t.jsonl", successor_rows(96, 0)),
+        validation_file=write_jsonl(tmp_path / "v.jsonl", successor_rows(8, 1)), output_dir=str(tmp_path / "run"),
+        num_train_epochs=4, learning_rate=1e-2, per_device_train_batch_size=16, max_seq_length=32, max_generate_samples=4,
+        max_new_tokens=3,
+    )), verbose=0)
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_initial"]
+    meta = json.loads((result.run_dir / "onnx" / "bundle.json").read_text())
+    assert meta["model_type"] == "gpt2" and meta["max_seq_length"] == 64
+    parity = json.loads((result.run_dir / "onnx" / "export_report.json").read_text())["fp32"]
+    assert parity["greedy_identical"] == parity["greedy_prompts"] == 8

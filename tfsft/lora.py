@@ -178,6 +178,15 @@ def apply_lora(model, settings: LoraSettings) -> int:
     return len(wrapped)
 
 
+def freeze_head(model) -> None:
+    """Freeze every layer beside the encoder (a language model's output layer), after `apply_lora`:
+    only the adapters then train, and only they are saved."""
+    main = encoder_layer(model)
+    for layer in model._flatten_layers(include_self=False, recursive=False):
+        if layer is not main:
+            layer.trainable = False
+
+
 FROZEN_WEIGHTS_ATTRIBUTE = "_tfsft_lora_frozen"
 """Where a layer that holds adapters below it keeps its own weights LoRA froze (`merge_lora` restores them)."""
 

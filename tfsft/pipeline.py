@@ -434,7 +434,7 @@ def _train_and_save(
     `unlabeled`: --unlabeled_file's examples, for the self-training of --few_shot or for --teacher_model to label.
     """
     from tfsft.evaluation import keras_scores, predict_logits, score_model, task_metrics, write_evaluation
-    from tfsft.lora import LoraSettings, apply_lora, parameter_counts, save_adapter
+    from tfsft.lora import LoraSettings, apply_lora, freeze_head, parameter_counts, save_adapter
     from tfsft.modeling import build_classifier, feature_names, save_pretrained
     from tfsft.streaming import StreamingData
     from tfsft.training import compile_model, fit, is_chief, make_strategy
@@ -466,6 +466,8 @@ def _train_and_save(
             if config.model.lora_rank:
                 lora = LoraSettings.from_config(config.model, model.config.model_type)
                 adapted = apply_lora(model, lora)
+                if not spec.lora_trains_head:
+                    freeze_head(model)
         parameters = parameter_counts(model)
     _log(
         f"model: {load_report.loaded} weights from {checkpoint / load_report.weights_file}; newly initialised: "

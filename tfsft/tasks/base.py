@@ -57,6 +57,9 @@ class Task:
     """An example becomes several model inputs (windows): metrics.json counts them."""
     generates: ClassVar[bool] = False
     """A decoder language model: it generates text (exported with a key/value cache, served by /generate)."""
+    lora_trains_head: ClassVar[bool] = True
+    """--lora_rank trains the head fully (a classifier's head is new); a language model's output layer is
+    pretrained and stays frozen, as PEFT's CAUSAL_LM and SEQ_2_SEQ_LM tasks leave it, so the adapter stays small."""
     encoder_decoder: ClassVar[bool] = False
     """Of the generating tasks, one whose model reads a source with an encoder (seq2seq) instead of continuing a prompt."""
     input_fields: ClassVar[Optional[tuple[str, str]]] = None

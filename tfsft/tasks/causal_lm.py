@@ -339,6 +339,7 @@ class CausalLanguageModeling(Task):
     takes_pairs = False
     needs_train_file = True
     generates = True
+    lora_trains_head = False
 
     def check_data(self, data: "DataConfig") -> None:
         for name in ("text_pair_column", "label_column", "text_column"):

@@ -107,6 +107,7 @@ class SequenceToSequence(Task):
     needs_train_file = True
     generates = True
     encoder_decoder: ClassVar[bool] = True
+    lora_trains_head = False
 
     def check_data(self, data: "DataConfig") -> None:
         for name in ("text_pair_column", "label_column", "text_column"):
