@@ -25,7 +25,8 @@ of it); for SmolLM2, SST-2 dev sentences (../shared/data) cut to `--prompt_token
 the int8 decoders' parity is measured on text.
 Each (mode, batch) cell runs `--repeats` times, the modes interleaved in every round so they
 share the machine's load alike; a cell's figure is its median. Ratios are of tokens/s, within
-this run. Results go to OUTPUT/results.json (`--output`, else the temporary directory the decoders
+this run. Then `--train_steps` causal-LM training steps are timed (tokens/s, tfsft's
+AdamW and completion-only loss, `--train_batch` x `--train_length` random tokens). Results go to OUTPUT/results.json (`--output`, else the temporary directory the decoders
 were written to and removed from) and the table is printed.
 
     python bench/generate.py [--model tiny|smollm2] [--new_tokens 128] [--batch_sizes 1,8] [--repeats 3]
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--parity_prompts", type=int, default=8)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--train_steps", type=int, default=4,
+                        help="then time this many causal-LM training steps (tfsft's AdamW and completion loss; 0: none)")
+    parser.add_argument("--train_batch", type=int, default=8)
+    parser.add_argument("--train_length", type=int, default=256)
     args = parser.parse_args(argv)
 
     from tfsft.export_decoder import check_decoder_parity, convert_decoder, keras_greedy, keras_reference, quantize_decoder
@@ -163,11 +168,35 @@ def main(argv: list[str] | None = None) -> dict:
                 "same_tokens_as_onnx_cache": tokens[mode] == tokens.get("onnx_cache", tokens[mode]),
             }
     print(table(results, modes, batches))
+    if args.train_steps:
+        results["training"] = training_speed(model, args.train_batch, args.train_length, args.train_steps)
+        print(f"training: {results['training']['tokens_per_s']:.1f} tokens/s "
+              f"(batch {args.train_batch} x {args.train_length} tokens, {args.train_steps} steps)", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     for name in files.values():
         (work / f"{name}.onnx").unlink()
     return results
+
+
+def training_speed(model, batch: int, length: int, steps: int) -> dict:
+    """Causal-LM training tokens/s: tfsft's compile (AdamW, the completion-only loss) on random
+    sequences, every position labelled; one untimed step first (tracing). Changes the model."""
+    from tfsft.config import TrainConfig
+    from tfsft.tasks import IGNORED_LABEL
+    from tfsft.training import compile_model
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, model.config.vocab_size, size=(batch, length)).astype(np.int32)
+    labels = np.concatenate([ids[:, 1:], np.full((batch, 1), IGNORED_LABEL, np.int32)], axis=1)
+    features = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    compile_model(model, TrainConfig(learning_rate=1e-5), steps + 1, "causal_lm", steps_per_epoch=steps + 1)
+    model.train_on_batch(features, labels)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(features, labels)
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "length": length, "steps": steps, "seconds": seconds, "tokens_per_s": batch * length * steps / seconds}
 
 
 def table(results: dict, modes: list[str], batches: list[int]) -> str:
