@@ -226,7 +226,20 @@ def decoder_function(model, shape: Optional[DecoderShape] = None):
 
 def convert_decoder(model, path: str | os.PathLike, *, opset: int = DECODER_OPSET) -> DecoderShape:
     """Convert `model` (float32 copy if it computes in mixed precision) to one ONNX decoder at `path`,
-    written atomically. Returns the cache layout.
+    written atomically. Returns the cache layout."""
+    shape = decoder_shape(model)
+    model = float32_model(model)
+    _register_erfc_handler()
+    decoder, signature = decoder_function(model, shape)
+    metadata = {METADATA_MODEL_TYPE: shape.model_type, METADATA_MAX_POSITIONS: str(shape.max_positions)}
+    convert_function(decoder, signature, path, opset, metadata, "decoder", _traceable(model, shape))
+    return shape
+
+
+def convert_function(function, signature: Sequence, path: str | os.PathLike, opset: int, metadata: dict[str, str],
+                     what: str, tracing: Any) -> None:
+    """Trace `function` on `signature` (inside the `tracing` context: the model's tracing patches) and
+    write it, with `metadata`, as one ONNX file at `path`, atomically.
 
     The conversion is `tfsft.export.convert_to_onnx`'s (weights frozen and taken out of the TF graph
     at once, joining the ONNX graph only before tf2onnx's optimizers, which run without their
@@ -236,17 +249,13 @@ def convert_decoder(model, path: str | os.PathLike, *, opset: int = DECODER_OPSE
     from tf2onnx import optimizer as onnx_optimizer
     from tf2onnx.tfonnx import process_tf_graph
 
-    shape = decoder_shape(model)
-    model = float32_model(model)
-    _register_erfc_handler()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    decoder, signature = decoder_function(model, shape)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
-        converted = Path(work) / "decoder.onnx"
+        converted = Path(work) / f"{what}.onnx"
         try:
-            with _traceable(model, shape), quiet_transformers(), tf.device("/cpu:0"):
-                frozen = _frozen_function(decoder.get_concrete_function(*signature))
+            with tracing, quiet_transformers(), tf.device("/cpu:0"):
+                frozen = _frozen_function(function.get_concrete_function(*signature))
             memory.release_memory()
             with tf.Graph().as_default() as tf_graph:
                 tf.import_graph_def(frozen.graph_def, name="")
@@ -264,16 +273,15 @@ def convert_decoder(model, path: str | os.PathLike, *, opset: int = DECODER_OPSE
             _save_graph(graph, converted)
             del graph
         except Exception as error:
-            raise ArtifactError(f"decoder ONNX conversion failed ({_innermost_message(error)})") from None
+            raise ArtifactError(f"{what} ONNX conversion failed ({_innermost_message(error)})") from None
         memory.release_memory()
         proto = onnx.load(str(converted))
     _two_dimensional_weights(proto)
-    for key, value in {METADATA_MODEL_TYPE: shape.model_type, METADATA_MAX_POSITIONS: str(shape.max_positions)}.items():
+    for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     with artifacts.atomic_path(path) as tmp:
         save_onnx(proto, tmp)
-    return shape
 
 
 def _frozen_function(concrete) -> _FrozenGraph:

@@ -22,21 +22,18 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from tfsft import artifacts, memory
+from tfsft import artifacts
 from tfsft.errors import ArtifactError, ConfigError
-from tfsft.export import _add_weights, _compacting, _register_erfc_handler, _save_graph, publish_bundle, save_onnx
+from tfsft.export import _register_erfc_handler, publish_bundle
 from tfsft.export_decoder import (
     FP32_TOLERANCE,
     TOLERANCE_SCALE,
-    _frozen_function,
-    _innermost_message,
-    _two_dimensional_weights,
+    convert_function,
     quantize_decoder,
 )
 from tfsft.generation import (
@@ -239,47 +236,10 @@ def convert_seq2seq(model, encoder_path: str | os.PathLike, decoder_path: str | 
 
 def _convert_function(model, shape: Seq2SeqShape, make: Callable, path: str | os.PathLike, opset: int,
                       metadata: dict[str, str], what: str) -> None:
-    """Trace `make(model, shape)`, convert it as `tfsft.export_decoder.convert_decoder` converts a
-    decoder (weights frozen and kept out of the TF graph, tf2onnx's optimizers without their per-pass
-    copies), and write it with `metadata` as one ONNX file at `path`."""
-    import onnx
-    from tf2onnx import optimizer as onnx_optimizer
-    from tf2onnx.tfonnx import process_tf_graph
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Trace `make(model, shape)` and convert it as `tfsft.export_decoder.convert_function` converts a
+    decoder, with `metadata`, into one ONNX file at `path`."""
     function, signature = make(model, shape)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
-        converted = Path(work) / f"{what}.onnx"
-        try:
-            with _traceable(model, shape), quiet_transformers(), tf.device("/cpu:0"):
-                frozen = _frozen_function(function.get_concrete_function(*signature))
-            memory.release_memory()
-            with tf.Graph().as_default() as tf_graph:
-                tf.import_graph_def(frozen.graph_def, name="")
-                graph = process_tf_graph(
-                    tf_graph, continue_on_error=True, opset=opset, input_names=frozen.inputs,
-                    output_names=frozen.outputs, tensors_to_rename=frozen.renames,
-                )
-            del tf_graph
-            _add_weights(graph, frozen.weights)
-            del frozen
-            memory.release_memory()
-            detached: weakref.WeakSet = weakref.WeakSet()
-            optimizers = {name: _compacting(factory, detached) for name, factory in onnx_optimizer._get_optimizers().items()}
-            graph = onnx_optimizer.optimize_graph(graph, catch_errors=False, optimizers=optimizers)
-            _save_graph(graph, converted)
-            del graph
-        except Exception as error:
-            raise ArtifactError(f"seq2seq {what} ONNX conversion failed ({_innermost_message(error)})") from None
-        memory.release_memory()
-        proto = onnx.load(str(converted))
-    _two_dimensional_weights(proto)
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    with artifacts.atomic_path(path) as tmp:
-        save_onnx(proto, tmp)
+    convert_function(function, signature, path, opset, metadata, f"seq2seq {what}", _traceable(model, shape))
 
 
 # ------------------------------------------------------------------------------------- parity
