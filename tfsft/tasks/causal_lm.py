@@ -433,7 +433,7 @@ class CausalLanguageModeling(Task):
         return metrics, report
 
     def metrics(self, reference, logits, label_map, prefix, decision):
-        raise ConfigError("causal_lm scores a model (Task.score), not logits")
+        raise ConfigError(f"{self.name} scores a model (Task.score), not logits")
 
     def predict(self, predictor: Any, inputs: Sequence[Any]) -> list[Any]:
         return predictor.generate(inputs)

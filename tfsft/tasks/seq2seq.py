@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import numpy as np
 
-from tfsft.errors import ConfigError, DataError
-from tfsft.tasks.base import Task, invalid_setting
-from tfsft.tasks.causal_lm import CausalLMExamples, decode_generation, loss_metrics
+from tfsft.errors import DataError
+from tfsft.tasks.base import invalid_setting
+from tfsft.tasks.causal_lm import CausalLanguageModeling, CausalLMExamples, decode_generation, loss_metrics
 
 if TYPE_CHECKING:
     from tfsft.config import DataConfig
@@ -95,7 +95,10 @@ def corpus_scores(generations: Sequence[str], references: Sequence[str]) -> dict
     }
 
 
-class SequenceToSequence(Task):
+class SequenceToSequence(CausalLanguageModeling):
+    """Shares causal_lm's examples, label-free outputs, loss before training and Predictor answers;
+    differs in its model, loss, encoding and scores."""
+
     name = "seq2seq"
     summary = "sequence-to-sequence (translation, summarisation): source -> target with an encoder-decoder"
     best_metrics = ("loss",)
@@ -128,14 +131,6 @@ class SequenceToSequence(Task):
             for name, split in loaded.items()
         }
 
-    def label_map(self, train: Any, delimiter: str) -> "LabelMap":
-        from tfsft.data import LabelMap
-
-        return LabelMap(())
-
-    def encode_labels(self, label_map: "LabelMap", examples: Any, delimiter: str) -> np.ndarray:
-        return np.zeros(len(examples), dtype=np.int64)
-
     def encode(self, encoder: Any, examples: Any, labels: np.ndarray, data: "DataConfig") -> tuple[Any, np.ndarray, Any]:
         return encode_pairs(encoder, examples, data)
 
@@ -156,12 +151,6 @@ class SequenceToSequence(Task):
     def objective(self) -> tuple[Any, list]:
         """transformers' own loss: the labels go into the model, which shifts them into decoder inputs."""
         return "auto", []
-
-    def before_training(self, model: Any, data: Any, reference: Any) -> dict[str, float]:
-        from tfsft.evaluation import token_nll
-
-        nll, tokens = token_nll(model, data)
-        return {"eval_loss_initial": nll / max(tokens, 1)}
 
     def score(self, model: Any, data: Any, reference: TargetReference, label_map: "LabelMap", prefix: str,
               decision: dict[str, Any], settings: "DataConfig") -> tuple[dict[str, float], dict[str, Any]]:
@@ -189,15 +178,6 @@ class SequenceToSequence(Task):
             ]
             report["max_new_tokens"] = settings.max_new_tokens
         return metrics, report
-
-    def metrics(self, reference, logits, label_map, prefix, decision):
-        raise ConfigError("seq2seq scores a model (Task.score), not logits")
-
-    def predict(self, predictor: Any, inputs: Sequence[Any]) -> list[Any]:
-        return predictor.generate(inputs)
-
-    def csv_columns(self, labels: Sequence[str]) -> list[str]:
-        return ["generated"]
 
     def request_error(self, key: str) -> Optional[str]:
         return 'a seq2seq model generates text: POST /generate {"prompts": ["source text", ...], "max_new_tokens": N}'
