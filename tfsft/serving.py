@@ -908,8 +908,11 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, wo
     limits = settings.limits
     timeout = "no timeout" if limits.request_timeout_s is None else f"{limits.request_timeout_s:g} s timeout"
     served = []
-    for name, path in settings.bundles().items():
-        bundle, choice = Bundle.load(path), choices[name]
+    bundles = {name: Bundle.load(path) for name, path in settings.bundles().items()}
+    if all(TASKS[bundle.task].generates for bundle in bundles.values()):
+        mode = "text generation on POST /generate, one model call per request (not micro-batched)"
+    for name, bundle in bundles.items():
+        choice = choices[name]
         served.append(
             f"{'' if not settings.adapters else f'adapter {name!r}: '}{bundle.directory}: {choice.name} model "
             f"{bundle.model_path(int8=choice.int8).name} ({choice.reason})"
