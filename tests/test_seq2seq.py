@@ -126,3 +126,13 @@ def test_bundle_passes_its_gate_and_the_predictor_translates_as_evaluation_did(s
     rows = [json.loads(line) for line in (seq2seq_run.run_dir / "generations.jsonl").read_text().splitlines()]
     generated = Predictor(bundle).generate([row["source"] for row in rows])
     assert [g.text for g in generated] == [row["generation"] for row in rows]
+
+
+def test_reexport_and_reevaluate_a_finished_run(seq2seq_run, tmp_path):
+    from tfsft.pipeline import evaluate_run, export_finished_run
+
+    report = export_finished_run(seq2seq_run.run_dir)
+    assert report["fp32"]["greedy_identical"] == report["fp32"]["greedy_sources"]
+    metrics = evaluate_run(str(seq2seq_run.run_dir), write_jsonl(tmp_path / "other.jsonl", shifted_rows(6, 7)))
+    assert metrics["eval_samples"] == 6 and "eval_chrf" in metrics
+    assert (seq2seq_run.run_dir / "evaluations" / "other" / "generations.jsonl").is_file()
