@@ -70,7 +70,7 @@ def greedy_config(model, max_new_tokens: int, eos_token_ids: Sequence[int] | int
     )
 
 
-def _generate(model, ids: np.ndarray, mask: np.ndarray, settings) -> np.ndarray:
+def generate_with_config(model, ids: np.ndarray, mask: np.ndarray, settings) -> np.ndarray:
     """Keras' `generate` with `settings` standing in for the model's own generation config."""
     from tfsft.modeling import quiet_transformers
 
@@ -100,7 +100,7 @@ def keras_generate(
     rows: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask, _ = left_padded(prompts[start:start + batch_size], pad_token_id)
-        rows.extend([int(t) for t in row] for row in _generate(model, ids, mask, settings)[:, ids.shape[1]:])
+        rows.extend([int(t) for t in row] for row in generate_with_config(model, ids, mask, settings)[:, ids.shape[1]:])
     return _until_eos(rows, settings.eos_token_id or ())
 
 
@@ -120,7 +120,7 @@ def keras_seq2seq_generate(
         mask = np.zeros((len(chunk), width), dtype=np.int32)
         for row, source in enumerate(chunk):
             ids[row, : len(source)], mask[row, : len(source)] = source, 1
-        rows.extend([int(t) for t in row[1:]] for row in _generate(model, ids, mask, settings))
+        rows.extend([int(t) for t in row[1:]] for row in generate_with_config(model, ids, mask, settings))
     return _until_eos(rows, settings.eos_token_id or ())
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from tfsft import artifacts
 from tfsft.errors import ArtifactError, ConfigError
+from tfsft.evaluation import generate_with_config
 from tfsft.export import _register_erfc_handler, publish_bundle
 from tfsft.export_decoder import (
     FP32_TOLERANCE,
@@ -322,14 +323,7 @@ def keras_seq2seq_greedy(model, sources: Sequence[Sequence[int]], settings: Gree
         pad_token_id=settings.pad_token_id, decoder_start_token_id=settings.decoder_start_token_id,
         bad_words_ids=[[t] for t in settings.suppress_token_ids] or None,
     )
-    saved, model.generation_config = model.generation_config, config
-    try:
-        with quiet_transformers():
-            out = model.generate(tf.constant(ids, tf.int32), attention_mask=tf.constant(mask, tf.int32),
-                                 generation_config=config)
-    finally:
-        model.generation_config = saved
-    return np.asarray(out, dtype=np.int64)
+    return generate_with_config(model, ids, mask, config).astype(np.int64)
 
 
 def until_eos(row: Sequence[int], eos: Sequence[int]) -> list[int]:

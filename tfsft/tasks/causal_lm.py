@@ -358,9 +358,13 @@ class CausalLanguageModeling(Task):
 
         loaded = _load_hub_dataset(data)
         return {
-            name: examples_from_records(list(enumerate((dict(row) for row in split), start=1)), f"{data.dataset_name}[{name}]", data)
+            name: self.examples(list(enumerate((dict(row) for row in split), start=1)), f"{data.dataset_name}[{name}]", data)
             for name, split in loaded.items()
         }
+
+    def examples(self, records: Sequence[tuple[int, dict[str, Any]]], source: str, data: "DataConfig") -> CausalLMExamples:
+        """The examples of (row number, record) pairs, from a file or a Hub split."""
+        return examples_from_records(records, source, data)
 
     def label_map(self, train: Any, delimiter: str) -> "LabelMap":
         from tfsft.data import LabelMap

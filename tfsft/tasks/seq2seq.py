@@ -122,14 +122,8 @@ class SequenceToSequence(CausalLanguageModeling):
     def read(self, path: str, data: "DataConfig") -> CausalLMExamples:
         return read_seq2seq_examples(path, data)
 
-    def hub_splits(self, data: "DataConfig") -> dict[str, Any]:
-        from tfsft.data import _load_hub_dataset
-
-        loaded = _load_hub_dataset(data)
-        return {
-            name: examples_from_records(list(enumerate((dict(row) for row in split), start=1)), f"{data.dataset_name}[{name}]", data)
-            for name, split in loaded.items()
-        }
+    def examples(self, records: Sequence[tuple[int, dict[str, Any]]], source: str, data: "DataConfig") -> CausalLMExamples:
+        return examples_from_records(records, source, data)
 
     def encode(self, encoder: Any, examples: Any, labels: np.ndarray, data: "DataConfig") -> tuple[Any, np.ndarray, Any]:
         return encode_pairs(encoder, examples, data)
