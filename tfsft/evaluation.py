@@ -50,24 +50,37 @@ def token_nll(model, data: LengthBatchedData) -> tuple[float, int]:
     return total, int(count)
 
 
-def greedy_config(model, max_new_tokens: int, eos_token_ids: Sequence[int] | int | None, pad_token_id: int):
-    """A generation config holding nothing but greedy search (one beam; eos, pad and the start token;
-    the single tokens the checkpoint bans): what ONNX generation computes. A checkpoint's own config
-    may add beams, length penalties, forced tokens or n-gram bans, which serving never applies. An
-    eos of None means no eos (TF generation would read None as the model's own, so it is set here)."""
+def banned_tokens(generation_config) -> tuple[int, ...]:
+    """The single tokens a checkpoint's generation config never lets it generate: one-token
+    `bad_words_ids` (Marian's pad) and `suppress_tokens`; ONNX generation suppresses the same."""
+    banned = [words[0] for words in (getattr(generation_config, "bad_words_ids", None) or []) if len(words) == 1]
+    banned += list(getattr(generation_config, "suppress_tokens", None) or [])
+    return tuple(sorted({int(t) for t in banned}))
+
+
+def greedy_generation_config(max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int,
+                             decoder_start_token_id: Optional[int], banned: Sequence[int]):
+    """A generation config holding nothing but greedy search (one beam; eos, pad, the start token and
+    the banned tokens): what ONNX generation computes. A checkpoint's own config may add beams, length
+    penalties, forced tokens or n-gram bans, which serving never applies. No eos means none (TF
+    generation would read None as the model's own, so the config always replaces the model's)."""
     from transformers import GenerationConfig
 
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=list(eos_token_ids) or None,
+        pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
+        bad_words_ids=[[int(t)] for t in banned] or None,
+    )
+
+
+def greedy_config(model, max_new_tokens: int, eos_token_ids: Sequence[int] | int | None, pad_token_id: int):
+    """`greedy_generation_config` with the model's own start token and banned tokens."""
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or ())
     own = model.generation_config
-    banned = [words[0] for words in (getattr(own, "bad_words_ids", None) or []) if len(words) == 1]
-    banned += list(getattr(own, "suppress_tokens", None) or [])
     start = getattr(own, "decoder_start_token_id", None)
     if start is None:
         start = getattr(model.config, "decoder_start_token_id", None)
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos or None, pad_token_id=pad_token_id,
-        decoder_start_token_id=start, bad_words_ids=[[int(t)] for t in sorted(set(banned))] or None,
-    )
+    return greedy_generation_config(max_new_tokens, eos, pad_token_id, start, banned_tokens(own))
 
 
 def generate_with_config(model, ids: np.ndarray, mask: np.ndarray, settings) -> np.ndarray:
@@ -84,8 +97,10 @@ def generate_with_config(model, ids: np.ndarray, mask: np.ndarray, settings) -> 
     return np.asarray(out)
 
 
-def _until_eos(rows: list[list[int]], eos: Sequence[int]) -> list[list[int]]:
-    return [row[: next((i for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+def cut_at_eos(tokens: Sequence[int], eos: Sequence[int]) -> list[int]:
+    """Generated tokens up to, without, the first eos."""
+    tokens = [int(t) for t in tokens]
+    return tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
 
 
 def keras_generate(
@@ -100,8 +115,8 @@ def keras_generate(
     rows: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         ids, mask, _ = left_padded(prompts[start:start + batch_size], pad_token_id)
-        rows.extend([int(t) for t in row] for row in generate_with_config(model, ids, mask, settings)[:, ids.shape[1]:])
-    return _until_eos(rows, settings.eos_token_id or ())
+        rows.extend(generate_with_config(model, ids, mask, settings)[:, ids.shape[1]:])
+    return [cut_at_eos(row, settings.eos_token_id or ()) for row in rows]
 
 
 def keras_seq2seq_generate(
@@ -111,17 +126,14 @@ def keras_seq2seq_generate(
     """Keras' own greedy `generate` of an encoder-decoder on `sources` (token ids, right-padded: absolute
     encoder positions, as BART has, start at each source's first token): each row's new tokens,
     without the decoder start token and up to and without an eos (`greedy_config`)."""
+    from tfsft.generation import right_padded
+
     settings = greedy_config(model, max_new_tokens, eos_token_ids, pad_token_id)
     rows: list[list[int]] = []
     for start in range(0, len(sources), batch_size):
-        chunk = sources[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = np.full((len(chunk), width), pad_token_id, dtype=np.int32)
-        mask = np.zeros((len(chunk), width), dtype=np.int32)
-        for row, source in enumerate(chunk):
-            ids[row, : len(source)], mask[row, : len(source)] = source, 1
-        rows.extend([int(t) for t in row[1:]] for row in generate_with_config(model, ids, mask, settings))
-    return _until_eos(rows, settings.eos_token_id or ())
+        ids, mask = right_padded(sources[start:start + batch_size], pad_token_id)
+        rows.extend(row[1:] for row in generate_with_config(model, ids, mask, settings))
+    return [cut_at_eos(row, settings.eos_token_id or ()) for row in rows]
 
 
 def score_model(

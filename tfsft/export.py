@@ -30,7 +30,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -1156,9 +1156,7 @@ def export_bundle(
     tokenizer_file = artifacts.run_model_dir(run_dir) / artifacts.BUNDLE_TOKENIZER
     encoder = TextEncoder.from_file(tokenizer_file, config.data.max_seq_length)
     encoded, labels, reference = get_task(config.model.task).encode(encoder, examples, labels, config.data)
-    artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
-    work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
-    try:
+    with bundle_work_dir(run_dir) as work:
         with contextlib.ExitStack() as stack:
             memory.release_memory()  # what a training left unreferenced, before the export's first stage
             monitor = memory.active_monitor() or stack.enter_context(memory.StageMonitor())
@@ -1173,9 +1171,19 @@ def export_bundle(
         report["stages"] = monitor.report()
         report["peak_rss_mb"] = round(monitor.peak_rss / memory.MB, 1)
         publish_bundle(work, run_dir, config, report, tokenizer_file)
+    return report
+
+
+@contextlib.contextmanager
+def bundle_work_dir(run_dir: Path) -> Iterator[Path]:
+    """A fresh work directory in `run_dir` for a bundle being built (stale ones a killed export
+    left are removed first); removed on the way out, whether or not `publish_bundle` renamed it."""
+    artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
+    work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
+    try:
+        yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return report
 
 
 def publish_bundle(work: Path, run_dir: Path, config: RunConfig, report: dict[str, Any], tokenizer_file: Path) -> None:

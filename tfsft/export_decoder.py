@@ -32,6 +32,7 @@ from tfsft.export import (
     _FrozenGraph,
     _register_erfc_handler,
     _save_graph,
+    bundle_work_dir,
     publish_bundle,
     quantize_int8,
     save_onnx,
@@ -610,7 +611,6 @@ def export_decoder_bundle(model, run_dir: str | os.PathLike, validation: Any, co
     """Export a fine-tuned causal LM run to `run_dir/onnx/`: the decoder with its cache (and int8
     when the run's variants ask for it), its tokenizer and prompt format, and the report of the
     parity gate on validation prompts. Nothing is published unless the fp32 decoder passes."""
-    import shutil
     import time
 
     from tfsft.checkpoint import load_tokenizer, text_encoder
@@ -624,9 +624,7 @@ def export_decoder_bundle(model, run_dir: str | os.PathLike, validation: Any, co
     _, _, reference = get_task(config.model.task).encode(encoder, validation, None, config.data)
     prompts = [ids[-PARITY_PROMPT_TOKENS:] for ids in reference.prompt_ids[:PARITY_PROMPTS] if ids]
     eos = prompt_format.eos_token_ids
-    artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
-    work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
-    try:
+    with bundle_work_dir(run_dir) as work:
         start = time.perf_counter()
         int8 = "int8" in config.export.variants
         report = export_decoder(
@@ -647,6 +645,4 @@ def export_decoder_bundle(model, run_dir: str | os.PathLike, validation: Any, co
         }
         artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
         publish_bundle(work, run_dir, config, report, model_dir / artifacts.BUNDLE_TOKENIZER)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return report

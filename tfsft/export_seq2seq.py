@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -29,10 +28,12 @@ import numpy as np
 
 from tfsft import artifacts
 from tfsft.errors import ArtifactError, ConfigError
-from tfsft.evaluation import generate_with_config
-from tfsft.export import _register_erfc_handler, publish_bundle
+from tfsft.evaluation import banned_tokens, cut_at_eos, generate_with_config, greedy_generation_config
+from tfsft.export import _register_erfc_handler, bundle_work_dir, publish_bundle
 from tfsft.export_decoder import (
     FP32_TOLERANCE,
+    PARITY_NEW_TOKENS,
+    PARITY_PROMPTS,
     TOLERANCE_SCALE,
     convert_function,
     quantize_decoder,
@@ -300,10 +301,8 @@ def greedy_settings(model, pad_token_id: Optional[int] = None, max_new_tokens: i
     eos = setting("eos_token_id")
     eos_ids = () if eos is None else tuple(int(t) for t in ([eos] if isinstance(eos, int) else eos))
     pad = setting("pad_token_id") if pad_token_id is None else pad_token_id
-    suppress = [words[0] for words in (getattr(generation, "bad_words_ids", None) or []) if len(words) == 1]
-    suppress += list(getattr(generation, "suppress_tokens", None) or [])
     return GreedySettings(max_new_tokens, eos_ids, int(pad if pad is not None else 0), seq2seq_shape(model).decoder_start_token_id,
-                          tuple(sorted({int(t) for t in suppress})))
+                          banned_tokens(generation))
 
 
 def keras_seq2seq_greedy(model, sources: Sequence[Sequence[int]], settings: GreedySettings) -> np.ndarray:
@@ -315,21 +314,15 @@ def keras_seq2seq_greedy(model, sources: Sequence[Sequence[int]], settings: Gree
     generation computes; it replaces the model's own for the call, since TF generation reads an eos
     of None as the model's own.
     """
-    from transformers import GenerationConfig
-
     ids, mask = right_padded(sources, settings.pad_token_id)
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, eos_token_id=list(settings.eos_token_ids) or None,
-        pad_token_id=settings.pad_token_id, decoder_start_token_id=settings.decoder_start_token_id,
-        bad_words_ids=[[t] for t in settings.suppress_token_ids] or None,
-    )
+    config = greedy_generation_config(settings.max_new_tokens, settings.eos_token_ids, settings.pad_token_id,
+                                      settings.decoder_start_token_id, settings.suppress_token_ids)
     return generate_with_config(model, ids, mask, config).astype(np.int64)
 
 
 def until_eos(row: Sequence[int], eos: Sequence[int]) -> list[int]:
-    """A generated row's tokens (start token dropped) up to, without, the first eos."""
-    tokens = [int(t) for t in row[1:]]
-    return tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+    """A generated decoder row's tokens (start token dropped) up to, without, the first eos."""
+    return cut_at_eos(row[1:], eos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,17 +434,12 @@ def export_seq2seq(
     return report
 
 
-PARITY_SOURCES = 8
-PARITY_NEW_TOKENS = 8
-
-
 def export_seq2seq_bundle(model, run_dir: str | os.PathLike, sources: Sequence[str], config: Any) -> dict[str, Any]:
     """Export a fine-tuned seq2seq run to `run_dir/onnx/`: the encoder and decoder (and their int8
     copies when the run's variants ask for them), the tokenizer, and the report of the parity gate
-    on the first `PARITY_SOURCES` of `sources`: the texts the encoder reads, the run's source_prefix
+    on the first `PARITY_PROMPTS` (`tfsft.export_decoder`'s) of `sources`: the texts the encoder reads, the run's source_prefix
     already in front (bundle.json records it, for the Predictor to put in front of what it is sent).
     Nothing is published unless the fp32 pair passes."""
-    import shutil
     import time
 
     from tfsft.checkpoint import load_tokenizer, text_encoder
@@ -460,7 +448,7 @@ def export_seq2seq_bundle(model, run_dir: str | os.PathLike, sources: Sequence[s
     model_dir = artifacts.run_model_dir(run_dir)
     encoder = text_encoder(load_tokenizer(model_dir), config.data.max_seq_length)
     prefix = getattr(config.data, "source_prefix", "") or ""
-    encoded = encoder.encode(list(sources[:PARITY_SOURCES]))
+    encoded = encoder.encode(list(sources[:PARITY_PROMPTS]))
     parity_sources = [[int(t) for t in ids] for ids in encoded.input_ids if len(ids)]
     if not parity_sources:
         raise ConfigError("a seq2seq export needs sources for its parity gate: expected at least one non-empty source. "
@@ -468,9 +456,7 @@ def export_seq2seq_bundle(model, run_dir: str | os.PathLike, sources: Sequence[s
     model = float32_model(model)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else encoder.pad_id
     settings = greedy_settings(model, int(pad), PARITY_NEW_TOKENS)
-    artifacts.remove_stale_work_dirs(run_dir, artifacts.ONNX_DIR)
-    work = Path(tempfile.mkdtemp(prefix=f".{artifacts.ONNX_DIR}.", suffix=".partial", dir=run_dir))
-    try:
+    with bundle_work_dir(run_dir) as work:
         start = time.perf_counter()
         int8 = "int8" in config.export.variants
         report = export_seq2seq(model, work, parity_sources, settings=settings, int8=int8)
@@ -491,6 +477,4 @@ def export_seq2seq_bundle(model, run_dir: str | os.PathLike, sources: Sequence[s
         }
         artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
         publish_bundle(work, run_dir, config, report, model_dir / artifacts.BUNDLE_TOKENIZER)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return report

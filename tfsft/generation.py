@@ -57,6 +57,25 @@ def present_names(num_layers: int) -> list[str]:
     return [f"present.{i}.{half}" for i in range(num_layers) for half in ("key", "value")]
 
 
+def _require(what: str, path: Path, found: list[str], expected: list[str], kind: str, made_by: str) -> None:
+    """ArtifactError when a graph lacks some of the `expected` input or output names."""
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise ArtifactError(
+            f"{what} {path} lacks {kind} {missing[:4]}: expected {', '.join(expected[:5])}, ... "
+            f"(made by {made_by}). Received: {kind}={sorted(found)}"
+        )
+
+
+def _run(session, path: Path, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`session.run`, onnxruntime's own exception types reported in one line naming the file."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ArtifactError(f"{path}: inference failed ({message})") from None
+
+
 class DecoderSession:
     """An onnxruntime session over a decoder graph, with the cache layout read from the graph.
 
@@ -75,8 +94,10 @@ class DecoderSession:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         self.num_layers = sum(1 for name in inputs if name.startswith("past.") and name.endswith(".key"))
-        self._check_names(list(inputs), [*DECODER_INPUTS, *past_names(self.num_layers)], "inputs")
-        self._check_names(list(outputs), [LOGITS_OUTPUT, *present_names(self.num_layers)], "outputs")
+        _require("ONNX decoder", self.path, list(inputs), [*DECODER_INPUTS, *past_names(self.num_layers)], "inputs",
+                 "tfsft.export_decoder")
+        _require("ONNX decoder", self.path, list(outputs), [LOGITS_OUTPUT, *present_names(self.num_layers)], "outputs",
+                 "tfsft.export_decoder")
         if self.num_layers == 0:
             raise ArtifactError(
                 f"ONNX decoder {self.path} has no cache inputs: expected past.{{i}}.key/value for each layer. "
@@ -104,14 +125,6 @@ class DecoderSession:
         vocab = next(o for o in self.session.get_outputs() if o.name == LOGITS_OUTPUT).shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
 
-    def _check_names(self, found: list[str], expected: list[str], kind: str) -> None:
-        missing = [name for name in expected if name not in found]
-        if missing:
-            raise ArtifactError(
-                f"ONNX decoder {self.path} lacks {kind} {missing[:4]}: expected {', '.join(expected[:5])}, ... "
-                f"(made by tfsft.export_decoder). Received: {kind}={sorted(found)}"
-            )
-
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """A cache 0 positions long: what a prefill passes."""
         return [np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.cache_dtype) for _ in self._past]
@@ -125,11 +138,7 @@ class DecoderSession:
             "position_ids": np.asarray(position_ids, self.ids_dtype),
             **dict(zip(self._past, past)),
         }
-        try:
-            logits, *present = self.session.run(self._outputs, feeds)
-        except Exception as error:  # onnxruntime's own exception types, reported in one line
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ArtifactError(f"{self.path}: inference failed ({message})") from None
+        logits, *present = _run(self.session, self.path, self._outputs, feeds)
         return logits, present
 
 
@@ -358,19 +367,23 @@ def check_settings(max_new_tokens: int, temperature: float, top_p: float, pad_to
         raise ConfigError(f"pad_token_id must be a token id >= 0. Received: pad_token_id={pad_token_id!r}")
 
 
-def _check_prompts(session: DecoderSession, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    if len(prompts) == 0:
-        raise DataError("no prompts to generate from: expected at least one. Received: prompts=[]")
-    vocab = session.vocab_size
-    for index, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise DataError(f"prompt {index} is empty: expected at least one token. Received: prompt {index}=[]")
-        ids = np.asarray(prompt)
+def _check_token_lists(sequences: Sequence[Sequence[int]], vocab: Optional[int], noun: str) -> None:
+    """DataError for no sequences, an empty one, or a token id outside [0, vocab), naming its index."""
+    if len(sequences) == 0:
+        raise DataError(f"no {noun}s to generate from: expected at least one. Received: {noun}s=[]")
+    for index, sequence in enumerate(sequences):
+        if len(sequence) == 0:
+            raise DataError(f"{noun} {index} is empty: expected at least one token. Received: {noun} {index}=[]")
+        ids = np.asarray(sequence)
         if ids.dtype.kind not in "iu" or ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
             raise DataError(
-                f"prompt {index} has a token id outside the vocabulary: expected integers in [0, {vocab}). "
-                f"Received: prompt {index}={list(prompt)[:8]}{'...' if len(prompt) > 8 else ''}"
+                f"{noun} {index} has a token id outside the vocabulary: expected integers in [0, {vocab}). "
+                f"Received: {noun} {index}={list(sequence)[:8]}{'...' if len(sequence) > 8 else ''}"
             )
+
+
+def _check_prompts(session: DecoderSession, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    _check_token_lists(prompts, session.vocab_size, "prompt")
     longest = max(len(p) for p in prompts)
     if session.max_positions is not None and longest + max_new_tokens - 1 > session.max_positions:
         raise ConfigError(
@@ -432,12 +445,15 @@ class Seq2SeqSession:
         self._past, self._cross = self_past_names(self.num_layers), cross_names(self.num_layers)
         self._outputs = [LOGITS_OUTPUT, *self_present_names(self.num_layers)]
         self._encoder_outputs = [ENCODER_STATES, *self._cross]
-        _require("decoder", self.path, list(inputs), [*SEQ2SEQ_DECODER_INPUTS, *self._past, *self._cross], "inputs")
-        _require("decoder", self.path, [o.name for o in self.session.get_outputs()], self._outputs, "outputs")
+        made_by = "tfsft.export_seq2seq"
+        _require("ONNX seq2seq decoder", self.path, list(inputs), [*SEQ2SEQ_DECODER_INPUTS, *self._past, *self._cross],
+                 "inputs", made_by)
+        _require("ONNX seq2seq decoder", self.path, [o.name for o in self.session.get_outputs()], self._outputs, "outputs",
+                 made_by)
         encoder_inputs = {i.name: i for i in self.encoder.get_inputs()}
-        _require("encoder", self.encoder_path, list(encoder_inputs), list(ENCODER_INPUTS), "inputs")
-        _require("encoder", self.encoder_path, [o.name for o in self.encoder.get_outputs()], self._encoder_outputs,
-                 "outputs")
+        _require("ONNX seq2seq encoder", self.encoder_path, list(encoder_inputs), list(ENCODER_INPUTS), "inputs", made_by)
+        _require("ONNX seq2seq encoder", self.encoder_path, [o.name for o in self.encoder.get_outputs()],
+                 self._encoder_outputs, "outputs", made_by)
         cache = inputs["past.0.self_key"]
         if len(cache.shape) != 4 or not all(isinstance(d, int) for d in cache.shape[1::2]):
             raise ArtifactError(
@@ -483,23 +499,6 @@ class Seq2SeqSession:
         }
         logits, *present = _run(self.session, self.path, self._outputs, feeds)
         return logits, present
-
-
-def _require(part: str, path: Path, found: list[str], expected: list[str], kind: str) -> None:
-    missing = [name for name in expected if name not in found]
-    if missing:
-        raise ArtifactError(
-            f"ONNX seq2seq {part} {path} lacks {kind} {missing[:4]}: expected {', '.join(expected[:5])}, ... "
-            f"(made by tfsft.export_seq2seq). Received: {kind}={sorted(found)}"
-        )
-
-
-def _run(session, path: Path, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    try:
-        return session.run(outputs, feeds)
-    except Exception as error:  # onnxruntime's own exception types, reported in one line
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ArtifactError(f"{path}: inference failed ({message})") from None
 
 
 def generate_seq2seq(
@@ -627,18 +626,9 @@ def right_padded(sources: Sequence[Sequence[int]], pad_token_id: int) -> tuple[n
 
 
 def _check_sources(session: Seq2SeqSession, sources: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    if len(sources) == 0:
-        raise DataError("no sources to generate from: expected at least one. Received: sources=[]")
-    vocab, limit = session.vocab_size, session.max_positions
+    _check_token_lists(sources, session.vocab_size, "source")
+    limit = session.max_positions
     for index, source in enumerate(sources):
-        if len(source) == 0:
-            raise DataError(f"source {index} is empty: expected at least one token. Received: source {index}=[]")
-        ids = np.asarray(source)
-        if ids.dtype.kind not in "iu" or ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
-            raise DataError(
-                f"source {index} has a token id outside the vocabulary: expected integers in [0, {vocab}). "
-                f"Received: source {index}={list(source)[:8]}{'...' if len(source) > 8 else ''}"
-            )
         if limit is not None and len(source) > limit:
             raise DataError(f"source {index} has {len(source)} tokens: expected at most the model's {limit} positions")
     if limit is not None and max_new_tokens > limit:

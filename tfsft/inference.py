@@ -41,8 +41,6 @@ TextInput = Union[str, Sequence[str]]
 _NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
 
 
-
-
 @dataclass(frozen=True)
 class Generation:
     """The continuation of one prompt by a model that generates text."""
@@ -281,9 +279,7 @@ class Predictor:
         if not isinstance(formats, dict):
             raise ArtifactError(
                 f"{path}: a generating bundle needs a \"prompt_format\" object. Received: {formats!r:.80}")
-        for name, value in (("max_new_tokens", default), ("pad_id", pad)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ArtifactError(f"{path}: {name} must be an integer >= 0. Received: {name}={value!r}")
+        _check_counts(path, max_new_tokens=default, pad_id=pad)
         try:
             self.prompt_format = PromptFormat.from_dict(formats)
         except (TypeError, ValueError) as error:
@@ -304,9 +300,7 @@ class Predictor:
         default = meta.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         pad = meta.get("pad_id", self.encoder.pad_id)
         start = meta.get("decoder_start_token_id", self.seq2seq.decoder_start_token_id)
-        for name, value in (("max_new_tokens", default), ("pad_id", pad), ("decoder_start_token_id", start)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ArtifactError(f"{path}: {name} must be an integer >= 0. Received: {name}={value!r}")
+        _check_counts(path, max_new_tokens=default, pad_id=pad, decoder_start_token_id=start)
         token_lists = {name: meta.get(name, []) for name in ("eos_token_ids", "suppress_token_ids")}
         for name, ids in token_lists.items():
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
@@ -610,6 +604,13 @@ class Predictor:
             if ids and self.encoder.tokenizer.decode(ids, skip_special_tokens=False) == text:
                 sequences.append(list(ids))
         return sequences
+
+
+def _check_counts(path: Path, **values: Any) -> None:
+    """ArtifactError naming the first bundle.json setting that is not an integer >= 0."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ArtifactError(f"{path}: {name} must be an integer >= 0. Received: {name}={value!r}")
 
 
 @dataclass(frozen=True)

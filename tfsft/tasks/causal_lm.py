@@ -18,7 +18,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 
@@ -341,12 +341,14 @@ class CausalLanguageModeling(Task):
     generates = True
     lora_trains_head = False
 
+    reads_columns: ClassVar[str] = "--prompt_column/--completion_column or --messages_column"
+    """What the task's records hold, for the error that refuses classification columns."""
+
     def check_data(self, data: "DataConfig") -> None:
         for name in ("text_pair_column", "label_column", "text_column"):
             if getattr(data, name) is not None:
                 raise invalid_setting(
-                    name, getattr(data, name),
-                    "no value for --task causal_lm (it reads --prompt_column/--completion_column or --messages_column)",
+                    name, getattr(data, name), f"no value for --task {self.name} (it reads {self.reads_columns})",
                 )
 
     def read(self, path: str, data: "DataConfig") -> CausalLMExamples:
@@ -407,11 +409,11 @@ class CausalLanguageModeling(Task):
         nll, tokens = token_nll(model, data)
         return {"eval_loss_initial": nll / max(tokens, 1)}
 
-    def score(self, model: Any, data: Any, reference: CompletionReference, label_map: "LabelMap", prefix: str,
+    def score(self, model: Any, data: Any, reference: Any, label_map: "LabelMap", prefix: str,
               decision: dict[str, Any], settings: "DataConfig") -> tuple[dict[str, float], dict[str, Any]]:
-        """Loss and perplexity over the completions' tokens, and greedy generations of up to
-        --max_generate_samples prompts scored against their completions."""
-        from tfsft.evaluation import keras_generate, token_nll
+        """Loss and perplexity over the reference tokens, and greedy generations of up to
+        --max_generate_samples prompts scored against their references (`generation_scores`)."""
+        from tfsft.evaluation import token_nll
 
         nll, tokens = token_nll(model, data)
         metrics = loss_metrics(nll, tokens, prefix)
@@ -419,22 +421,32 @@ class CausalLanguageModeling(Task):
         count = min(len(reference.examples), settings.max_generate_samples)
         report: dict[str, Any] = {"tokens": tokens}
         if count:
-            max_new_tokens = settings.max_new_tokens
-            outputs = keras_generate(
-                model, reference.prompt_ids[:count], max_new_tokens, reference.prompt_format.eos_token_ids, data.pad_id,
-                batch_size=data.batch_size,
-            )
+            outputs = self.generate_ids(model, reference, count, settings.max_new_tokens, data)
             texts = [decode_generation(reference.tokenizer, ids) for ids in outputs]
             references = reference.examples.completions[:count]
-            scores = generation_scores(texts, references)
+            scores = self.generation_scores(texts, references)
             metrics.update({f"{prefix}_{name}": value for name, value in scores.items()})
             metrics[f"{prefix}_generated_samples"] = count
             report["generations"] = [
-                {"prompt": reference.prompt_format.prompt_text(p), "reference": r, "generation": g}
-                for p, r, g in zip(reference.examples.prompts[:count], references, texts)
+                {**self.sample_input(reference, i), "reference": r, "generation": g}
+                for i, (r, g) in enumerate(zip(references, texts))
             ]
-            report["max_new_tokens"] = max_new_tokens
+            report["max_new_tokens"] = settings.max_new_tokens
         return metrics, report
+
+    def generate_ids(self, model: Any, reference: CompletionReference, count: int, max_new_tokens: int, data: Any):
+        """Keras' greedy new tokens for the first `count` prompts of `reference`."""
+        from tfsft.evaluation import keras_generate
+
+        return keras_generate(model, reference.prompt_ids[:count], max_new_tokens, reference.prompt_format.eos_token_ids,
+                              data.pad_id, batch_size=data.batch_size)
+
+    def generation_scores(self, texts: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        return generation_scores(texts, references)
+
+    def sample_input(self, reference: CompletionReference, index: int) -> dict[str, str]:
+        """What generations.jsonl shows as the input of sample `index`: the prompt as rendered."""
+        return {"prompt": reference.prompt_format.prompt_text(reference.examples.prompts[index])}
 
     def metrics(self, reference, logits, label_map, prefix, decision):
         raise ConfigError(f"{self.name} scores a model (Task.score), not logits")

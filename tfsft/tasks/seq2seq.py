@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 import numpy as np
 
 from tfsft.errors import DataError
-from tfsft.tasks.base import invalid_setting
-from tfsft.tasks.causal_lm import CausalLanguageModeling, CausalLMExamples, decode_generation, loss_metrics
+from tfsft.tasks.causal_lm import CausalLanguageModeling, CausalLMExamples
 
 if TYPE_CHECKING:
     from tfsft.config import DataConfig
@@ -96,28 +95,14 @@ def corpus_scores(generations: Sequence[str], references: Sequence[str]) -> dict
 
 
 class SequenceToSequence(CausalLanguageModeling):
-    """Shares causal_lm's examples, label-free outputs, loss before training and Predictor answers;
-    differs in its model, loss, encoding and scores."""
+    """Shares causal_lm's examples, label-free outputs, loss before training, scoring flow and
+    Predictor answers; differs in its model, loss, encoding, generation and scores."""
 
     name = "seq2seq"
     summary = "sequence-to-sequence (translation, summarisation): source -> target with an encoder-decoder"
-    best_metrics = ("loss",)
-    keras_metrics = frozenset({"loss"})
     default_max_seq_length = 256
-    label_counts = (0, 0)
-    sequence_head = False
-    takes_pairs = False
-    needs_train_file = True
-    generates = True
     encoder_decoder: ClassVar[bool] = True
-    lora_trains_head = False
-
-    def check_data(self, data: "DataConfig") -> None:
-        for name in ("text_pair_column", "label_column", "text_column"):
-            if getattr(data, name) is not None:
-                raise invalid_setting(
-                    name, getattr(data, name), "no value for --task seq2seq (it reads --source_column and --target_column)"
-                )
+    reads_columns = "--source_column and --target_column"
 
     def read(self, path: str, data: "DataConfig") -> CausalLMExamples:
         return read_seq2seq_examples(path, data)
@@ -146,32 +131,19 @@ class SequenceToSequence(CausalLanguageModeling):
         """transformers' own loss: the labels go into the model, which shifts them into decoder inputs."""
         return "auto", []
 
-    def score(self, model: Any, data: Any, reference: TargetReference, label_map: "LabelMap", prefix: str,
-              decision: dict[str, Any], settings: "DataConfig") -> tuple[dict[str, float], dict[str, Any]]:
-        """Loss over the target tokens, and greedy translations of up to --max_generate_samples
-        sources scored with corpus BLEU and chrF."""
-        from tfsft.evaluation import keras_seq2seq_generate, token_nll
+    def generate_ids(self, model: Any, reference: TargetReference, count: int, max_new_tokens: int, data: Any):
+        """Keras' greedy target tokens for the first `count` sources of `reference`."""
+        from tfsft.evaluation import keras_seq2seq_generate
 
-        nll, tokens = token_nll(model, data)
-        metrics = loss_metrics(nll, tokens, prefix)
-        metrics[f"{prefix}_samples"] = len(reference.examples)
-        count = min(len(reference.examples), settings.max_generate_samples)
-        report: dict[str, Any] = {"tokens": tokens}
-        if count:
-            outputs = keras_seq2seq_generate(
-                model, reference.source_ids[:count], settings.max_new_tokens, reference.eos_token_ids, reference.pad_id,
-                batch_size=data.batch_size,
-            )
-            texts = [decode_generation(reference.tokenizer, ids) for ids in outputs]
-            targets = reference.examples.completions[:count]
-            metrics.update({f"{prefix}_{name}": value for name, value in corpus_scores(texts, targets).items()})
-            metrics[f"{prefix}_generated_samples"] = count
-            report["generations"] = [
-                {"source": s, "reference": r, "generation": g}
-                for s, r, g in zip(reference.examples.prompts[:count], targets, texts)
-            ]
-            report["max_new_tokens"] = settings.max_new_tokens
-        return metrics, report
+        return keras_seq2seq_generate(model, reference.source_ids[:count], max_new_tokens, reference.eos_token_ids,
+                                      reference.pad_id, batch_size=data.batch_size)
+
+    def generation_scores(self, texts: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        """Corpus BLEU and chrF (sacreBLEU)."""
+        return corpus_scores(texts, references)
+
+    def sample_input(self, reference: TargetReference, index: int) -> dict[str, str]:
+        return {"source": reference.examples.prompts[index]}
 
     def request_error(self, key: str) -> Optional[str]:
         return 'a seq2seq model generates text: POST /generate {"prompts": ["source text", ...], "max_new_tokens": N}'
