@@ -94,7 +94,7 @@ def test_bad_records_name_the_row(tmp_path, rows, message):
 
 def test_loss_counts_only_completion_tokens_and_the_eos():
     tokenizer = word_tokenizer()
-    ids, labels, truncated = encode_example(tokenizer, "w1 w2 w3 =", "w4 w5", (2,), 64)
+    ids, labels, truncated = encode_example(tokenizer, tokenizer.encode("w1 w2 w3 =").ids, "w4 w5", (2,), 64)
     prompt_ids = tokenizer.encode("w1 w2 w3 =").ids
     completion_ids = tokenizer.encode("w4 w5", add_special_tokens=False).ids
     assert ids.tolist() == prompt_ids + completion_ids + [2] and not truncated
@@ -108,10 +108,10 @@ def test_loss_counts_only_completion_tokens_and_the_eos():
 
 def test_no_second_eos_when_the_completion_holds_one_and_long_prompts_lose_their_start():
     tokenizer = word_tokenizer()
-    ids, labels, _ = encode_example(tokenizer, "w1 =", "w4 </s>", (2,), 64)
+    ids, labels, _ = encode_example(tokenizer, tokenizer.encode("w1 =").ids, "w4 </s>", (2,), 64)
     assert ids.tolist().count(2) == 1
     prompt = " ".join(WORDS[:20]) + " ="
-    ids, labels, truncated = encode_example(tokenizer, prompt, "w21 w22", (2,), 8)
+    ids, labels, truncated = encode_example(tokenizer, tokenizer.encode(prompt).ids, "w21 w22", (2,), 8)
     assert truncated and len(ids) == 8
     assert (labels != IGNORED_LABEL).sum() == 3  # the whole completion stays; the prompt keeps its end
     assert tokenizer.decode(ids.tolist()[:5]) == "w16 w17 w18 w19 ="
@@ -122,7 +122,9 @@ def test_chat_renders_with_the_template_and_trains_on_the_reply_and_its_end_of_t
     assert FORMAT.prompt_text(messages) == "<|user|> w1 w2 <|assistant|> "
     completion = FORMAT.completion_text(messages, "w3")
     assert completion == "w3 </s> "
-    ids, labels, _ = encode_example(word_tokenizer(), FORMAT.prompt_text(messages), completion, (2,), 64)
+    ids, labels, _ = encode_example(
+        word_tokenizer(), word_tokenizer().encode(FORMAT.prompt_text(messages)).ids, completion, (2,), 64
+    )
     assert [t for t in labels if t != IGNORED_LABEL] == [word_tokenizer().token_to_id("w3"), 2]
     with pytest.raises(DataError, match="no chat template"):
         PromptFormat(eos_token_ids=(2,)).prompt_text(messages)

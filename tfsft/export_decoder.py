@@ -621,8 +621,9 @@ def export_decoder_bundle(model, run_dir: str | os.PathLike, validation: Any, co
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
     prompt_format = encoder.prompt_format
-    _, _, reference = get_task(config.model.task).encode(encoder, validation, None, config.data)
-    prompts = [ids[-PARITY_PROMPT_TOKENS:] for ids in reference.prompt_ids[:PARITY_PROMPTS] if ids]
+    gated = validation.subset(range(min(PARITY_PROMPTS, len(validation))))  # only these are encoded
+    _, _, reference = get_task(config.model.task).encode(encoder, gated, None, config.data)
+    prompts = [ids[-PARITY_PROMPT_TOKENS:] for ids in reference.prompt_ids if ids]
     eos = prompt_format.eos_token_ids
     with bundle_work_dir(run_dir) as work:
         start = time.perf_counter()

@@ -182,13 +182,17 @@ class PromptFormat:
     def completion_text(self, prompt: Prompt, completion: str) -> str:
         """What follows the prompt in training: the completion, or for chat the rendered reply
         (the template's own end-of-turn tokens included, so the model learns to end its turn)."""
+        return self.texts(prompt, completion)[1]
+
+    def texts(self, prompt: Prompt, completion: str) -> tuple[str, str]:
+        """(`prompt_text`, `completion_text`) of one example, a chat prompt rendered once."""
+        head = self.prompt_text(prompt)
         if isinstance(prompt, str):
-            return completion
-        head = self.render(prompt, add_generation_prompt=True)
+            return head, completion
         whole = self.render([*prompt, {"role": "assistant", "content": completion}], add_generation_prompt=False)
         if not whole.startswith(head):
             raise DataError("the chat template does not render a conversation as its prompt followed by the reply")
-        return whole[len(head):]
+        return head, whole[len(head):]
 
 
 _TEMPLATES: dict[str, Any] = {}
@@ -210,17 +214,17 @@ def _compiled_template(source: str):
     return _TEMPLATES[source]
 
 
-def encode_example(tokenizer, prompt_text: str, completion_text: str, eos_token_ids: Sequence[int],
+def encode_example(tokenizer, prompt_ids: Sequence[int], completion_text: str, eos_token_ids: Sequence[int],
                    max_length: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """(token ids, labels, truncated) of one example.
 
-    The prompt is tokenized with the tokenizer's special tokens (a BOS where it adds one), the
-    completion without, and an eos follows unless the completion already holds one. Labels:
+    `prompt_ids`: the prompt tokenized with the tokenizer's special tokens (a BOS where it adds
+    one); the completion is tokenized without, and an eos follows unless it already holds one. Labels:
     position t carries token t+1 when that token is the completion's, else IGNORED_LABEL. A
     sequence over `max_length` loses the start of its prompt first (what is nearest the answer
     stays), then the end of its completion.
     """
-    prompt = list(tokenizer.encode(prompt_text, add_special_tokens=True).ids)
+    prompt = list(prompt_ids)
     completion = list(tokenizer.encode(completion_text, add_special_tokens=False).ids)
     if eos_token_ids and not set(completion) & set(eos_token_ids):
         completion.append(int(eos_token_ids[0]))
@@ -258,17 +262,17 @@ def encode_examples(encoder: Any, examples: CausalLMExamples, prompt_format: Pro
         ids, labels, truncated, prompt_ids = [], [], [], []
         for where, prompt, completion in zip(examples.rows, examples.prompts, examples.completions):
             try:
-                prompt_text = prompt_format.prompt_text(prompt)
-                completion_text = prompt_format.completion_text(prompt, completion)
+                prompt_text, completion_text = prompt_format.texts(prompt, completion)
             except DataError as error:
                 raise DataError(f"{examples.source}: row {where}: {error}") from None
+            prompt_tokens = list(tokenizer.encode(prompt_text, add_special_tokens=True).ids)
             row_ids, row_labels, cut = encode_example(
-                tokenizer, prompt_text, completion_text, prompt_format.eos_token_ids, encoder.max_length
+                tokenizer, prompt_tokens, completion_text, prompt_format.eos_token_ids, encoder.max_length
             )
             ids.append(row_ids)
             labels.append(row_labels)
             truncated.append(cut)
-            prompt_ids.append(list(tokenizer.encode(prompt_text, add_special_tokens=True).ids)[-encoder.max_length:])
+            prompt_ids.append(prompt_tokens[-encoder.max_length:])
     finally:
         tokenizer.enable_truncation(encoder.max_length, strategy="longest_first")
     encoded = EncodedTexts(
