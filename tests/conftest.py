@@ -127,6 +127,19 @@ def mrpc_slices(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def write_conll_slice(source, target, sentences: int):
+    """The first `sentences` sentences of a CoNLL file (the -DOCSTART- lines kept, as in the file)."""
+    out, seen = [], 0
+    for line in source.read_text(encoding="utf-8").splitlines():
+        out.append(line)
+        if not line.strip() and out[-2:-1] and out[-2].strip() and not out[-2].startswith("-DOCSTART-"):
+            seen += 1
+            if seen == sentences:
+                break
+    target.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return target
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
@@ -145,8 +158,9 @@ def make_run(directory: Path, checkpoint: Path, dev: Path, quantize: bool = True
     from tfsft import artifacts
     from tfsft.config import RunConfig
     from tfsft.data import LabelMap, read_examples
-    from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained
+    from tfsft.modeling import build_classifier, load_tokenizer, save_pretrained, tf
 
+    tf.keras.utils.set_random_seed(0)  # the head's draw must not depend on which tests ran before
     run_dir = directory / "run"
     run_dir.mkdir(parents=True)
     config = RunConfig.from_flat(dict(
@@ -173,5 +187,44 @@ def finished_tiny_run(tmp_path_factory, tiny_checkpoint, sst2_slices) -> Path:
         model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["train"]),
         validation_file=str(sst2_slices["dev"]), num_train_epochs=2, learning_rate=2e-3, warmup_ratio=0.0,
         per_device_train_batch_size=16, max_seq_length=64, output_dir=str(output_dir), export=True,
+    ))
+    return finetune(config, verbose=0).run_dir
+
+
+MULTITASK_SETTINGS = dict(
+    num_train_epochs=2, learning_rate=2e-3, warmup_ratio=0.0, per_device_train_batch_size=16, max_seq_length=64,
+)
+
+
+def multitask_tasks(directory: Path) -> dict:
+    """Three tasks of the shared data sets, small: SST-2 sentences, STS-B pairs scored 0-5, CoNLL entities."""
+    glue = SHARED_DATA / "glue"
+    slices = {
+        "sst2": (write_tsv_slice(shared_path("glue", "SST-2", "train.tsv"), directory / "sst2_train.tsv", 160),
+                 write_tsv_slice(glue / "SST-2" / "dev.tsv", directory / "sst2_dev.tsv", 48)),
+        "stsb": (write_tsv_slice(shared_path("glue", "STS-B", "train.tsv"), directory / "stsb_train.tsv", 96),
+                 write_tsv_slice(glue / "STS-B" / "dev.tsv", directory / "stsb_dev.tsv", 40)),
+        "conll": (write_conll_slice(shared_path("conll2003", "train.txt"), directory / "conll_train.txt", 80),
+                  write_conll_slice(SHARED_DATA / "conll2003" / "dev.txt", directory / "conll_dev.txt", 32)),
+    }
+    return {
+        "sentiment": {"task": "classification", "train_file": str(slices["sst2"][0]), "validation_file": str(slices["sst2"][1])},
+        "similarity": {
+            "task": "regression", "train_file": str(slices["stsb"][0]), "validation_file": str(slices["stsb"][1]),
+            "text_column": "sentence1", "text_pair_column": "sentence2", "label_column": "score",
+        },
+        "entities": {"task": "ner", "train_file": str(slices["conll"][0]), "validation_file": str(slices["conll"][1])},
+    }
+
+
+@pytest.fixture(scope="session")
+def multitask_run(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A finished multi-task run of the tiny BERT (sentiment, similarity, entities), not exported."""
+    from tfsft import RunConfig, finetune
+
+    directory = tmp_path_factory.mktemp("multitask")
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), tasks=multitask_tasks(directory), output_dir=str(directory / "run"),
+        export=False, **MULTITASK_SETTINGS,
     ))
     return finetune(config, verbose=0).run_dir

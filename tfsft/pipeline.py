@@ -137,6 +137,10 @@ def finetune(config: RunConfig, callbacks: Optional[Sequence] = None, verbose: i
     training metrics with the output dir they were given.
     """
     config = config.with_embedded_defaults()
+    if config.tasks:
+        from tfsft.multitask import finetune_multitask
+
+        return finetune_multitask(config, callbacks, verbose)
     inputs = None
     if config.train.strategy == "multiworker":
         refuse_multiworker_resume(config)
@@ -294,13 +298,26 @@ def _finetune(
 
     set_seed(config.train.seed, config.train.deterministic)
     set_precision(config.train.mixed_precision)
+    metrics, model = train_into(config, output_dir, lambda partial: _train_and_save(
+        config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights, stream,
+        inputs.unlabeled,
+    ))
+    if config.export.export:
+        _log(f"run saved to {output_dir}; exporting it to ONNX")
+        validation = (splits.validation, labels["validation"])
+        _export_published(output_dir, lambda: _export_trained(model, output_dir, validation))
+    _log(f"done: {output_dir}")
+    return FinetuneResult(metrics=metrics, run_dir=output_dir)
+
+
+def train_into(config: RunConfig, output_dir: Path, train) -> tuple[dict[str, Any], Any]:
+    """Run `train(partial)` (fit, evaluate and save into the work-in-progress dir; returns (metrics,
+    model)) and publish the dir as `output_dir`. If it fails, the partial dir is removed, unless it was
+    interrupted (Ctrl-C) after an epoch was backed up, so the same command resumes."""
     partial = open_partial_dir(config, output_dir)
     _log(f"writing the run to {output_dir} (in progress: {partial})")
     try:
-        metrics, model = _train_and_save(
-            config, splits, labels, label_map, checkpoint, tokenizer, encoder, partial, callbacks, verbose, weights, stream,
-            inputs.unlabeled,
-        )
+        metrics, model = train(partial)
     except KeyboardInterrupt:
         multiworker = config.train.strategy == "multiworker"
         if (partial / artifacts.BACKUP_DIR).exists() and not multiworker:
@@ -322,12 +339,7 @@ def _finetune(
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
         raise ArtifactError(_write_failure(partial, output_dir, error)) from None
-    if config.export.export:
-        _log(f"run saved to {output_dir}; exporting it to ONNX")
-        validation = (splits.validation, labels["validation"])
-        _export_published(output_dir, lambda: _export_trained(model, output_dir, validation))
-    _log(f"done: {output_dir}")
-    return FinetuneResult(metrics=metrics, run_dir=output_dir)
+    return metrics, model
 
 
 def _resolve_few_shot(config: RunConfig, inputs: RunInputs) -> str:
@@ -651,15 +663,23 @@ def _worker_metrics(history: list[dict[str, float]], epochs_run: int, seconds: f
     }
 
 
-def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None, task: Optional[str] = None) -> dict[str, Any]:
     """Evaluate a saved run on another labeled file, with the run's own column settings.
 
     Writes metrics.json, eval_report.json and its plot into `RUN/evaluations/<file stem>/`
     (replaced whole, atomically, when that stem is evaluated again), never over the run's own
-    reports, and returns the metrics.
+    reports, and returns the metrics. `task`: the head of a multi-task run to evaluate (with
+    that task's column settings; written into `RUN/evaluations/<task>/<file stem>/`).
     """
     run = artifacts.require_run_dir(run_dir)
     config = artifacts.read_config(run)
+    if config.tasks:
+        from tfsft.multitask import evaluate_task
+
+        metrics, report = evaluate_task(run, config, file, task, batch_size)
+        return _write_file_evaluation(run / EVALUATIONS_DIR / str(task), file, metrics, report)
+    if task is not None:
+        raise ConfigError(f"--task names a head of a multi-task run; {run} is a {config.model.task} run. Received: task={task!r}")
     model_dir = run / artifacts.MODEL_DIR
     task = config.model.task
     label_map = saved_label_map(model_dir)
@@ -667,7 +687,7 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     labels = encode_labels(task, label_map, examples, config.data.label_delimiter)
     tokenizer = load_tokenizer(model_dir)
     encoder = text_encoder(tokenizer, config.data.max_seq_length)
-    from tfsft.evaluation import score_model, write_evaluation
+    from tfsft.evaluation import score_model
     from tfsft.lora import load_run_model
     from tfsft.modeling import feature_names
 
@@ -680,10 +700,16 @@ def evaluate_run(run_dir: str, file: str, batch_size: Optional[int] = None) -> d
     )
     decision = artifacts.read_decision(run)
     metrics, report = score_model(task, model, data, reference, label_map, "eval", decision, config.data)
+    return _write_file_evaluation(run / EVALUATIONS_DIR, file, metrics, report)
+
+
+def _write_file_evaluation(evaluations: Path, file: str, metrics: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """Write one file's evaluation into `evaluations/<file stem>/`, replacing an earlier one atomically."""
+    from tfsft.evaluation import write_evaluation
+
     report["data_file"] = str(file)
-    evaluations = run / EVALUATIONS_DIR
     name = Path(file).stem.lstrip(".") or "data"  # never "..": that would be the run itself
-    evaluations.mkdir(exist_ok=True)
+    evaluations.mkdir(parents=True, exist_ok=True)
     artifacts.remove_stale_work_dirs(evaluations, name)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=evaluations))
     try:

@@ -14,6 +14,10 @@ model's arithmetic, not the per-call overhead, bounds a CPU. bench/serve_load.py
 modes against each other and against the in-process ceiling; /metrics shows the batch sizes
 that actually form.
 
+A multi-task bundle (one encoder, a head per task) answers /predict bodies that name their task
+(`"task": "similarity"`); the micro-batcher merges only requests of the same task (and kind of
+input) into one call, and /metadata lists the tasks.
+
 A bundle whose task generates (a decoder LM) is served by POST /generate instead: each request
 is one `Predictor.generate` call in the thread pool (its prompts batched together), or with
 `"stream": true` a server-sent event stream of the text as tokens come. Generation requests are
@@ -206,6 +210,15 @@ class ServerMetrics:
 class _Pending:
     inputs: list[TextInput]
     future: asyncio.Future
+    task: Optional[str] = None
+    """The task of a multi-task model that answers (None: the model's only one)."""
+
+
+def predict_call(predictor: Predictor, inputs: list[Any], task: Optional[str]) -> Callable[[], list[AnyPrediction]]:
+    """The Predictor call for `inputs` of `task` (passed only when there is one to name)."""
+    if task is None:
+        return functools.partial(predictor.predict, inputs)
+    return functools.partial(predictor.predict, inputs, task=task)
 
 
 class MicroBatcher:
@@ -213,8 +226,8 @@ class MicroBatcher:
 
     `batching.concurrency` worker tasks drain one queue: each takes the first waiting request,
     adds whatever else is waiting (or arrives within the max wait) up to `max_texts` inputs, runs
-    the Predictor once per kind of input (texts, pairs) in a worker thread, and resolves each
-    request's future with its own predictions, in order.
+    the Predictor once per task and kind of input (texts, pairs) in a worker thread, and resolves
+    each request's future with its own predictions, in order.
     """
 
     def __init__(self, predictor: Predictor, batching: Batching, metrics: Optional[ServerMetrics] = None):
@@ -244,11 +257,12 @@ class MicroBatcher:
         """Whether every batch worker is still running (a dead one would leave requests hanging)."""
         return bool(self._workers) and not any(worker.done() for worker in self._workers)
 
-    async def predict(self, inputs: list[TextInput]) -> list[AnyPrediction]:
+    async def predict(self, inputs: list[TextInput], task: Optional[str] = None) -> list[AnyPrediction]:
+        """The predictions of one request (`task`: which task of a multi-task model answers)."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(inputs, future))
+        await self._queue.put(_Pending(inputs, future, task))
         self._report_depth()
         return await future
 
@@ -284,7 +298,7 @@ class MicroBatcher:
         """One Predictor call for the group; if it fails, each request alone, so only the culprit fails."""
         inputs = [item for pending in group for item in pending.inputs]
         try:
-            predictions = await run_in_threadpool(self.predictor.predict, inputs)
+            predictions = await run_in_threadpool(predict_call(self.predictor, inputs, group[0].task))
         except Exception as error:
             if len(group) == 1:
                 _resolve(group[0].future, error=error)
@@ -301,10 +315,12 @@ class MicroBatcher:
 
 
 def _by_kind(batch: list[_Pending]) -> list[list[_Pending]]:
-    """Requests of single texts and of pairs, apart: one Predictor call takes only one kind."""
-    texts = [p for p in batch if isinstance(p.inputs[0], str)]
-    pairs = [p for p in batch if not isinstance(p.inputs[0], str)]
-    return [group for group in (texts, pairs) if group]
+    """Requests of single texts and of pairs, and of each task, apart: one Predictor call takes
+    only one kind of input, for one head."""
+    groups: dict[tuple[Optional[str], bool], list[_Pending]] = {}
+    for pending in batch:
+        groups.setdefault((pending.task, isinstance(pending.inputs[0], str)), []).append(pending)
+    return [group for _, group in sorted(groups.items(), key=lambda item: not item[0][1])]  # texts first
 
 
 def _resolve(future: asyncio.Future, result: Any = None, error: Optional[BaseException] = None) -> None:
@@ -458,6 +474,26 @@ def _check_kind(task: str, key: str) -> None:
 
 ADAPTER_KEY = "adapter"
 """The /predict field naming which of several served models (`--adapter NAME=RUN`) answers."""
+TASK_KEY = "task"
+"""The /predict field naming which task of a multi-task model answers."""
+
+
+def parse_task(payload: dict[str, Any], predictor: Predictor) -> Optional[str]:
+    """The task a /predict body names: required (one of the model's) for a multi-task model,
+    refused for a model of one task. Raises RequestError naming the field."""
+    task = payload.get(TASK_KEY)
+    if not predictor.heads:
+        if task is not None:
+            raise RequestError(f'"{TASK_KEY}" selects a task of a multi-task model; this {predictor.bundle.task} model '
+                               f'has one task: send no "{TASK_KEY}". Received: {TASK_KEY}={str(task)[:80]!r}')
+        return None
+    tasks = list(predictor.heads)
+    if task is None:
+        raise RequestError(f'name the task in "{TASK_KEY}": this multi-task model\'s tasks are {tasks}')
+    if not isinstance(task, str) or task not in predictor.heads:
+        raise RequestError(f'unknown "{TASK_KEY}"; this multi-task model\'s tasks are {tasks}. '
+                           f"Received: {TASK_KEY}={task!r:.80}")
+    return task
 
 
 @dataclass
@@ -481,6 +517,10 @@ def _model_metadata(predictor: Predictor, precision: Optional[PrecisionChoice]) 
         "max_seq_length": bundle.max_seq_length,
         "export_report": bundle.report(),
     }
+    if predictor.heads:
+        metadata["tasks"] = [
+            {"name": name, "task": head.bundle.task, "labels": list(head.labels)} for name, head in predictor.heads.items()
+        ]
     if predictor.generates:
         metadata["generation"] = {
             "endpoint": "/generate", "max_new_tokens": predictor.max_new_tokens, "temperature": 0.0, "top_p": 1.0,
@@ -655,10 +695,13 @@ def create_app(
             raise RequestError(f'unknown "{ADAPTER_KEY}"; served: {known}. Received: {ADAPTER_KEY}={str(name)[:80]!r}', 404)
         return served[name]
 
-    async def unbatched(model: Predictor, inputs: list[TextInput]) -> list[AnyPrediction]:
-        predictions = await run_in_threadpool(model.predict, inputs)
+    async def unbatched(model: Predictor, inputs: list[TextInput], task: Optional[str]) -> list[AnyPrediction]:
+        predictions = await run_in_threadpool(predict_call(model, inputs, task))
         metrics.observe_call(len(inputs), 1)
         return predictions
+
+    def batched(batcher: MicroBatcher, inputs: list[TextInput], task: Optional[str]) -> Awaitable[list[AnyPrediction]]:
+        return batcher.predict(inputs) if task is None else batcher.predict(inputs, task)
 
     def refuse(error: RequestError) -> JSONResponse:
         if error.refused:
@@ -676,7 +719,9 @@ def create_app(
         try:
             payload = parse_payload(await read_body(request, limits), limits)
             entry = choose(payload)
-            inputs = parse_inputs(payload, limits, entry.predictor.bundle.task)
+            task = parse_task(payload, entry.predictor)
+            head = entry.predictor if task is None else entry.predictor.for_task(task)
+            inputs = parse_inputs(payload, limits, head.bundle.task)
         except RequestError as error:
             return refuse(error)
         if not in_flight.admit(len(inputs)):
@@ -685,7 +730,8 @@ def create_app(
         batch_it = batcher is not None and batcher.batching.batches(inputs)
         # The work is its own task, shielded from the timeout: it ends (and leaves the count) only
         # when its model call does, since a call running in a thread cannot be stopped.
-        work = asyncio.ensure_future(batcher.predict(inputs) if batch_it else unbatched(entry.predictor, inputs))
+        work = asyncio.ensure_future(
+            batched(batcher, inputs, task) if batch_it else unbatched(entry.predictor, inputs, task))
         work.add_done_callback(functools.partial(in_flight.release, len(inputs)))
         try:
             predictions = await asyncio.wait_for(asyncio.shield(work), limits.request_timeout_s)
@@ -703,8 +749,8 @@ def create_app(
             payload = parse_payload(await read_body(request, limits), limits)
             entry = choose(payload)
             if not entry.predictor.generates:
-                raise RequestError(f"this {entry.predictor.bundle.task} model does not generate text: POST /predict "
-                                   '{"texts": ["..."]}')
+                body = '{"task": "...", "texts": ["..."]}' if entry.predictor.heads else '{"texts": ["..."]}'
+                raise RequestError(f"this {entry.predictor.bundle.task} model does not generate text: POST /predict {body}")
             parsed = parse_generate(payload, limits)
         except RequestError as error:
             return refuse(error)
@@ -909,13 +955,15 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, wo
     timeout = "no timeout" if limits.request_timeout_s is None else f"{limits.request_timeout_s:g} s timeout"
     served = []
     bundles = {name: Bundle.load(path) for name, path in settings.bundles().items()}
-    if all(TASKS[bundle.task].generates for bundle in bundles.values()):
+    if all(not bundle.heads and TASKS[bundle.task].generates for bundle in bundles.values()):
         mode = "text generation on POST /generate, one model call per request (not micro-batched)"
     for name, bundle in bundles.items():
         choice = choices[name]
+        tasks = ", ".join(f"{task} ({head.task})" for task, head in bundle.heads.items())
         served.append(
             f"{'' if not settings.adapters else f'adapter {name!r}: '}{bundle.directory}: {choice.name} model "
             f"{bundle.model_path(int8=choice.int8).name} ({choice.reason})"
+            + (f"; tasks (name \"task\" in each /predict body): {tasks}" if tasks else "")
         )
     print(f"[tfsft] serving on http://{host}:{port}: {'; '.join(served)}; {mode}; at most {limits.max_queued_texts} "
           f"inputs queued per process, {timeout} per request; {workers} worker process(es)",

@@ -8,7 +8,8 @@ from `text`/`sentence`/... (and `text_pair`/`sentence2`/...); --text_column and
 writes `answer`, `start`, `end` (character offsets into the context) and `score`. A bundle of a
 model that generates text (--task causal_lm) reads a `prompt` field or column (or, in JSONL, chat
 `messages`) and writes `generated` and `finish_reason` (CSV: a `generated` column), continuing
-each prompt greedily by up to --max_new_tokens tokens.
+each prompt greedily by up to --max_new_tokens tokens. A multi-task bundle predicts with the head
+--task names, reading and writing the fields a single-task bundle of that task would.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ CHUNK = 1024
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("bundle", help="An ONNX bundle directory (RUN_DIR/onnx).")
+    parser.add_argument("--task", default=None,
+                        help="A multi-task bundle: the task (head) to predict with, one of those its bundle.json names.")
     parser.add_argument("--input", required=True, help="CSV, TSV or JSONL file with a text column, or - for stdin.")
     parser.add_argument("--input_format", choices=("csv", "tsv", "jsonl"), help="Default: from the suffix (stdin: jsonl).")
     parser.add_argument(
@@ -62,6 +65,10 @@ def run(args: argparse.Namespace) -> None:
     )
 
     predictor = Predictor(args.bundle, int8=args.int8, batch_size=args.batch_size, num_threads=args.num_threads)
+    try:
+        predictor = predictor.for_task(args.task)
+    except ConfigError as error:
+        raise ConfigError(f"--task: {error}") from None
     if args.max_new_tokens is not None and not predictor.generates:
         raise ConfigError(f"--max_new_tokens applies to a model that generates text; this bundle's task is "
                           f"{predictor.bundle.task}. Received: max_new_tokens={args.max_new_tokens}")

@@ -5,7 +5,8 @@ Concurrent requests are collected into Predictor calls (`--max_batch_texts`, `--
 own model call, run concurrently in a thread pool. `--workers N` runs N server processes on one
 port. /metrics is in the Prometheus text format. Under overload a request gets a 503 with
 Retry-After when `--max_queued_texts` inputs already wait or compute, and a 504 when its
-predictions take longer than `--request_timeout_s`.
+predictions take longer than `--request_timeout_s`. A multi-task bundle answers /predict bodies
+that name their task (`{"task": "NAME", "texts": [...]}`); /metadata lists its tasks.
 """
 
 from __future__ import annotations

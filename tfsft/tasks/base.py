@@ -53,6 +53,8 @@ class Task:
     """--teacher_model can distill it (one output vector per text)."""
     streams: ClassVar[bool] = False
     """--streaming can read its training file."""
+    multitask: ClassVar[bool] = False
+    """A head of a multi-task run (`tasks:`): one output per text, pair or token from the shared encoder."""
     windowed: ClassVar[bool] = False
     """An example becomes several model inputs (windows): metrics.json counts them."""
     generates: ClassVar[bool] = False

@@ -74,6 +74,7 @@ class Classification(Task):
     name = "classification"
     summary = "one label per text or pair (sentiment, topic, intent, paraphrase)"
     best_metrics = ("accuracy", "f1", "f1_macro", "mcc", "loss")
+    multitask = True
     keras_metrics = frozenset({"accuracy", "loss"})
     stratified = True
     class_weighted = True

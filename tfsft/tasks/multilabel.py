@@ -177,6 +177,7 @@ class Multilabel(Task):
     name = "multilabel"
     summary = "any number of labels per text or pair"
     best_metrics = ("f1_micro", "f1_macro", "loss")
+    multitask = True
     few_shot = True
     distilled = True
     distill_metric_name = "binary_accuracy"

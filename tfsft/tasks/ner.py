@@ -278,6 +278,7 @@ class Ner(Task):
     name = "ner"
     summary = "one tag per word (CoNLL files or JSONL with tokens and tags)"
     best_metrics = ("f1", "precision", "recall", "loss")
+    multitask = True
     sequence_head = False
     takes_pairs = False
     needs_train_file = True

@@ -79,6 +79,7 @@ class Regression(Task):
     name = "regression"
     summary = "one score per text or pair (similarity, rating)"
     best_metrics = ("spearman", "pearson", "mse", "loss")
+    multitask = True
     label_counts = (1, 1)
     distilled = True
     distill_metric_name = "mse"
