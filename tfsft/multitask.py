@@ -216,7 +216,7 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
     from tfsft.export import record_validation
     from tfsft.lora import parameter_counts
     from tfsft.multitask_model import HeadSpec, HeadView, LabelLayout, build_multitask, save_multitask
-    from tfsft.pipeline import XLA_PAD_MULTIPLE
+    from tfsft.pipeline import XLA_PAD_MULTIPLE, training_metrics
     from tfsft.training import compile_model, fit, make_strategy
 
     train = config.train
@@ -307,7 +307,6 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
             write_evaluation(directory, *evaluated[task.name], "eval")
             if task.name in tested:
                 write_evaluation(directory, *tested[task.name], "test")
-    losses = [row["loss"] for row in history if "loss" in row]
     train_tokens = sum(int(part.encoded.lengths.sum()) for part in train_parts)
     metrics: dict[str, Any] = {}
     for index, task in enumerate(tasks):
@@ -325,16 +324,7 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
         metrics["test_mean"] = mean_main_metric({name: m for name, (m, _) in tested.items()}, [t for t in tasks if t.name in tested], "test")
     metrics.update(
         tasks=[task.name for task in tasks],
-        train_runtime_s=round(seconds, 3),
-        train_examples_per_s=round(sum(sizes) * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
-        train_tokens_per_s=round(train_tokens * epochs_run / max(seconds, 1e-9), 1) if epochs_run else None,
-        train_samples=sum(sizes),
-        train_loss_first_epoch=float(losses[0]) if losses else None,
-        train_loss_last_epoch=float(losses[-1]) if losses else None,
-        epochs=len(losses),
-        epochs_resumed=len(losses) - epochs_run,
-        replicas=replicas,
-        padding_fraction=round(train_data.padding_fraction(), 4),
+        **training_metrics(history, epochs_run, seconds, sum(sizes), train_tokens, replicas, train_data.padding_fraction()),
         task_sampling_temperature=train.task_sampling_temperature,
         newly_initialized=[f"{spec.name} head" for spec in specs],
         **parameters,

@@ -587,20 +587,10 @@ def _train_and_save(
             )
             write_evaluation(partial, test_metrics, test_report, "test")
             metrics.update(test_metrics)
-    losses = [row["loss"] for row in history if "loss" in row]
     train_tokens = None if stream is not None else int(train_data.encoded.lengths.sum())
     metrics.update(
         **initial_metrics,
-        train_runtime_s=round(seconds, 3),
-        train_examples_per_s=round(train_samples * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
-        train_tokens_per_s=round(train_tokens * epochs_run / max(seconds, 1e-9), 1) if epochs_run and train_tokens else None,
-        train_samples=train_samples,
-        train_loss_first_epoch=float(losses[0]) if losses else None,
-        train_loss_last_epoch=float(losses[-1]) if losses else None,
-        epochs=len(losses),
-        epochs_resumed=len(losses) - epochs_run,
-        replicas=replicas,
-        padding_fraction=round(train_data.padding_fraction(), 4),
+        **training_metrics(history, epochs_run, seconds, train_samples, train_tokens, replicas, train_data.padding_fraction()),
         **({"train_windows": len(train_data.encoded)} if spec.windowed else {}),
         newly_initialized=list(load_report.newly_initialized),
         **parameters,
@@ -614,6 +604,26 @@ def _train_and_save(
     (partial / artifacts.BEST_WEIGHTS).unlink(missing_ok=True)
     artifacts.write_json(partial / artifacts.METRICS_FILE, metrics)
     return metrics, model
+
+
+def training_metrics(
+    history: list[dict[str, float]], epochs_run: int, seconds: float, samples: int, tokens: Optional[int], replicas: int,
+    padding_fraction: float,
+) -> dict[str, Any]:
+    """What metrics.json says of the training itself: time, speed, losses, epochs (resumed ones too)."""
+    losses = [row["loss"] for row in history if "loss" in row]
+    return dict(
+        train_runtime_s=round(seconds, 3),
+        train_examples_per_s=round(samples * epochs_run / max(seconds, 1e-9), 3) if epochs_run else None,
+        train_tokens_per_s=round(tokens * epochs_run / max(seconds, 1e-9), 1) if epochs_run and tokens else None,
+        train_samples=samples,
+        train_loss_first_epoch=float(losses[0]) if losses else None,
+        train_loss_last_epoch=float(losses[-1]) if losses else None,
+        epochs=len(losses),
+        epochs_resumed=len(losses) - epochs_run,
+        replicas=replicas,
+        padding_fraction=round(padding_fraction, 4),
+    )
 
 
 def _distillation_targets(config, examples, labels, label_map, unlabeled, encoder, encoded, partial):
