@@ -437,3 +437,42 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_checkpoint, tmp_p
         for key, value in reference.metrics[name].items():
             if key.startswith("eval_"):
                 assert metrics[name][key] == pytest.approx(value, abs=1e-5), (name, key)
+
+
+def test_a_multilabel_head_ships_its_validation_threshold_and_predicts_label_sets(tiny_checkpoint, tmp_path):
+    """Multilabel beside classification, exported: the threshold chosen on validation is that head's
+    decision in bundle.json, and the Predictor's label sets are its probabilities at that threshold."""
+    import csv
+
+    from conftest import shared_path, write_tsv_slice
+    from tfsft import finetune
+    from tfsft.inference import Predictor
+
+    sst2 = write_tsv_slice(shared_path("glue", "SST-2", "train.tsv"), tmp_path / "sst2.tsv", 240)
+    rows = [line.split("\t") for line in sst2.read_text(encoding="utf-8").splitlines()[1:]]
+    tagged = tmp_path / "tagged.csv"
+    with tagged.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "labels"])
+        for text, label in rows:  # real phrases, two label families: sentiment and length
+            names = ["positive" if label == "1" else "negative"] + (["long"] if len(text.split()) > 6 else [])
+            writer.writerow([text, "|".join(names)])
+    tasks = {
+        "tags": {"task": "multilabel", "train_file": str(tagged), "label_column": "labels"},
+        "sentiment": {"task": "classification", "train_file": str(sst2)},
+    }
+    result = finetune(RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), tasks=tasks, output_dir=str(tmp_path / "run"), **MULTITASK_SETTINGS,
+    )), verbose=0)
+    metrics = result.metrics
+    assert {"eval_f1_micro", "eval_threshold"} <= set(metrics["tags"])
+    bundle = json.loads((result.run_dir / "onnx" / "bundle.json").read_text())
+    assert bundle["tasks"]["tags"]["decision"]["threshold"] == pytest.approx(metrics["tags"]["eval_threshold"])
+    predictor = Predictor(result.run_dir / "onnx", int8=False)
+    texts = [row[0] for row in rows[:12]]
+    threshold = metrics["tags"]["eval_threshold"]
+    probabilities = 1 / (1 + np.exp(-predictor.logits(texts, task="tags")))
+    names = predictor.for_task("tags").labels
+    for prediction, row in zip(predictor.predict(texts, task="tags"), probabilities):
+        assert sorted(prediction.labels) == sorted(name for name, p in zip(names, row) if p >= threshold)
+    assert {p.label for p in predictor.predict(texts, task="sentiment")} <= {"0", "1"}
