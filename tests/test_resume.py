@@ -23,6 +23,10 @@ from tfsft import pipeline
 from tfsft.modeling import tf
 
 epoch_at, batch_at, signum, script = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+# What a user's Ctrl-C meets, whatever this process inherited: a parent that blocked or ignored
+# SIGINT (a worker that spawned a resource tracker, say) leaves it blocked or ignored here too.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class SignalSelf(tf.keras.callbacks.Callback):
@@ -31,7 +35,7 @@ class SignalSelf(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.epoch == epoch_at and batch == batch_at:
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)  # to this thread (the main one): os.kill may land on another
 
 
 run = pipeline.finetune
