@@ -13,6 +13,7 @@ output per head (`tfsft.export_multitask`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ TASKS_DIR = "tasks"
 COLUMNS = ("text_column", "text_pair_column", "label_column")
 """The columns a run detects when not given (config.json records what they were)."""
 CYCLE_STRIDE = 1000
-"""A task drawn more often than it has batches starts a new pass: pass k of epoch e is shuffled as epoch e * stride + k."""
+"""A task drawn more often than it has batches starts a new pass: pass k of epoch e is shuffled as
+epoch e * stride + k (distinct orders for the first thousand passes of each epoch)."""
 
 
 def _log(message: str) -> None:
@@ -147,7 +149,7 @@ class MultiTaskData:
 
     def _passes(self, index: int) -> Iterator[Any]:
         part = self.parts[index]
-        for number in range(CYCLE_STRIDE):
+        for number in itertools.count():
             if self.probabilities is not None:
                 part.epoch = self.epoch * CYCLE_STRIDE + number
             yield from part
