@@ -262,20 +262,23 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
         compile_model(model, train, steps * train.num_train_epochs, config.model.task, steps_per_epoch=steps, objective=(None, []))
     decision = {"threshold": train.multilabel_threshold}
 
-    def scores(current, split: str, prefix: str, decisions: Optional[dict[str, Any]] = None, data=None):
-        """{task name: (metrics, report)} of the model on one split of every task."""
-        out = {}
-        for index, task in enumerate(tasks):
-            part = (data or validation_parts)[index]
-            logits = predict_logits(HeadView(current, task.name), part)
-            chosen = decision if decisions is None else decisions[task.name]
-            out[task.name] = task_metrics(task.entry.task, references[task.name, split], logits, task.label_map, prefix, chosen)
-        return out
+    def scores(current, split: str, parts: dict[str, LengthBatchedData], prefix: str,
+               decisions: Optional[dict[str, Any]] = None) -> dict[str, tuple[dict[str, float], dict[str, Any]]]:
+        """{task name: (metrics, report)} of the model on one split of the tasks in `parts` (their batches)."""
+        return {
+            task.name: task_metrics(
+                task.entry.task, references[task.name, split], predict_logits(HeadView(current, task.name), parts[task.name]),
+                task.label_map, prefix, decision if decisions is None else decisions[task.name],
+            )
+            for task in tasks if task.name in parts
+        }
+
+    validation_by_task = {task.name: part for task, part in zip(tasks, validation_parts)}
 
     def validation_scores(current) -> dict[str, float]:
-        results = scores(current, "validation", "eval")
+        results = scores(current, "validation", validation_by_task, "eval")
         values = {f"{name}_{key[len('eval_'):]}": v for name, (m, _) in results.items() for key, v in m.items() if key != "eval_samples"}
-        values["mean"] = mean_main_metric({name: m for name, (m, _) in results.items()}, tasks, "eval")
+        values["mean"] = mean_main_metric(results, tasks, "eval")
         return values
 
     _log(
@@ -291,19 +294,10 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
             (partial / TASKS_DIR / task.name).mkdir(parents=True, exist_ok=True)
             record_validation(partial / TASKS_DIR / task.name, task.splits.validation)
     with stage("evaluation"):
-        evaluated = scores(model, "validation", "eval")
+        evaluated = scores(model, "validation", validation_by_task, "eval")
         decisions = {name: report.get("decision") or {} for name, (_, report) in evaluated.items()}
-        tested = {}
-        test_tasks = [task for task in tasks if task.splits.test is not None]
-        if test_tasks:
-            test_parts = [batches(task, "test", False) if task.splits.test is not None else None for task in tasks]
-            for index, task in enumerate(tasks):
-                if test_parts[index] is None:
-                    continue
-                logits = predict_logits(HeadView(model, task.name), test_parts[index])
-                tested[task.name] = task_metrics(
-                    task.entry.task, references[task.name, "test"], logits, task.label_map, "test", decisions[task.name]
-                )
+        test_parts = {task.name: batches(task, "test", False) for task in tasks if task.splits.test is not None}
+        tested = scores(model, "test", test_parts, "test", decisions)
         for task in tasks:
             directory = partial / TASKS_DIR / task.name
             write_evaluation(directory, *evaluated[task.name], "eval")
@@ -321,9 +315,9 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
             "sampling_probability": round(float(probabilities[index]), 6),
             "padding_fraction": round(train_parts[index].padding_fraction(), 4),
         }
-    metrics["eval_mean"] = mean_main_metric({name: m for name, (m, _) in evaluated.items()}, tasks, "eval")
+    metrics["eval_mean"] = mean_main_metric(evaluated, tasks, "eval")
     if tested:
-        metrics["test_mean"] = mean_main_metric({name: m for name, (m, _) in tested.items()}, [t for t in tasks if t.name in tested], "test")
+        metrics["test_mean"] = mean_main_metric(tested, tasks, "test")
     metrics.update(
         tasks=[task.name for task in tasks],
         **training_metrics(history, epochs_run, seconds, sum(sizes), train_tokens, replicas, train_data.padding_fraction()),
@@ -337,9 +331,12 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
     return metrics, model
 
 
-def mean_main_metric(metrics: dict[str, dict[str, float]], tasks: Sequence[TaskInputs], prefix: str) -> float:
-    """The mean over tasks of each one's main metric (its metric_for_best_model)."""
-    return float(np.mean([metrics[task.name][f"{prefix}_{task.entry.metric_for_best_model}"] for task in tasks]))
+def mean_main_metric(results: dict[str, tuple[dict[str, float], Any]], tasks: Sequence[TaskInputs], prefix: str) -> float:
+    """The mean, over the tasks `results` (task name -> (metrics, report)) holds, of each one's main
+    metric (its metric_for_best_model)."""
+    return float(np.mean([
+        results[task.name][0][f"{prefix}_{task.entry.metric_for_best_model}"] for task in tasks if task.name in results
+    ]))
 
 
 def evaluate_task(run: Path, config: RunConfig, file: str, name: Optional[str], batch_size: Optional[int]):
