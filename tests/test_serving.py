@@ -136,7 +136,7 @@ class FakePredictor:
         self.calls: list[list] = []
         self.fail_on = fail_on
 
-    def predict(self, inputs):
+    def predict(self, inputs, task=None):
         from tfsft.inference import Prediction
 
         self.calls.append(list(inputs))
@@ -386,11 +386,11 @@ def test_concurrent_requests_form_batches_that_metrics_show(bundle_dir):
     release = th.Event()
     predict = predictor.predict
 
-    def slow_first_predict(inputs):
+    def slow_first_predict(inputs, task=None):
         if not first_call.is_set():
             first_call.set()
             release.wait(10)
-        return predict(inputs)
+        return predict(inputs, task=task)
 
     predictor.predict = slow_first_predict
     app = create_app(predictor, batching=Batching(concurrency=1))
@@ -468,10 +468,10 @@ def slow_on(predictor, marker: str, seconds: float):
     """Make `predictor` sleep `seconds` on any call whose inputs contain `marker`."""
     predict = predictor.predict
 
-    def maybe_slow(inputs):
+    def maybe_slow(inputs, task=None):
         if any(marker in str(item) for item in inputs):
             time.sleep(seconds)
-        return predict(inputs)
+        return predict(inputs, task=task)
 
     predictor.predict = maybe_slow
     return predictor
@@ -526,9 +526,9 @@ def test_a_full_queue_gets_503_with_retry_after(bundle_dir, micro_batching):
     release = th.Event()
     predict = predictor.predict
 
-    def blocked(inputs):
+    def blocked(inputs, task=None):
         release.wait(20)
-        return predict(inputs)
+        return predict(inputs, task=task)
 
     predictor.predict = blocked
     app = create_app(predictor, Limits(max_texts=4, max_queued_texts=4), batching=Batching() if micro_batching else None)
@@ -660,9 +660,9 @@ def test_only_requests_of_short_texts_are_micro_batched(bundle_dir):
     with TestClient(app) as client:
         batch_predict = app.state.batcher.predict
 
-        async def recording_predict(inputs):
+        async def recording_predict(inputs, task=None):
             batched.append(inputs)
-            return await batch_predict(inputs)
+            return await batch_predict(inputs, task)
 
         app.state.batcher.predict = recording_predict
         for body in ({"texts": ["short one"]}, {"texts": ["short", "a text of more than twelve characters"]},

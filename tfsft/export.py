@@ -1104,6 +1104,50 @@ def _require_fp32_parity(name: str, results: dict[str, ParityResult], tolerance:
             )
 
 
+@dataclass(frozen=True)
+class OutputCheck:
+    """One model output the parity gate checks: its parity set, the score reported for it, its
+    Keras score (int8's drop is measured from it) and the ONNX output's name."""
+
+    parity_set: _ParitySet
+    score_name: str
+    keras_score: float
+    output: str = OUTPUT_NAME
+
+
+def check_outputs(models: "_BundleModels", checks: dict[str, OutputCheck], tolerance: float) -> dict[str, dict[str, Any]]:
+    """Every output's parity on every fp32 model (each must pass) and on the int8 model (recorded,
+    with the score it loses), one session per model. Keys of `checks` name outputs in errors
+    (a multi-task head; "" for a model's only output)."""
+    checked: dict[str, dict[str, Any]] = {name: {"parity": {}} for name in checks}
+
+    def run(path: Path) -> dict[str, dict[str, ParityResult]]:
+        with memory.stage(f"parity/{path.name}"):
+            session = _session(path)
+            results = {name: check_parity(session, check.parity_set, tolerance, check.output)
+                       for name, check in checks.items()}
+            del session
+        memory.release_memory()
+        return results
+
+    for path in models.checked:
+        for name, results in run(path).items():
+            _require_fp32_parity(f"{path.name}, head {name!r}" if name else path.name, results, tolerance)
+            checked[name]["parity"][path.name] = {set_name: r.to_dict() for set_name, r in results.items()}
+    if models.int8 is not None:
+        for name, results in run(models.int8).items():
+            check, batch = checks[name], results["batch_8"]
+            checked[name]["parity"][models.int8.name] = {set_name: r.to_dict() for set_name, r in results.items()}
+            checked[name]["int8"] = {
+                "label_agreement": batch.label_agreement,
+                check.score_name: batch.score,
+                f"{check.score_name}_drop": check.keras_score - batch.score,
+            }
+            if models.best.name not in models.files.values():  # checked as int8's source, not shipped
+                checked[name]["int8"]["source_parity"] = checked[name]["parity"].pop(models.best.name)
+    return checked
+
+
 # ------------------------------------------------------------------------------------- bundle
 
 
@@ -1249,31 +1293,11 @@ def _build_bundle(
         )
     keras_score = parity_set.score(parity_set.keras["batch_8"], "batch_8")
     names, models = _write_models(model, work, config.export)
-    parity: dict[str, Any] = {}
-    report: dict[str, Any] = {
-        **models.report(config.export, tolerance),
-        f"keras_{score_name}": keras_score,
-        "parity": parity,
-    }
-    for path in models.checked:
-        with memory.stage(f"parity/{path.name}"):
-            results = check_parity(path, parity_set, tolerance)
-        memory.release_memory()
-        _require_fp32_parity(path.name, results, tolerance)
-        parity[path.name] = {name: r.to_dict() for name, r in results.items()}
-    if models.int8 is not None:
-        with memory.stage(f"parity/{models.int8.name}"):
-            results = check_parity(models.int8, parity_set, tolerance)
-        memory.release_memory()
-        parity[models.int8.name] = {name: r.to_dict() for name, r in results.items()}
-        report["int8"] = {
-            "label_agreement": results["batch_8"].label_agreement,
-            score_name: results["batch_8"].score,
-            f"{score_name}_drop": keras_score - results["batch_8"].score,
-            **models.int8_report(),
-        }
-    if models.best.name not in models.files.values() and models.best.name in parity:
-        report["int8"]["source_parity"] = parity.pop(models.best.name)  # checked, not shipped
+    report: dict[str, Any] = {**models.report(config.export, tolerance), f"keras_{score_name}": keras_score}
+    checked = check_outputs(models, {"": OutputCheck(parity_set, score_name, keras_score)}, tolerance)[""]
+    report["parity"] = checked["parity"]
+    if "int8" in checked:
+        report["int8"] = {**checked["int8"], **models.int8_report()}
     report["sizes_bytes"] = models.remove_unshipped()
     metadata = _bundle_metadata(model, config, names, encoder.pad_id, models.files, decision)
     metadata["external_data"] = models.external_data_files()

@@ -3,7 +3,7 @@
 The graph has the model's inputs and one output per head, `logits_<task name>`, and goes through
 the single-task export's stages (convert, fuse, quantize: `tfsft.export._write_models`). Parity
 is checked head by head, each on its own task's validation examples exactly as a single-task run
-of that task is checked (`_parity_set` on a `HeadView`, `check_parity` on the head's output):
+of that task is checked (`_parity_set` on a `HeadView`, `check_outputs` on the head's output):
 every fp32 model must match Keras on every head, else no bundle is written. bundle.json has the
 common fields of a bundle, `"task": "multitask"`, and under `tasks` what each head's predictions
 are decoded with (its task, labels, output, decision and the task's own settings), in the order
@@ -29,14 +29,13 @@ from tfsft.export import (
     FORMAT_VERSION,
     FP32_TOLERANCE,
     INPUT_DTYPE,
+    OutputCheck,
     _parity_set,
     _ParitySet,
-    _require_fp32_parity,
     _reread_validation,
-    _session,
     _write_models,
     bundle_work_dir,
-    check_parity,
+    check_outputs,
     parity_score_name,
     publish_bundle,
     recorded_validation,
@@ -158,46 +157,21 @@ def _build_multitask_bundle(
     keras_scores = {head.name: head.keras_score() for head in heads}
     names, models = _write_models(model, work, config.export, outputs=head_outputs)
     per_head: dict[str, dict[str, Any]] = {
-        head.name: {"task": head.entry.task, "output": head.output, f"keras_{head.score_name}": keras_scores[head.name],
-                    "parity": {}}
+        head.name: {"task": head.entry.task, "output": head.output, f"keras_{head.score_name}": keras_scores[head.name]}
         for head in heads
     }
     report: dict[str, Any] = {**models.report(config.export, tolerance), "tasks": per_head}
-    for path in models.checked:
-        with memory.stage(f"parity/{path.name}"):
-            results = _check_heads(path, heads, tolerance)
-        memory.release_memory()
-        for head in heads:
-            _require_fp32_parity(f"{path.name}, head {head.name!r}", results[head.name], tolerance)
-            per_head[head.name]["parity"][path.name] = {name: r.to_dict() for name, r in results[head.name].items()}
+    checks = {head.name: OutputCheck(head.parity, head.score_name, keras_scores[head.name], head.output) for head in heads}
+    for name, checked in check_outputs(models, checks, tolerance).items():
+        per_head[name].update(checked)
     if models.int8 is not None:
-        with memory.stage(f"parity/{models.int8.name}"):
-            results = _check_heads(models.int8, heads, tolerance)
-        memory.release_memory()
         report["int8"] = models.int8_report()
-        for head in heads:
-            checked = results[head.name]
-            per_head[head.name]["parity"][models.int8.name] = {name: r.to_dict() for name, r in checked.items()}
-            score = checked["batch_8"].score
-            per_head[head.name]["int8"] = {
-                "label_agreement": checked["batch_8"].label_agreement,
-                head.score_name: score,
-                f"{head.score_name}_drop": keras_scores[head.name] - score,
-            }
-            if models.best.name not in models.files.values():
-                per_head[head.name]["int8"]["source_parity"] = per_head[head.name]["parity"].pop(models.best.name)
     report["sizes_bytes"] = models.remove_unshipped()
     metadata = _bundle_metadata(model, config, heads, names, encoder.pad_id, models.files)
     metadata["external_data"] = models.external_data_files()
     # Written unsorted: `tasks` keeps the order the run trained its heads in.
     artifacts.write_text(work / artifacts.BUNDLE_FILE, json.dumps(metadata, indent=2) + "\n")
     return report
-
-
-def _check_heads(path: Path, heads: list[_Head], tolerance: float) -> dict[str, dict[str, Any]]:
-    """Each head's parity results for one ONNX model, from one session."""
-    session = _session(path)
-    return {head.name: check_parity(session, head.parity, tolerance, head.output) for head in heads}
 
 
 def _bundle_metadata(

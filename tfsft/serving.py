@@ -214,13 +214,6 @@ class _Pending:
     """The task of a multi-task model that answers (None: the model's only one)."""
 
 
-def predict_call(predictor: Predictor, inputs: list[Any], task: Optional[str]) -> Callable[[], list[AnyPrediction]]:
-    """The Predictor call for `inputs` of `task` (passed only when there is one to name)."""
-    if task is None:
-        return functools.partial(predictor.predict, inputs)
-    return functools.partial(predictor.predict, inputs, task=task)
-
-
 class MicroBatcher:
     """Collects concurrent /predict requests into Predictor calls and splits the results back.
 
@@ -298,7 +291,7 @@ class MicroBatcher:
         """One Predictor call for the group; if it fails, each request alone, so only the culprit fails."""
         inputs = [item for pending in group for item in pending.inputs]
         try:
-            predictions = await run_in_threadpool(predict_call(self.predictor, inputs, group[0].task))
+            predictions = await run_in_threadpool(functools.partial(self.predictor.predict, inputs, task=group[0].task))
         except Exception as error:
             if len(group) == 1:
                 _resolve(group[0].future, error=error)
@@ -696,12 +689,9 @@ def create_app(
         return served[name]
 
     async def unbatched(model: Predictor, inputs: list[TextInput], task: Optional[str]) -> list[AnyPrediction]:
-        predictions = await run_in_threadpool(predict_call(model, inputs, task))
+        predictions = await run_in_threadpool(functools.partial(model.predict, inputs, task=task))
         metrics.observe_call(len(inputs), 1)
         return predictions
-
-    def batched(batcher: MicroBatcher, inputs: list[TextInput], task: Optional[str]) -> Awaitable[list[AnyPrediction]]:
-        return batcher.predict(inputs) if task is None else batcher.predict(inputs, task)
 
     def refuse(error: RequestError) -> JSONResponse:
         if error.refused:
@@ -731,7 +721,7 @@ def create_app(
         # The work is its own task, shielded from the timeout: it ends (and leaves the count) only
         # when its model call does, since a call running in a thread cannot be stopped.
         work = asyncio.ensure_future(
-            batched(batcher, inputs, task) if batch_it else unbatched(entry.predictor, inputs, task))
+            batcher.predict(inputs, task) if batch_it else unbatched(entry.predictor, inputs, task))
         work.add_done_callback(functools.partial(in_flight.release, len(inputs)))
         try:
             predictions = await asyncio.wait_for(asyncio.shield(work), limits.request_timeout_s)
