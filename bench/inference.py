@@ -7,7 +7,13 @@ padding) against padding every text to max_seq_length; and, for a classifier, fp
 accuracy on that file. Pass a run directory to include the Keras model (a bare bundle skips it).
 The bundle must ship all three models (`tfsft export RUN_DIR --export_variants fp32,fused,int8`).
 
+`--against OTHER` instead prices two bundles against each other (a distilled student and its
+teacher, say): each one's fp32 model (fused where it ships one) on the same shapes, interleaved,
+and the Predictor on the same evaluation texts, with OTHER's cost over the first's and both
+accuracies (classification); any variants shipped will do.
+
     python bench/inference.py RUN_DIR_OR_BUNDLE [--eval_file F] [--repeats N]
+    python bench/inference.py STUDENT_RUN --against TEACHER_RUN
 """
 
 from __future__ import annotations
@@ -150,6 +156,55 @@ def int8_accuracy_table(bundle: Path, labels, eval_file: str) -> list[str]:
     return rows
 
 
+def best_fp32(bundle: Path) -> tuple[str, Path]:
+    """The fp32 model a bundle's Predictor runs: the fused one where it ships one."""
+    files = Predictor(bundle).bundle.files
+    variant = "fused" if "fused" in files else "model"
+    return variant, bundle / files[variant]
+
+
+def against_tables(bundles: dict[str, Path], eval_file: str, limit: int, repeats: int, threads, spinning) -> list[str]:
+    """Two bundles' fp32 models on the same shapes (interleaved) and their Predictors on the same
+    texts; the ratio is the second's cost over the first's."""
+    first, second = bundles
+    models = {name: best_fp32(bundle) for name, bundle in bundles.items()}
+    runners = {name: onnx_runner(path, threads, spinning) for name, (_, path) in models.items()}
+    inputs = {name: Predictor(bundle).bundle.inputs for name, bundle in bundles.items()}
+    rows = [f"| shape | {first} ({models[first][0]}) | {second} ({models[second][0]}) | {second}/{first} cost |",
+            "|---|---|---|---|"]
+    shapes = [(1, n) for n in LATENCY_LENGTHS] + [(THROUGHPUT_BATCH, n) for n in THROUGHPUT_LENGTHS]
+    for batch, length in shapes:
+        features = {name: synthetic_batch(batch, length, inputs[name]) for name in bundles}
+        rounds = repeats if batch == 1 else max(3, repeats // 10)
+        seconds = interleaved_medians(
+            {name: (lambda r=runners[name], f=features[name]: r(f)) for name in bundles}, rounds)
+        cells = [f"{s * 1000:.1f} ms" if batch == 1 else f"{batch / s:.0f} ex/s" for s in seconds.values()]
+        rows.append(f"| batch {batch} x {length} | " + " | ".join(cells) + f" | {seconds[second] / seconds[first]:.2f}x |")
+    if not os.path.isfile(eval_file):
+        return rows
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    examples = read_examples(eval_file, DataConfig())
+    texts = (list(zip(examples.texts, examples.pairs)) if examples.pairs else list(examples.texts))[:limit]
+    rows += ["", f"| Predictor on {Path(eval_file).name} ({len(texts)} texts) | {first} | {second} | "
+                 f"{second}/{first} cost |", "|---|---|---|---|"]
+    timings, accuracies = {}, {}
+    for name, bundle in bundles.items():
+        predictor = Predictor(bundle, batch_size=THROUGHPUT_BATCH)
+        predictor.predict(texts[:THROUGHPUT_BATCH])
+        start = time.perf_counter()
+        predictions = predictor.predict(texts)
+        timings[name] = time.perf_counter() - start
+        if predictor.bundle.task == "classification":
+            accuracies[name] = float(np.mean([p.label == y for p, y in zip(predictions, examples.labels[:limit])]))
+    rows.append(f"| texts/s (fp32) | {len(texts) / timings[first]:.1f} | {len(texts) / timings[second]:.1f} | "
+                f"{timings[second] / timings[first]:.2f}x |")
+    if len(accuracies) == 2:
+        rows.append(f"| accuracy | {accuracies[first]:.4f} | {accuracies[second]:.4f} | |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="A run directory (with onnx/) or a bundle directory.")
@@ -158,9 +213,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="Rounds at batch 1 (a tenth at batch 32).")
     parser.add_argument("--spinning", action="store_true", help="Let onnxruntime threads busy-wait between runs.")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+    parser.add_argument("--against", default=None, help="Another run or bundle to price this one against.")
     args = parser.parse_args()
     path = Path(args.path)
     bundle = path / artifacts.ONNX_DIR if (path / artifacts.ONNX_DIR).is_dir() else path
+    if args.against:
+        other = Path(args.against)
+        other_bundle = other / artifacts.ONNX_DIR if (other / artifacts.ONNX_DIR).is_dir() else other
+        names = [b.parent.name if b.name == artifacts.ONNX_DIR else b.name for b in (bundle, other_bundle)]
+        names = names if names[0] != names[1] else ["this", "against"]
+        bundles = dict(zip(names, (bundle, other_bundle)))
+        print(f"# {bundle} against {other_bundle} ({os.cpu_count()} CPUs)\n")
+        print("\n".join(against_tables(bundles, args.eval_file, args.eval_limit, args.repeats, args.threads,
+                                        args.spinning)))
+        return
     meta = Predictor(bundle).bundle
     if "model" not in meta.files or "fused" not in meta.files:
         sys.exit(f"{bundle} ships {sorted(meta.files.values())}; this benchmark compares the unfused and fused fp32 "
