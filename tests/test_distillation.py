@@ -62,7 +62,9 @@ def test_regression_and_multilabel_losses_by_hand():
     np.testing.assert_allclose(_per_example(loss, pack_targets("multilabel", gold, teacher), student), expected, rtol=1e-4)
 
 
-def test_teacher_outputs_follow_the_students_label_order_through_bundle_and_keras(tmp_path, tiny_checkpoint, sst2_slices):
+def test_teacher_outputs_follow_the_students_label_order_through_bundle_and_keras(
+    tmp_path, tiny_checkpoint, sst2_slices, capsys
+):
     from tfsft.data import read_examples
     from tfsft.config import DataConfig
     from tfsft.distillation import compute_teacher_logits, teacher_logits
@@ -78,6 +80,9 @@ def test_teacher_outputs_follow_the_students_label_order_through_bundle_and_kera
     onnx = compute_teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")))
     np.testing.assert_allclose(onnx, keras, atol=1e-4)
     np.testing.assert_allclose(onnx, Predictor(run_dir / "onnx").logits(list(examples.texts)), atol=1e-6)
+    chunked = compute_teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), progress_every=7)
+    np.testing.assert_allclose(chunked, onnx, atol=1e-6)
+    assert "teacher outputs: 14 of 20 texts" in capsys.readouterr().err
 
     cache = tmp_path / "teacher_logits.npy"
     first, cached = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)

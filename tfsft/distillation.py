@@ -16,6 +16,8 @@ metrics are those of any run.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ from tfsft.tasks import get_task
 
 TEACHER_LOGITS_FILE = "teacher_logits.npy"
 TEACHER_UNLABELED_LOGITS_FILE = "teacher_logits_unlabeled.npy"
+PROGRESS_EVERY = 8192
+"""Texts per teacher call between progress lines: a large teacher over a full training set runs
+for many minutes, and each call still sorts its texts by length."""
 
 
 def check_teacher(teacher: str) -> None:
@@ -71,15 +76,26 @@ def _inputs(examples: Examples) -> list[Any]:
     return list(zip(examples.texts, examples.pairs))
 
 
-def compute_teacher_logits(teacher: str, examples: Examples, task: str, label_map: LabelMap) -> np.ndarray:
+def compute_teacher_logits(
+    teacher: str, examples: Examples, task: str, label_map: LabelMap, progress_every: int = PROGRESS_EVERY
+) -> np.ndarray:
     """The teacher's outputs for `examples`, columns in the student's label order: through its
-    ONNX bundle when it has one (no TensorFlow), else its Keras model."""
+    ONNX bundle when it has one (no TensorFlow; a progress line every `progress_every` texts),
+    else its Keras model."""
     columns = teacher_columns(teacher, task, label_map)
     bundle = artifacts.find_bundle(teacher)
     if bundle is not None:
         from tfsft.inference import Predictor
 
-        logits = Predictor(bundle, int8=False, batch_size=64).logits(_inputs(examples))
+        predictor, inputs = Predictor(bundle, int8=False, batch_size=64), _inputs(examples)
+        chunks, start = [], time.perf_counter()
+        for begin in range(0, len(inputs), progress_every):
+            chunks.append(predictor.logits(inputs[begin:begin + progress_every]))
+            if len(inputs) > progress_every:
+                done = min(begin + progress_every, len(inputs))
+                print(f"[tfsft] teacher outputs: {done:,} of {len(inputs):,} texts "
+                      f"({done / (time.perf_counter() - start):.1f} texts/s)", file=sys.stderr, flush=True)
+        logits = np.concatenate(chunks)
     else:
         logits = _keras_teacher_logits(Path(teacher), examples, task)
     return np.ascontiguousarray(logits[:, columns], dtype=np.float32)
