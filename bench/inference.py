@@ -139,37 +139,44 @@ def predictor_table(bundle: Path, eval_file: str, limit: int) -> list[str]:
 
 def int8_accuracy_table(bundle: Path, labels, eval_file: str) -> list[str]:
     """Accuracy of the fused fp32 and the int8 model on a labelled evaluation file (classification)."""
-    from tfsft.config import DataConfig
-    from tfsft.data import read_examples
-
-    examples = read_examples(eval_file, DataConfig())
-    if not set(examples.labels) <= set(labels):
+    inputs, gold = labelled_inputs(eval_file)
+    if not set(gold) <= set(labels):
         return [f"({Path(eval_file).name}'s labels are not the model's: no int8 accuracy)"]
-    inputs = list(zip(examples.texts, examples.pairs)) if examples.pairs else examples.texts
-    rows = [f"| {Path(eval_file).name} ({len(examples)} labelled examples) | accuracy |", "|---|---|"]
+    rows = [f"| {Path(eval_file).name} ({len(inputs)} labelled examples) | accuracy |", "|---|---|"]
     accuracies = {}
     for name, int8 in (("fp32 fused", False), ("int8", True)):
         predictions = Predictor(bundle, int8=int8).predict(inputs)
-        accuracies[name] = float(np.mean([p.label == y for p, y in zip(predictions, examples.labels)]))
+        accuracies[name] = float(np.mean([p.label == y for p, y in zip(predictions, gold)]))
         rows.append(f"| {name} | {accuracies[name]:.4f} |")
     rows.append(f"| int8 drop | {(accuracies['fp32 fused'] - accuracies['int8']) * 100:.2f} points |")
     return rows
 
 
-def best_fp32(bundle: Path) -> tuple[str, Path]:
+def best_fp32(predictor: Predictor) -> tuple[str, str]:
     """The fp32 model a bundle's Predictor runs: the fused one where it ships one."""
-    files = Predictor(bundle).bundle.files
+    files = predictor.bundle.files
     variant = "fused" if "fused" in files else "model"
-    return variant, bundle / files[variant]
+    return variant, files[variant]
+
+
+def labelled_inputs(eval_file: str):
+    """An evaluation file's inputs (texts, or (text, pair) tuples) and labels."""
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    examples = read_examples(eval_file, DataConfig())
+    inputs = list(zip(examples.texts, examples.pairs)) if examples.pairs else list(examples.texts)
+    return inputs, examples.labels
 
 
 def against_tables(bundles: dict[str, Path], eval_file: str, limit: int, repeats: int, threads, spinning) -> list[str]:
     """Two bundles' fp32 models on the same shapes (interleaved) and their Predictors on the same
     texts; the ratio is the second's cost over the first's."""
     first, second = bundles
-    models = {name: best_fp32(bundle) for name, bundle in bundles.items()}
-    runners = {name: onnx_runner(path, threads, spinning) for name, (_, path) in models.items()}
-    inputs = {name: Predictor(bundle).bundle.inputs for name, bundle in bundles.items()}
+    predictors = {name: Predictor(bundle, batch_size=THROUGHPUT_BATCH) for name, bundle in bundles.items()}
+    models = {name: best_fp32(predictor) for name, predictor in predictors.items()}
+    runners = {name: onnx_runner(bundles[name] / file, threads, spinning) for name, (_, file) in models.items()}
+    inputs = {name: predictor.bundle.inputs for name, predictor in predictors.items()}
     rows = [f"| shape | {first} ({models[first][0]}) | {second} ({models[second][0]}) | {second}/{first} cost |",
             "|---|---|---|---|"]
     shapes = [(1, n) for n in LATENCY_LENGTHS] + [(THROUGHPUT_BATCH, n) for n in THROUGHPUT_LENGTHS]
@@ -182,22 +189,18 @@ def against_tables(bundles: dict[str, Path], eval_file: str, limit: int, repeats
         rows.append(f"| batch {batch} x {length} | " + " | ".join(cells) + f" | {seconds[second] / seconds[first]:.2f}x |")
     if not os.path.isfile(eval_file):
         return rows
-    from tfsft.config import DataConfig
-    from tfsft.data import read_examples
-
-    examples = read_examples(eval_file, DataConfig())
-    texts = (list(zip(examples.texts, examples.pairs)) if examples.pairs else list(examples.texts))[:limit]
+    texts, labels = labelled_inputs(eval_file)
+    texts, labels = texts[:limit], labels[:limit]
     rows += ["", f"| Predictor on {Path(eval_file).name} ({len(texts)} texts) | {first} | {second} | "
                  f"{second}/{first} cost |", "|---|---|---|---|"]
     timings, accuracies = {}, {}
-    for name, bundle in bundles.items():
-        predictor = Predictor(bundle, batch_size=THROUGHPUT_BATCH)
+    for name, predictor in predictors.items():
         predictor.predict(texts[:THROUGHPUT_BATCH])
         start = time.perf_counter()
         predictions = predictor.predict(texts)
         timings[name] = time.perf_counter() - start
         if predictor.bundle.task == "classification":
-            accuracies[name] = float(np.mean([p.label == y for p, y in zip(predictions, examples.labels[:limit])]))
+            accuracies[name] = float(np.mean([p.label == y for p, y in zip(predictions, labels)]))
     rows.append(f"| texts/s (fp32) | {len(texts) / timings[first]:.1f} | {len(texts) / timings[second]:.1f} | "
                 f"{timings[second] / timings[first]:.2f}x |")
     if len(accuracies) == 2:
