@@ -23,10 +23,13 @@ def write_jsonl(path: Path, rows) -> str:
 
 
 def shifted_rows(count: int, seed: int):
-    """`w3 w7` -> `w4 w8`: every word's successor, a mapping a tiny T5 learns in a few epochs."""
+    """`w1 w6` -> `w2 w7`: every word's successor, the i-th source word drawn from the i-th band of
+    four words. The bands let attention align by content, as translation does: with the words drawn
+    from the whole vocabulary, a tiny T5 (relative positions only) often swapped or dropped words
+    after 60 epochs, depending on library versions and seeds."""
     rng = np.random.default_rng(seed)
     for _ in range(count):
-        picked = rng.integers(0, len(WORDS) - 1, size=rng.integers(1, 4))
+        picked = [4 * band + rng.integers(0, 3) for band in range(rng.integers(1, 4))]
         yield {"source": " ".join(WORDS[i] for i in picked), "target": " ".join(WORDS[i + 1] for i in picked)}
 
 
@@ -96,7 +99,7 @@ def seq2seq_run(tmp_path_factory):
     config = RunConfig.from_flat(dict(
         task="seq2seq", model_name_or_path=str(checkpoint), train_file=write_jsonl(root / "train.jsonl", shifted_rows(320, 0)),
         validation_file=write_jsonl(root / "validation.jsonl", shifted_rows(16, 1)), output_dir=str(root / "run"),
-        num_train_epochs=60, learning_rate=1e-2, per_device_train_batch_size=16, max_seq_length=16, max_target_length=16,
+        num_train_epochs=20, learning_rate=1e-2, per_device_train_batch_size=16, max_seq_length=16, max_target_length=16,
         max_generate_samples=16, max_new_tokens=8, warmup_ratio=0.05,
     ))
     return finetune(config, verbose=0)
