@@ -219,6 +219,38 @@ def test_a_batch_trains_the_encoder_and_its_own_head_only(four_head_model):
     assert norms[0] == norms[2] == norms[3] == 0.0  # the other heads get nothing
 
 
+def test_a_step_of_another_task_leaves_a_head_and_its_moments_as_they_were(tiny_checkpoint):
+    """AdamW with weight decay, one step of task 0, then one of task 1: the second moves the
+    encoder and head 1 but leaves head 0 and its Adam moments alone. The control, without
+    skip_when_unused, shows head 0 drifting on its stale momentum and decay."""
+    from tfsft.config import TrainConfig
+    from tfsft.multitask_model import HeadSpec, LabelLayout, build_multitask, pack_labels
+    from tfsft.training import compile_model, skip_when_unused
+
+    def two_steps(skip: bool):
+        specs = [HeadSpec("topic", "classification", ("a", "b", "c")), HeadSpec("score", "regression", ("score",))]
+        model, _ = build_multitask(tiny_checkpoint, specs, pooling="cls")
+        model.prepare_training([LabelLayout.of(np.array([0])), LabelLayout.of(np.array([0.0], dtype=np.float32))])
+        compile_model(model, TrainConfig(learning_rate=1e-2, weight_decay=0.1, warmup_ratio=0.0), 10, "classification",
+                      objective=(None, []))
+        if skip:
+            skip_when_unused(model.optimizer, [v for head in model.heads for v in head.trainable_variables])
+        head_0, head_1 = (head.classifier.kernel for head in model.heads)
+        encoder_weight = model.encoder.trainable_weights[-1]
+        model.train_on_batch(_features(model, 0), pack_labels(np.array([0, 2])))
+        moment = model.optimizer._momentums[model.optimizer._index_dict[model.optimizer._var_key(head_0)]]
+        before = [v.numpy().copy() for v in (head_0, moment, head_1, encoder_weight)]
+        model.train_on_batch(_features(model, 1), pack_labels(np.array([3.5, 1.0], dtype=np.float32)))
+        after = [v.numpy() for v in (head_0, moment, head_1, encoder_weight)]
+        return [np.abs(a - b).max() for a, b in zip(after, before)]
+
+    head_0, moment_0, head_1, encoder = two_steps(skip=True)
+    assert head_0 == 0.0 and moment_0 == 0.0
+    assert head_1 > 0 and encoder > 0
+    drifted_head, drifted_moment, _, _ = two_steps(skip=False)
+    assert drifted_head > 1e-4 and drifted_moment > 0
+
+
 def test_head_view_is_the_model_output_of_that_head(four_head_model):
     from tfsft.multitask_model import HeadView
 

@@ -219,7 +219,7 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
     from tfsft.lora import parameter_counts
     from tfsft.multitask_model import HeadSpec, HeadView, LabelLayout, build_multitask, save_multitask
     from tfsft.pipeline import XLA_PAD_MULTIPLE, training_metrics
-    from tfsft.training import compile_model, fit, make_strategy
+    from tfsft.training import compile_model, fit, make_strategy, skip_when_unused
 
     train = config.train
     with stage("model"):
@@ -260,6 +260,7 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
     steps = len(train_data)
     with strategy.scope():
         compile_model(model, train, steps * train.num_train_epochs, config.model.task, steps_per_epoch=steps, objective=(None, []))
+        skip_when_unused(model.optimizer, [variable for head in model.heads for variable in head.trainable_variables])
     decision = {"threshold": train.multilabel_threshold}
 
     def scores(current, split: str, parts: dict[str, LengthBatchedData], prefix: str,

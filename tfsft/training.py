@@ -179,6 +179,14 @@ class FusedAdamW(GradientAccumulation, tf.keras.optimizers.AdamW):
         super().__init__(*args, **kwargs)
         self.layer_lr_decay = float(layer_lr_decay)
         self.num_layers = int(num_layers)
+        self._skipped_when_unused: frozenset = frozenset()
+
+    def skip_when_unused(self, variables) -> None:
+        """On steps where one of `variables` has an all-zero gradient, leave it and its moments as
+        they are: no momentum step, no weight decay. PyTorch's AdamW skips a parameter without a
+        gradient; without this, a multi-task head would keep moving on its stale momentum (and
+        decaying) through every batch of the other tasks."""
+        self._skipped_when_unused = frozenset(self._var_key(variable) for variable in variables)
 
     def _learning_rate_of(self, variable):
         rate = tf.cast(self.learning_rate, variable.dtype)
@@ -189,22 +197,36 @@ class FusedAdamW(GradientAccumulation, tf.keras.optimizers.AdamW):
         if self.weight_decay is None:
             return
 
-        def decay(variable):
-            if self._use_weight_decay(variable):
-                rate = tf.cast(self.weight_decay, variable.dtype) * self._learning_rate_of(variable)
-                variable.assign_sub(variable * rate)
-
         def apply(distribution, variables, **kwargs):
             for variable in variables:
-                distribution.extended.update(variable, decay, group=False)
+                if self._var_key(variable) not in self._skipped_when_unused:  # decayed in update_step
+                    distribution.extended.update(variable, self._decay, group=False)
 
         tf.__internal__.distribute.interim.maybe_merge_call(apply, self._distribution_strategy, variables)
+
+    def _decay(self, variable):
+        if self.weight_decay is None or not self._use_weight_decay(variable):
+            return tf.no_op()
+        rate = tf.cast(self.weight_decay, variable.dtype) * self._learning_rate_of(variable)
+        return variable.assign_sub(variable * rate)
 
     def update_step(self, gradient, variable):
         if self.amsgrad:
             return super().update_step(gradient, variable)
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)
+        if self._var_key(variable) not in self._skipped_when_unused:
+            return self._adam(gradient, variable)
+
+        def decay_then_step():  # Keras' order: the decoupled decay, then the Adam update
+            with tf.control_dependencies([self._decay(variable)]):
+                step = self._adam(gradient, variable)
+            with tf.control_dependencies([step]):
+                return tf.constant(True)
+
+        return tf.cond(tf.reduce_any(tf.not_equal(gradient, 0)), decay_then_step, lambda: tf.constant(False))
+
+    def _adam(self, gradient, variable):
         dtype = variable.dtype
         local_step = tf.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
@@ -222,6 +244,11 @@ class FusedAdamW(GradientAccumulation, tf.keras.optimizers.AdamW):
             grad=tf.cast(gradient, dtype),
             use_locking=False,
         )
+
+
+def skip_when_unused(optimizer, variables) -> None:
+    """`FusedAdamW.skip_when_unused` on `optimizer`, or on the one it wraps for mixed precision."""
+    getattr(optimizer, "inner_optimizer", optimizer).skip_when_unused(variables)
 
 
 def optimizer_steps(total_steps: int, steps_per_epoch: int, accumulation: int) -> int:
