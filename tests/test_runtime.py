@@ -54,3 +54,36 @@ def test_importing_tensorflow_on_a_cpu_machine_prints_nothing():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3.0"
     assert result.stderr == "", result.stderr
+
+
+MMAPPED_BYTES_AFTER_A_100MB_BLOCK = (
+    "import ctypes, os\n"
+    "from tfsft.runtime import keep_freed_memory\n"
+    "applied = keep_freed_memory() if os.environ.get('KEEP') else False\n"
+    "class Info(ctypes.Structure):\n"
+    "    _fields_ = [(name, ctypes.c_size_t) for name in\n"
+    "                'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+    "libc = ctypes.CDLL('libc.so.6')\n"
+    "libc.mallinfo2.restype = Info\n"
+    "libc.malloc.restype = ctypes.c_void_p\n"
+    "block = libc.malloc(100 << 20)\n"
+    "print(applied, libc.mallinfo2().hblkhd)\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_serves_large_blocks_from_the_heap_unless_the_user_set_malloc():
+    import os
+
+    def mmapped(**env) -> tuple[str, bool]:
+        """(whether the settings applied, whether the 100 MB block is among the mmapped bytes)"""
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+        result = subprocess.run([sys.executable, "-c", MMAPPED_BYTES_AFTER_A_100MB_BLOCK], capture_output=True,
+                                text=True, timeout=60, cwd=ROOT, env=environment)
+        assert result.returncode == 0, result.stderr
+        applied, size = result.stdout.split()
+        return applied, int(size) >= 100 << 20
+
+    assert mmapped() == ("False", True)  # glibc's default: a block this size is its own mmap
+    assert mmapped(KEEP="1") == ("True", False)
+    assert mmapped(KEEP="1", MALLOC_MMAP_MAX_="65536") == ("False", True)  # the user's setting wins
