@@ -4,6 +4,7 @@ own peak under an earlier, higher one; the kernel's high-water mark catches what
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 import time
@@ -19,8 +20,11 @@ pytestmark = pytest.mark.skipif(memory.current_rss() is None, reason="needs /pro
 
 
 def touched(megabytes: int) -> np.ndarray:
-    """An array whose every page is resident."""
-    return np.ones(megabytes * MB // 8)
+    """An array whose every page is resident, in a mapping of its own: unmapped when the array is
+    freed, whatever the process's malloc keeps (tfsft's training processes keep freed heap memory)."""
+    array = np.frombuffer(mmap.mmap(-1, megabytes * MB), dtype=np.float64)
+    array[:] = 1.0
+    return array
 
 
 def test_a_stage_below_the_process_peak_gets_its_own_sampled_peak():
