@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import ctypes.util
 import gc
 import os
 import resource
@@ -34,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
+
+from tfsft.runtime import glibc_function
 
 SAMPLE_INTERVAL_S = 0.005
 MB = 2**20
@@ -73,13 +74,9 @@ def release_memory() -> None:
 
 
 def _find_malloc_trim() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim = glibc_function("malloc_trim")
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
 
 

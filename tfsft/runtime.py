@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 STARTUP_NOISE = (
     re.compile(r"All log messages before absl::InitializeLog\(\) is called are written to STDERR"),
@@ -73,6 +73,19 @@ MALLOC_SETTINGS = {-4: 0, -1: 1 << 30, -2: 256 << 20}
 USER_MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def glibc_function(name: str) -> Any:
+    """The C library's function `name` (ctypes), or None off Linux or where the library lacks it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed memory instead of handing it back to the kernel.
 
@@ -86,12 +99,8 @@ def keep_freed_memory() -> bool:
     """
     if any(name in os.environ for name in USER_MALLOC_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = glibc_function("mallopt")
+    if mallopt is None:
         return False
     return all(mallopt(parameter, value) == 1 for parameter, value in MALLOC_SETTINGS.items())
 
