@@ -117,6 +117,10 @@ def test_distillation_flags_are_checked():
     with pytest.raises(ConfigError, match="distill_temperature"):
         RunConfig.from_flat({"teacher_model": "run", "distill_temperature": 0})
     RunConfig.from_flat({"teacher_model": "run", "unlabeled_file": "more.txt", "few_shot": "off"})  # teacher labels it
+    with pytest.raises(ConfigError, match="augment_texts.*without --teacher_model"):
+        RunConfig.from_flat({"augment_texts": 100})
+    with pytest.raises(ConfigError, match="augment_texts"):
+        RunConfig.from_flat({"teacher_model": "run", "augment_texts": -1})
 
 
 def _sentiment_rows(count: int, seed: int) -> list[list[str]]:
@@ -186,3 +190,47 @@ def test_unlabeled_texts_join_training_with_the_teachers_labels(tmp_path, tiny_c
     metrics = finetune(config, verbose=0).metrics
     assert (metrics["teacher_examples"], metrics["teacher_labelled_examples"], metrics["train_samples"]) == (50, 30, 80)
     assert (tmp_path / "student" / "teacher_logits_unlabeled.npy").is_file()
+
+
+def test_augmented_texts_are_made_from_training_texts_and_labelled_by_the_teacher(tmp_path, tiny_checkpoint, sst2_slices):
+    """--augment_texts: N new texts from the training split (not the held-out part), written to the
+    run, labelled by the teacher, trained on beside the labelled examples; the same seed gives
+    the same texts."""
+    from tfsft import RunConfig, finetune
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+    from tfsft.pipeline import AUGMENTED_TEXTS_FILE
+
+    _, teacher_run, _, _ = make_run(tmp_path / "teacher", tiny_checkpoint, sst2_slices["dev"])
+    settings = dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["dev"]), validation_split_percentage=20,
+        num_train_epochs=1, max_seq_length=48, export=False, teacher_model=str(teacher_run), augment_texts=40,
+    )
+    metrics = finetune(RunConfig.from_flat(dict(settings, output_dir=str(tmp_path / "a"))), verbose=0).metrics
+    assert (metrics["teacher_examples"], metrics["teacher_labelled_examples"], metrics["train_samples"]) == (160, 40, 200)
+    assert metrics["augmented_texts"] == 40
+    texts = (tmp_path / "a" / AUGMENTED_TEXTS_FILE).read_text().splitlines()
+    assert len(texts) == len(set(texts)) == 40
+    assert len(np.load(tmp_path / "a" / "teacher_logits_unlabeled.npy")) == 40
+    words = {w for text in read_examples(str(sst2_slices["dev"]), DataConfig()).texts for w in text.split()}
+    new_words = {w for text in texts for w in text.split()} - words - {"but", "yet", ";", ","}
+    assert new_words, "no word was replaced by a neighbour"
+    assert all(len(w) >= 3 and w.isalpha() for w in new_words), new_words
+    again = finetune(RunConfig.from_flat(dict(settings, output_dir=str(tmp_path / "b"))), verbose=0)
+    assert (again.run_dir / AUGMENTED_TEXTS_FILE).read_text().splitlines() == texts
+
+
+def test_augmentation_of_sentence_pairs_is_refused_naming_the_file(tmp_path, tiny_checkpoint, sst2_slices):
+    from conftest import write_csv
+    from tfsft import RunConfig, finetune
+
+    rows = [[f"the film number {i} was good", f"a movie {i}", str(i % 2)] for i in range(40)]
+    pairs = write_csv(tmp_path / "pairs.csv", ["sentence1", "sentence2", "label"], rows)
+    _, teacher_run, _, _ = make_run(tmp_path / "teacher", tiny_checkpoint, sst2_slices["dev"])
+    config = RunConfig.from_flat(dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(pairs), num_train_epochs=1, max_seq_length=32,
+        output_dir=str(tmp_path / "student"), export=False, teacher_model=str(teacher_run), augment_texts=10,
+    ))
+    with pytest.raises(ConfigError, match=r"pairs\.csv has sentence pairs"):
+        finetune(config, verbose=0)
+    assert not (tmp_path / "student").exists()

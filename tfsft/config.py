@@ -332,6 +332,12 @@ class TrainConfig:
     distill_temperature: float = _field(
         2.0, "Distillation: softmax (sigmoid) temperature of teacher and student in the soft loss, which is scaled by T^2."
     )
+    augment_texts: int = _field(
+        0,
+        "Distillation: add this many new texts, made from the training texts of at least 8 words (words swapped "
+        "for their nearest neighbours in the model's word embeddings, two texts spliced, words dropped; TinyBERT's "
+        "augmentation), for the teacher to label; single-text tasks; seeded by --seed. 0: none.",
+    )
     task_sampling_temperature: float = _field(
         1.0,
         "Multi-task runs: each batch comes from one task, drawn with probability proportional to "
@@ -380,6 +386,7 @@ class TrainConfig:
         _require(0 < threshold < 1, "pseudo_label_threshold", threshold, "a float in (0, 1)")
         _require(0 <= self.distill_alpha <= 1, "distill_alpha", self.distill_alpha, "a float in [0, 1]")
         _require(self.distill_temperature > 0, "distill_temperature", self.distill_temperature, "a float > 0")
+        _require(self.augment_texts >= 0, "augment_texts", self.augment_texts, "an integer >= 0")
         _require(
             self.task_sampling_temperature >= 1, "task_sampling_temperature", self.task_sampling_temperature, "a float >= 1"
         )
@@ -609,6 +616,7 @@ class RunConfig:
             "streaming": self.data.streaming, "unlabeled_file": self.data.unlabeled_file,
             "teacher_model": self.train.teacher_model, "lora_rank": self.model.lora_rank or None,
             "class_weights": self.train.class_weights, "search": self.search or None,
+            "augment_texts": self.train.augment_texts or None,
         }
         for name, value in refused.items():
             _require(value in (None, False), name, value, "no value in a multi-task run (not supported there yet)")
@@ -620,6 +628,10 @@ class RunConfig:
     def _check_distillation(self) -> None:
         """--teacher_model: a task with one output vector per text, its examples in memory, no few-shot stage."""
         if self.train.teacher_model is None:
+            _require(
+                not self.train.augment_texts, "augment_texts", self.train.augment_texts,
+                "0 without --teacher_model (the teacher labels the new texts)",
+            )
             return
         task, teacher = self.model.task, self.train.teacher_model
         distilled = [name for name, spec in TASKS.items() if spec.distilled]

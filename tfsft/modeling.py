@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from tfsft.checkpoint import (  # noqa: F401  (TF-free; re-exported for callers of modeling)
     check_max_seq_length,
     embedded_checkpoint,
@@ -538,6 +540,14 @@ def feature_names(model) -> tuple[str, ...]:
     """The inputs the model accepts, in canonical order (DistilBERT, say, has no token types)."""
     accepted = set(model.input_signature)
     return tuple(name for name in MODEL_INPUTS if name in accepted)
+
+
+def word_embeddings(model) -> np.ndarray:
+    """The model's input word-embedding matrix (vocabulary rows), as numpy."""
+    matches = [w for w in model.weights if "word_embeddings" in w.name and len(w.shape) == 2]
+    if len(matches) != 1:
+        raise ValueError(f"expected one word-embedding matrix in {type(model).__name__}, found {[w.name for w in matches]}")
+    return matches[0].numpy()
 
 
 def save_pretrained(model, tokenizer, directory: Path) -> None:

@@ -69,6 +69,10 @@ def default_output_dir(config: RunConfig) -> Path:
     return Path("saved_models") / f"{config.model.task}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+AUGMENTED_TEXTS_FILE = "augmented_texts.txt"
+"""--augment_texts' new texts, one per line, in the run directory."""
+
+
 def _log(message: str) -> None:
     print(f"[tfsft] {message}", file=sys.stderr, flush=True)
 
@@ -505,6 +509,8 @@ def _train_and_save(
         train_classes = labels["train"]
         if config.train.teacher_model is not None:
             with stage("teacher"):
+                if config.train.augment_texts:
+                    unlabeled = _with_augmented(config, splits.train, unlabeled, model, tokenizer, partial)
                 train_encoded, train_targets, train_classes, objective, distillation_report = _distillation_targets(
                     config, splits.train, labels["train"], label_map, unlabeled, encoder, train_encoded, partial,
                 )
@@ -626,6 +632,41 @@ def training_metrics(
     )
 
 
+def _with_augmented(config, examples: Examples, unlabeled: Optional[Examples], model, tokenizer, partial: Path) -> Examples:
+    """--augment_texts: new texts made from the training texts (`tfsft.augment`), after
+    --unlabeled_file's if any, for the teacher to label; written to the run as augmented_texts.txt."""
+    from tfsft.augment import augment_texts, neighbour_table
+    from tfsft.modeling import word_embeddings
+
+    count = config.train.augment_texts
+    if examples.pairs is not None:
+        raise ConfigError(
+            f"--augment_texts makes new single texts; {examples.source} has sentence pairs. Received: augment_texts={count}"
+        )
+    ids = tokenizer.get_vocab()
+    vocab = [""] * (max(ids.values()) + 1)
+    for token, index in ids.items():
+        vocab[index] = token
+    start = time.perf_counter()
+    table = neighbour_table(vocab, word_embeddings(model), (w for text in examples.texts for w in text.split()))
+    try:
+        texts = augment_texts(examples.texts, count, table, seed=config.train.seed)
+    except ValueError as error:
+        raise DataError(f"{examples.source}: --augment_texts {count}: {error}") from None
+    artifacts.write_text(partial / AUGMENTED_TEXTS_FILE, "".join(text + "\n" for text in texts))
+    _log(f"augmentation: {count} new texts from the training texts ({len(table)} words with neighbours) "
+         f"in {time.perf_counter() - start:.1f} s")
+    augmented = Examples(
+        texts=texts, pairs=None, labels=[""] * count, rows=list(range(1, count + 1)), source=AUGMENTED_TEXTS_FILE,
+    )
+    if unlabeled is None:
+        return augmented
+    return dataclasses.replace(
+        unlabeled, texts=unlabeled.texts + augmented.texts, labels=unlabeled.labels + augmented.labels,
+        rows=unlabeled.rows + augmented.rows,
+    )
+
+
 def _distillation_targets(config, examples, labels, label_map, unlabeled, encoder, encoded, partial):
     """--teacher_model: the training examples (plus --unlabeled_file's, labelled by the teacher) with
     targets carrying the teacher's outputs, their classes (for --class_weights), the distillation
@@ -652,6 +693,8 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
         hard, outputs = mix_unlabeled(task, hard, outputs, unlabeled_outputs, config.train.multilabel_threshold or 0.5)
         encoded = encoded.concat(unlabeled.encode(encoder, None)[0])
         report["teacher_labelled_examples"] = len(unlabeled)
+        if train.augment_texts:
+            report["augmented_texts"] = train.augment_texts
     report["teacher_seconds"] = round(time.perf_counter() - start, 3)
     _log(
         f"distillation: teacher {teacher} outputs for {len(examples)} training"

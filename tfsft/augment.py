@@ -1,0 +1,112 @@
+"""Text augmentation for distillation: new texts made from the training texts, for a teacher to
+label (TinyBERT's data augmentation, Jiao et al. 2020, without its masked-LM step).
+
+A student learns its teacher's function only where it sees the teacher's outputs. On a training
+set of short phrases, scored on whole sentences (SST-2), the student matches the teacher on
+phrases and not on sentences; variants of the longer training texts let it see the teacher's
+outputs around them. Each new text is one of
+
+- a training text with some words replaced by one of their nearest neighbours among the
+  checkpoint's word embeddings (cosine similarity; a neighbour may flip the meaning: the
+  teacher labels the result, so that is as useful as a synonym),
+- the first part of one training text joined to the last part of another by a conjunction,
+  some of whose words are then replaced,
+- a training text with words replaced and others dropped.
+
+TensorFlow-free: the word embeddings come in as a numpy array. Texts are split on whitespace
+(SST-2's texts are tokenised); a word is replaced only when it is, as written, a lowercase
+vocabulary word of three letters or more.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+NEIGHBOURS = 8
+"""Candidates per word; one is drawn uniformly."""
+MIN_SOURCE_WORDS = 8
+"""Training texts shorter than this are not augmented (unless no text is this long): short
+phrases give variants that teach little about sentences."""
+JOINERS = (",", "but", ", but", "and", ", and", ", yet", ";")
+"""What joins the two parts of a spliced text."""
+_WORD = re.compile(r"[a-z]{3,}")
+_BLOCK = 2048
+
+
+def neighbour_table(
+    vocab: Sequence[str], embeddings: np.ndarray, words: Iterable[str], neighbours: int = NEIGHBOURS
+) -> dict[str, list[str]]:
+    """For each of `words` that is a whole-word vocabulary entry (lowercase letters, at least
+    three), its `neighbours` nearest other such entries by the cosine of their embedding rows.
+
+    `vocab[i]` is the token of `embeddings[i]`. WordPiece vocabularies (BERT, MPNet) qualify as
+    they are: their word pieces start with `##` and never match."""
+    if len(vocab) > len(embeddings):
+        raise ValueError(f"{len(vocab)} vocabulary entries but {len(embeddings)} embedding rows")
+    rows = [i for i, token in enumerate(vocab) if _WORD.fullmatch(token)]
+    if len(rows) <= neighbours:
+        return {}
+    candidates = np.asarray(embeddings, dtype=np.float32)[rows]
+    candidates = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
+    index = {vocab[i]: j for j, i in enumerate(rows)}
+    used = sorted({word for word in words if word in index})
+    queries = candidates[[index[word] for word in used]]
+    table: dict[str, list[str]] = {}
+    for begin in range(0, len(used), _BLOCK):
+        similarity = queries[begin:begin + _BLOCK] @ candidates.T
+        nearest = np.argpartition(-similarity, neighbours, axis=1)[:, :neighbours + 1]
+        for word, row in zip(used[begin:begin + _BLOCK], nearest):
+            table[word] = [vocab[rows[j]] for j in row if vocab[rows[j]] != word][:neighbours]
+    return table
+
+
+def augment_texts(
+    texts: Sequence[str], count: int, table: dict[str, list[str]], seed: int = 0, min_words: int = MIN_SOURCE_WORDS
+) -> list[str]:
+    """`count` distinct new texts made from `texts` (see the module docstring), in a seeded
+    random order. A few may equal a training text (no word drawn for replacement): the teacher
+    labels it like the rest. Raises ValueError when the texts cannot give that many."""
+    rng = np.random.default_rng(seed)
+    split = [text.strip().split() for text in texts]
+    sources = [words for words in split if len(words) >= min_words] or [words for words in split if words]
+    if not sources:
+        raise ValueError("no text to augment: every training text is empty")
+
+    def replace(words: list[str], probability: float = 0.3) -> list[str]:
+        return [
+            rng.choice(table[w]) if w in table and table[w] and rng.random() < probability else w for w in words
+        ]
+
+    def drop(words: list[str], probability: float = 0.1) -> list[str]:
+        kept = [w for w in words if rng.random() >= probability]
+        return kept or words
+
+    def splice(first: list[str], second: list[str]) -> list[str]:
+        cut_first = rng.integers(len(first) // 3, 2 * len(first) // 3 + 1)
+        cut_second = rng.integers(len(second) // 3, 2 * len(second) // 3 + 1)
+        return first[:cut_first] + str(rng.choice(JOINERS)).split() + second[cut_second:]
+
+    made: set[str] = set()
+    attempts, limit = 0, 20 * count + 1000
+    while len(made) < count:
+        attempts += 1
+        if attempts > limit:
+            raise ValueError(
+                f"only {len(made)} distinct new texts after {limit} attempts (asked for {count}): the training "
+                f"texts are too few or too short; ask for fewer"
+            )
+        words = sources[rng.integers(len(sources))]
+        draw = rng.random()
+        if draw < 0.5:
+            words = replace(words)
+        elif draw < 0.75:
+            words = splice(words, sources[rng.integers(len(sources))])
+            if rng.random() < 0.5:
+                words = replace(words, 0.15)
+        else:
+            words = drop(replace(words, 0.2))
+        made.add(" ".join(words))
+    return sorted(made, key=lambda _: rng.random())
