@@ -20,20 +20,23 @@ def _embeddings(vocab: list[str]) -> np.ndarray:
     return np.array([directions[token] for token in vocab], dtype=np.float32)
 
 
-VOCAB = ["[CLS]", "good", "great", "fine", "bad", "awful", "poor", "film", "movie", "##ing", "an"]
+TOKENS = ["[CLS]", "good", "great", "fine", "bad", "awful", "poor", "film", "movie", "##ing", "an"]
+VOCAB = {token: row for row, token in enumerate(TOKENS)}
 
 
 def test_neighbours_are_the_nearest_whole_words_by_cosine():
-    table = neighbour_table(VOCAB, _embeddings(VOCAB) * 7.0, ["good", "bad", "film", "an", "unknown"], neighbours=2)
+    table = neighbour_table(VOCAB, _embeddings(TOKENS) * 7.0, ["good", "bad", "film", "an", "unknown"], neighbours=2)
     assert set(table) == {"good", "bad", "film"}  # 'an' is too short to be a word entry; 'unknown' not in vocab
     assert sorted(table["good"]) == ["fine", "great"]  # not [CLS], ##ing or an, however close
     assert sorted(table["bad"]) == ["awful", "poor"]
     assert "movie" in table["film"] and "film" not in table["film"]
+    reordered = dict(reversed(list(VOCAB.items())))  # rows come from the mapping, not its order
+    assert neighbour_table(reordered, _embeddings(TOKENS) * 7.0, ["good", "bad", "film"], neighbours=2) == table
 
 
-def test_neighbour_table_refuses_more_tokens_than_rows():
-    with pytest.raises(ValueError, match="embedding rows"):
-        neighbour_table(VOCAB, _embeddings(VOCAB)[:3], ["good"])
+def test_neighbour_table_refuses_tokens_without_an_embedding_row():
+    with pytest.raises(ValueError, match="8 vocabulary entries .* no row among 3 embedding rows"):
+        neighbour_table(VOCAB, _embeddings(TOKENS)[:3], ["good"])
 
 
 SOURCES = [
@@ -45,7 +48,7 @@ SOURCES = [
 
 
 def test_new_texts_are_distinct_seeded_and_made_only_from_long_texts():
-    table = neighbour_table(VOCAB, _embeddings(VOCAB), " ".join(SOURCES).split(), neighbours=2)
+    table = neighbour_table(VOCAB, _embeddings(TOKENS), " ".join(SOURCES).split(), neighbours=2)
     first = augment_texts(SOURCES, 40, table, seed=3)
     assert len(first) == len(set(first)) == 40
     assert first == augment_texts(SOURCES, 40, table, seed=3)
@@ -61,7 +64,7 @@ def test_new_texts_are_distinct_seeded_and_made_only_from_long_texts():
 
 
 def test_too_few_sources_for_the_count_is_an_error_and_short_sets_fall_back_to_all_texts():
-    table = neighbour_table(VOCAB, _embeddings(VOCAB), ["good", "bad"], neighbours=2)
+    table = neighbour_table(VOCAB, _embeddings(TOKENS), ["good", "bad"], neighbours=2)
     texts = augment_texts(["good film", "bad film"], 3, table, seed=0)
     assert len(texts) == 3 and all(t.split()[-1] == "film" or ";" in t or "," in t for t in texts)
     with pytest.raises(ValueError, match="distinct new texts"):

@@ -21,7 +21,7 @@ vocabulary word of three letters or more.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -37,21 +37,26 @@ _BLOCK = 2048
 
 
 def neighbour_table(
-    vocab: Sequence[str], embeddings: np.ndarray, words: Iterable[str], neighbours: int = NEIGHBOURS
+    vocab: Mapping[str, int], embeddings: np.ndarray, words: Iterable[str], neighbours: int = NEIGHBOURS
 ) -> dict[str, list[str]]:
     """For each of `words` that is a whole-word vocabulary entry (lowercase letters, at least
     three), its `neighbours` nearest other such entries by the cosine of their embedding rows.
 
-    `vocab[i]` is the token of `embeddings[i]`. WordPiece vocabularies (BERT, MPNet) qualify as
-    they are: their word pieces start with `##` and never match."""
-    if len(vocab) > len(embeddings):
-        raise ValueError(f"{len(vocab)} vocabulary entries but {len(embeddings)} embedding rows")
-    rows = [i for i, token in enumerate(vocab) if _WORD.fullmatch(token)]
-    if len(rows) <= neighbours:
+    `vocab` maps each token to its row of `embeddings` (a tokenizer's `get_vocab()`). WordPiece
+    vocabularies (BERT, MPNet) qualify as they are: their word pieces start with `##` and never
+    match."""
+    outside = [token for token, row in vocab.items() if not 0 <= row < len(embeddings)]
+    if outside:
+        raise ValueError(
+            f"{len(outside)} vocabulary entries (e.g. {outside[0]!r}) have no row among {len(embeddings)} embedding rows"
+        )
+    words_by_row = sorted((row, token) for token, row in vocab.items() if _WORD.fullmatch(token))
+    if len(words_by_row) <= neighbours:
         return {}
-    candidates = np.asarray(embeddings, dtype=np.float32)[rows]
+    tokens = [token for _, token in words_by_row]
+    candidates = np.asarray(embeddings, dtype=np.float32)[[row for row, _ in words_by_row]]
     candidates = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
-    index = {vocab[i]: j for j, i in enumerate(rows)}
+    index = {token: j for j, token in enumerate(tokens)}
     used = sorted({word for word in words if word in index})
     queries = candidates[[index[word] for word in used]]
     table: dict[str, list[str]] = {}
@@ -59,7 +64,7 @@ def neighbour_table(
         similarity = queries[begin:begin + _BLOCK] @ candidates.T
         nearest = np.argpartition(-similarity, neighbours, axis=1)[:, :neighbours + 1]
         for word, row in zip(used[begin:begin + _BLOCK], nearest):
-            table[word] = [vocab[rows[j]] for j in row if vocab[rows[j]] != word][:neighbours]
+            table[word] = [tokens[j] for j in row if tokens[j] != word][:neighbours]
     return table
 
 

@@ -471,6 +471,11 @@ def _train_and_save(
         """What `task_metrics` scores logits against: the labels, or the questions and windows."""
         return references[id(examples)]
 
+    if config.train.augment_texts and splits.train is not None and splits.train.pairs is not None:
+        raise ConfigError(
+            f"--augment_texts makes new single texts; {splits.train.source} has sentence pairs. "
+            f"Received: augment_texts={config.train.augment_texts}"
+        )
     with stage("model"):
         strategy = make_strategy(config.train.strategy)
         replicas = strategy.num_replicas_in_sync
@@ -639,16 +644,10 @@ def _with_augmented(config, examples: Examples, unlabeled: Optional[Examples], m
     from tfsft.modeling import word_embeddings
 
     count = config.train.augment_texts
-    if examples.pairs is not None:
-        raise ConfigError(
-            f"--augment_texts makes new single texts; {examples.source} has sentence pairs. Received: augment_texts={count}"
-        )
-    ids = tokenizer.get_vocab()
-    vocab = [""] * (max(ids.values()) + 1)
-    for token, index in ids.items():
-        vocab[index] = token
     start = time.perf_counter()
-    table = neighbour_table(vocab, word_embeddings(model), (w for text in examples.texts for w in text.split()))
+    table = neighbour_table(
+        tokenizer.get_vocab(), word_embeddings(model), (w for text in examples.texts for w in text.split())
+    )
     try:
         texts = augment_texts(examples.texts, count, table, seed=config.train.seed)
     except ValueError as error:
