@@ -85,12 +85,46 @@ def test_teacher_outputs_follow_the_students_label_order_through_bundle_and_kera
     assert "teacher outputs: 14 of 20 texts" in capsys.readouterr().err
 
     cache = tmp_path / "teacher_logits.npy"
-    first, cached = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)
-    assert not cached and cache.is_file()
-    again, cached = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)
-    assert cached and np.array_equal(again, first)
-    _, cached = teacher_logits(str(run_dir), examples.subset(range(10)), "classification", LabelMap(("0", "1")), cache)
-    assert not cached  # other examples: computed again
+    first, source = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)
+    assert source == "computed" and cache.is_file()
+    again, source = teacher_logits(str(run_dir), examples, "classification", LabelMap(("0", "1")), cache)
+    assert source == "run" and np.array_equal(again, first)
+    _, source = teacher_logits(str(run_dir), examples.subset(range(10)), "classification", LabelMap(("0", "1")), cache)
+    assert source == "computed"  # other examples: computed again
+
+
+def test_the_shared_teacher_cache_is_keyed_by_teacher_files_texts_and_labels(tmp_path, tiny_checkpoint, sst2_slices, capsys):
+    """--teacher_cache_dir: another run (another run-level cache) reads the outputs back; other
+    texts, another label order or a changed teacher file miss; a corrupt entry is recomputed."""
+    from tfsft import distillation
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    _, run_dir, _, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    examples = read_examples(str(sst2_slices["dev"]), DataConfig()).subset(range(24))
+    shared, labels = tmp_path / "shared", LabelMap(("0", "1"))
+
+    def outputs(name: str, examples=examples, labels=labels):
+        return distillation.teacher_logits(str(run_dir), examples, "classification", labels, tmp_path / name, shared)
+
+    first, source = outputs("a.npy")
+    assert source == "computed" and len(list(shared.glob("*.npy"))) == 1
+    again, source = outputs("b.npy")
+    assert source == "shared cache" and np.array_equal(again, first)
+    assert np.array_equal(np.load(tmp_path / "b.npy"), first)  # the run keeps its own copy
+    assert outputs("c.npy", examples.subset(range(1, 24)))[1] == "computed"
+    swapped, source = outputs("d.npy", labels=LabelMap(("1", "0")))
+    assert source == "computed" and np.array_equal(swapped, first[:, ::-1])
+    config = run_dir / "config.json"
+    config.write_text(config.read_text() + "\n")
+    assert outputs("e.npy")[1] == "computed"  # a teacher file changed: another key
+    assert len(list(shared.glob("*.npy"))) == 4
+    entry = shared / f"{distillation.teacher_outputs_key(str(run_dir), examples, 'classification', labels)}.npy"
+    entry.write_bytes(b"not an array")
+    recomputed, source = outputs("f.npy")
+    assert source == "computed" and np.allclose(recomputed, first, atol=1e-6)
+    assert "ignoring the unreadable cache entry" in capsys.readouterr().err
+    assert outputs("g.npy")[1] == "shared cache"  # overwritten with good outputs
 
 
 def test_a_teacher_of_another_task_or_labels_or_no_run_is_refused(tmp_path, tiny_checkpoint, sst2_slices):
@@ -121,6 +155,8 @@ def test_distillation_flags_are_checked():
         RunConfig.from_flat({"augment_texts": 100})
     with pytest.raises(ConfigError, match="augment_texts"):
         RunConfig.from_flat({"teacher_model": "run", "augment_texts": -1})
+    with pytest.raises(ConfigError, match="teacher_cache_dir.*without --teacher_model"):
+        RunConfig.from_flat({"teacher_cache_dir": "cache"})
 
 
 def _sentiment_rows(count: int, seed: int) -> list[list[str]]:
@@ -190,6 +226,28 @@ def test_unlabeled_texts_join_training_with_the_teachers_labels(tmp_path, tiny_c
     metrics = finetune(config, verbose=0).metrics
     assert (metrics["teacher_examples"], metrics["teacher_labelled_examples"], metrics["train_samples"]) == (50, 30, 80)
     assert (tmp_path / "student" / "teacher_logits_unlabeled.npy").is_file()
+    assert not metrics["teacher_outputs_cached"]
+
+
+def test_runs_share_teacher_outputs_through_the_teacher_cache_dir(tmp_path, tiny_checkpoint, sst2_slices, monkeypatch):
+    """A second run with other distillation settings reads the first run's teacher outputs back
+    (the teacher is not run again) and writes them into its own run directory."""
+    from tfsft import RunConfig, distillation, finetune
+
+    _, teacher_run, _, _ = make_run(tmp_path / "teacher", tiny_checkpoint, sst2_slices["dev"])
+    settings = dict(
+        model_name_or_path=str(tiny_checkpoint), train_file=str(sst2_slices["dev"]), validation_split_percentage=20,
+        max_train_samples=60, num_train_epochs=1, max_seq_length=32, export=False, teacher_model=str(teacher_run),
+        teacher_cache_dir=str(tmp_path / "cache"),
+    )
+    first = finetune(RunConfig.from_flat(dict(settings, output_dir=str(tmp_path / "a"))), verbose=0)
+    assert not first.metrics["teacher_outputs_cached"]
+    calls = []
+    compute = distillation.compute_teacher_logits
+    monkeypatch.setattr(distillation, "compute_teacher_logits", lambda *args, **kw: calls.append(1) or compute(*args, **kw))
+    second = finetune(RunConfig.from_flat(dict(settings, output_dir=str(tmp_path / "b"), distill_alpha=0.2)), verbose=0)
+    assert second.metrics["teacher_outputs_cached"] and not calls
+    np.testing.assert_array_equal(np.load(second.run_dir / "teacher_logits.npy"), np.load(first.run_dir / "teacher_logits.npy"))
 
 
 def test_augmented_texts_are_made_from_training_texts_and_labelled_by_the_teacher(tmp_path, tiny_checkpoint, sst2_slices):

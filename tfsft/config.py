@@ -332,6 +332,12 @@ class TrainConfig:
     distill_temperature: float = _field(
         2.0, "Distillation: softmax (sigmoid) temperature of teacher and student in the soft loss, which is scaled by T^2."
     )
+    teacher_cache_dir: Optional[str] = _field(
+        None,
+        "Distillation: also keep the teacher's outputs in this directory, shared by runs and keyed by the teacher's "
+        "files, the texts and the labels, so that runs over the same data with other settings (alpha, temperature, "
+        "epochs) read them back instead of running the teacher again.",
+    )
     augment_texts: int = _field(
         0,
         "Distillation: add this many new texts, made from the training texts of at least 8 words (words swapped "
@@ -631,6 +637,10 @@ class RunConfig:
             _require(
                 not self.train.augment_texts, "augment_texts", self.train.augment_texts,
                 "0 without --teacher_model (the teacher labels the new texts)",
+            )
+            _require(
+                self.train.teacher_cache_dir is None, "teacher_cache_dir", self.train.teacher_cache_dir,
+                "no value without --teacher_model (it keeps a teacher's outputs)",
             )
             return
         task, teacher = self.model.task, self.train.teacher_model

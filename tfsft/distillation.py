@@ -3,7 +3,9 @@
 
 The teacher's logits for the training texts are computed once, before training (through its
 ONNX bundle when it has one: onnxruntime, the teacher's own tokenizer and length), saved in the
-run directory as `teacher_logits.npy` (a resumed run reads them back), and packed beside the hard
+run directory as `teacher_logits.npy` (a resumed run reads them back; with --teacher_cache_dir
+also in a cache shared by runs, keyed by the teacher's files and the texts, so a sweep over
+alpha or the temperature computes them once), and packed beside the hard
 labels into the training targets: `[label, teacher logits...]` (classification),
 `[score, teacher score]` (regression), `[label set..., teacher logits...]` (multilabel). The loss
 (`distillation_loss`) unpacks them: `alpha * hard loss + (1 - alpha) * soft loss`, the soft loss
@@ -15,11 +17,12 @@ metrics are those of any run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -120,25 +123,75 @@ def _keras_teacher_logits(run: Path, examples: Examples, task: str) -> np.ndarra
 
 
 def teacher_logits(
-    teacher: str, examples: Examples, task: str, label_map: LabelMap, cache: Path
-) -> tuple[np.ndarray, bool]:
-    """The teacher's outputs for the training examples, read from `cache` when a run being
-    resumed computed them already (same teacher, same number of examples), else computed and
-    written there. Returns (logits, whether they were read from the cache)."""
+    teacher: str, examples: Examples, task: str, label_map: LabelMap, cache: Path, shared_dir: Optional[Path] = None
+) -> tuple[np.ndarray, str]:
+    """The teacher's outputs for `examples`, read from `cache` when a run being resumed computed
+    them already (same teacher, same number of examples), else from `shared_dir` when any run
+    computed them for the same teacher files, texts and labels, else computed; written to
+    `cache` (and `shared_dir`). Returns (logits, where from: "run", "shared cache" or "computed")."""
     meta_path = cache.with_suffix(".json")
     expected = {"teacher": str(Path(teacher).resolve()), "examples": len(examples), "labels": list(label_map.names)}
     if cache.is_file() and meta_path.is_file():
         try:
             if json.loads(meta_path.read_text()) == expected:
-                return np.load(cache), True
+                return np.load(cache), "run"
         except (OSError, ValueError):
             pass
-    logits = compute_teacher_logits(teacher, examples, task, label_map)
-    with artifacts.atomic_path(cache) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, logits)
+    source, shared = "computed", None
+    if shared_dir is not None:
+        shared = Path(shared_dir) / f"{teacher_outputs_key(teacher, examples, task, label_map)}.npy"
+        logits = _read_shared(shared, len(examples))
+        if logits is not None:
+            source = "shared cache"
+    if source == "computed":
+        logits = compute_teacher_logits(teacher, examples, task, label_map)
+        if shared is not None:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            _save_npy(shared, logits)
+    _save_npy(cache, logits)
     artifacts.write_json(meta_path, expected)
-    return logits, False
+    return logits, source
+
+
+def teacher_outputs_key(teacher: str, examples: Examples, task: str, label_map: LabelMap) -> str:
+    """What the teacher's outputs depend on, hashed: its files (the bundle it is read through, else
+    its run's model/ and config.json; so a re-trained or re-exported teacher is another key), the
+    task, the student's labels (the column order) and every input text."""
+    digest = hashlib.sha256(json.dumps(["tfsft teacher outputs 1", task, list(label_map.names)]).encode())
+    bundle = artifacts.find_bundle(teacher)
+    run = Path(teacher)
+    files = sorted(bundle.rglob("*")) if bundle is not None else [*sorted((run / artifacts.MODEL_DIR).rglob("*")),
+                                                                   run / artifacts.CONFIG_FILE]
+    for path in (path for path in files if path.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    for item in _inputs(examples):
+        digest.update(json.dumps(item).encode() + b"\n")
+    return digest.hexdigest()[:32]
+
+
+def _read_shared(path: Path, rows: int) -> Optional[np.ndarray]:
+    """A shared cache entry, or None when there is none or it is unreadable or of another shape
+    (a corrupt entry is computed again and overwritten, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        logits = np.load(path)
+    except (OSError, ValueError) as error:
+        print(f"[tfsft] teacher outputs: ignoring the unreadable cache entry {path} ({error})", file=sys.stderr)
+        return None
+    if logits.ndim != 2 or logits.shape[0] != rows or not np.isfinite(logits).all():
+        print(f"[tfsft] teacher outputs: ignoring the cache entry {path} of shape {logits.shape}", file=sys.stderr)
+        return None
+    return logits
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with artifacts.atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
 
 
 def pack_targets(task: str, labels: np.ndarray, teacher: np.ndarray) -> np.ndarray:

@@ -678,17 +678,20 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
     task, teacher, train = config.model.task, config.train.teacher_model, config.train
     spec = get_task(task)
     start = time.perf_counter()
-    outputs, cached = teacher_logits(teacher, examples, task, label_map, partial / TEACHER_LOGITS_FILE)
+    shared = train.teacher_cache_dir and Path(train.teacher_cache_dir).expanduser()
+    outputs, source = teacher_logits(teacher, examples, task, label_map, partial / TEACHER_LOGITS_FILE, shared or None)
     hard = np.asarray(labels)
     report: dict[str, Any] = {
         "teacher_model": teacher, "distill_alpha": train.distill_alpha, "distill_temperature": train.distill_temperature,
-        "teacher_examples": len(examples), "teacher_outputs_cached": cached,
+        "teacher_examples": len(examples), "teacher_outputs_cached": source != "computed",
     }
     agreement = spec.teacher_agreement(outputs, hard)
     if agreement is not None:
         report["teacher_train_agreement"] = round(agreement, 4)
     if unlabeled is not None:
-        unlabeled_outputs, _ = teacher_logits(teacher, unlabeled, task, label_map, partial / TEACHER_UNLABELED_LOGITS_FILE)
+        unlabeled_outputs, unlabeled_source = teacher_logits(
+            teacher, unlabeled, task, label_map, partial / TEACHER_UNLABELED_LOGITS_FILE, shared or None
+        )
         hard, outputs = mix_unlabeled(task, hard, outputs, unlabeled_outputs, config.train.multilabel_threshold or 0.5)
         encoded = encoded.concat(unlabeled.encode(encoder, None)[0])
         report["teacher_labelled_examples"] = len(unlabeled)
@@ -698,7 +701,9 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
     _log(
         f"distillation: teacher {teacher} outputs for {len(examples)} training"
         + (f" and {len(unlabeled)} unlabelled" if unlabeled is not None else "")
-        + f" texts ({'read back' if cached else 'computed'} in {report['teacher_seconds']:.1f} s); "
+        + f" texts (training texts' {source if source == 'computed' else 'read from the ' + source}"
+        + (f", unlabelled texts' {unlabeled_source}" if unlabeled is not None else "")
+        + f"; {report['teacher_seconds']:.1f} s); "
         f"alpha {train.distill_alpha}, temperature {train.distill_temperature}"
     )
     objective = distillation_objective(task, len(label_map.names), train.distill_alpha, train.distill_temperature)
