@@ -71,3 +71,16 @@ def test_too_few_sources_for_the_count_is_an_error_and_short_sets_fall_back_to_a
         augment_texts(["good film", "bad film"], 500, table, seed=0)
     with pytest.raises(ValueError, match="every training text is empty"):
         augment_texts(["", " "], 3, table)
+
+
+def test_raw_text_words_match_without_case_or_punctuation_and_keep_them():
+    """Tweets and reviews are not tokenised: "Great!" is looked up as "great", and its neighbour
+    comes back with the capital and the "!"."""
+    texts = ["What a GREAT film, truly Great! and (good) acting from everyone here"]
+    table = neighbour_table(VOCAB, _embeddings(TOKENS), texts[0].split(), neighbours=2)
+    assert set(table) == {"great", "film", "good"}
+    made = augment_texts(texts, 60, table, seed=1)
+    swapped = {w for text in made for w in text.split()} - set(texts[0].split()) - {"but", "yet", ";", ","}
+    # GREAT -> GOOD/FINE, Great! -> Good!/Fine!, (good) -> (great)/(fine), film, -> movie,/poor,
+    assert swapped == {"GOOD", "FINE", "Good!", "Fine!", "(great)", "(fine)", "movie,", "poor,"}, swapped
+

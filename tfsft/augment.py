@@ -13,14 +13,17 @@ outputs around them. Each new text is one of
   some of whose words are then replaced,
 - a training text with words replaced and others dropped.
 
-TensorFlow-free: the word embeddings come in as a numpy array. Texts are split on whitespace
-(SST-2's texts are tokenised); a word is replaced only when it is, as written, a lowercase
-vocabulary word of three letters or more.
+TensorFlow-free: the word embeddings come in as a numpy array. Texts are split on whitespace; a
+word is replaced when, lowercased and without the punctuation around it, it is a vocabulary word
+of three letters or more, and its neighbour takes its capitals and punctuation ("Great!" may
+become "Excellent!"), so raw text (tweets, reviews) is augmented as well as tokenised text
+(SST-2's).
 """
 
 from __future__ import annotations
 
 import re
+import string
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +36,28 @@ phrases give variants that teach little about sentences."""
 JOINERS = (",", "but", ", but", "and", ", and", ", yet", ";")
 """What joins the two parts of a spliced text."""
 _WORD = re.compile(r"[a-z]{3,}")
+_AROUND = re.compile(rf"^([{re.escape(string.punctuation)}]*)(.*?)([{re.escape(string.punctuation)}]*)$")
+
+
+def _parts(word: str) -> tuple[str, str, str]:
+    """(leading punctuation, the word, trailing punctuation)."""
+    match = _AROUND.match(word)
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _lookup_key(word: str) -> str:
+    """The vocabulary word a text's word is looked up as: lowercased, without punctuation around it."""
+    return _parts(word)[1].lower()
+
+
+def _like(word: str, neighbour: str) -> str:
+    """`neighbour` with `word`'s punctuation around it and its capitals (all caps, or the first)."""
+    before, core, after = _parts(word)
+    if len(core) > 1 and core.isupper():
+        neighbour = neighbour.upper()
+    elif core[:1].isupper():
+        neighbour = neighbour[:1].upper() + neighbour[1:]
+    return before + neighbour + after
 _BLOCK = 2048
 
 
@@ -40,7 +65,8 @@ def neighbour_table(
     vocab: Mapping[str, int], embeddings: np.ndarray, words: Iterable[str], neighbours: int = NEIGHBOURS
 ) -> dict[str, list[str]]:
     """For each of `words` that is a whole-word vocabulary entry (lowercase letters, at least
-    three), its `neighbours` nearest other such entries by the cosine of their embedding rows.
+    three) once lowercased and stripped of the punctuation around it, keyed so, its `neighbours`
+    nearest other such entries by the cosine of their embedding rows.
 
     `vocab` maps each token to its row of `embeddings` (a tokenizer's `get_vocab()`). WordPiece
     vocabularies (BERT, MPNet) qualify as they are: their word pieces start with `##` and never
@@ -57,7 +83,7 @@ def neighbour_table(
     candidates = np.asarray(embeddings, dtype=np.float32)[[row for row, _ in words_by_row]]
     candidates = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
     index = {token: j for j, token in enumerate(tokens)}
-    used = sorted({word for word in words if word in index})
+    used = sorted({key for key in map(_lookup_key, words) if key in index})
     queries = candidates[[index[word] for word in used]]
     table: dict[str, list[str]] = {}
     for begin in range(0, len(used), _BLOCK):
@@ -80,10 +106,14 @@ def augment_texts(
     if not sources:
         raise ValueError("no text to augment: every training text is empty")
 
+    def swap(word: str, probability: float) -> str:
+        options = table.get(_lookup_key(word))
+        if options and rng.random() < probability:
+            return _like(word, str(rng.choice(options)))
+        return word
+
     def replace(words: list[str], probability: float = 0.3) -> list[str]:
-        return [
-            rng.choice(table[w]) if w in table and table[w] and rng.random() < probability else w for w in words
-        ]
+        return [swap(word, probability) for word in words]
 
     def drop(words: list[str], probability: float = 0.1) -> list[str]:
         kept = [w for w in words if rng.random() >= probability]
