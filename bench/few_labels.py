@@ -1,7 +1,7 @@
 """Few-label learning curve (issue 14): dev accuracy against labelled examples per class, for
 plain fine-tuning, `--few_shot on`, and `--few_shot on --unlabeled_file` (self-training).
 
-For each size k in --sizes and draw d in range(--draws), k examples per class are drawn from the
+For each size k in --sizes and draw d in range(--first_draw, --first_draw + --draws), k examples per class are drawn from the
 training set with seed d (balanced; the draws are nested: draw d of 8 per class is the first half
 of draw d of 16) and written to a TSV; every method trains on that same file, with seed d. The
 unlabelled file of draw d (self-training) holds other training texts without their labels: a
@@ -425,7 +425,7 @@ def markdown(cells: dict[str, Any], goals: list[dict[str, Any]], context: dict[s
         "",
         f"Data: {context['described']}; dev {context['dev_size']} examples, classes {context['classes']}; "
         f"model {context['model']}, max_seq_length {context['max_seq_length']}; {context['draws']} seeded draw(s) "
-        f"per size, the same draw (and seed) for every method; self_training's unlabelled file: "
+        f"(seeds {context['first_draw']}..{context['first_draw'] + context['draws'] - 1}) per size, the same draw (and seed) for every method; self_training's unlabelled file: "
         f"{context['unlabeled_samples'] or 'all'} other training texts per draw. plain is a recipe tuned for tiny "
         f"data ({', '.join(f'{k} {v:g}' for k, v in PLAIN_RECIPE.items())}); few_shot and self_training use "
         "the library's defaults.",
@@ -515,6 +515,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dataset", choices=DATASETS, default="sst2")
     parser.add_argument("--sizes", default="8,16,32,64", help="Labelled examples per class, comma-separated.")
     parser.add_argument("--draws", type=int, default=5, help="Seeded draws per size (seeds 0..draws-1).")
+    parser.add_argument("--first_draw", type=int, default=0,
+                        help="Seed of the first draw: draws first_draw..first_draw+draws-1 (to add draws to a table "
+                             "whose first ones another invocation ran).")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
     parser.add_argument("--model_name_or_path", default="embedded-minilm")
     parser.add_argument("--max_seq_length", type=int, default=None, help="Default: 64 for sst2, 128 for tweets.")
@@ -536,6 +539,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--methods takes {', '.join(METHODS)}. Received: {args.methods!r}")
     if args.draws < 1:
         parser.error(f"--draws must be at least 1. Received: {args.draws}")
+    if args.first_draw < 0:
+        parser.error(f"--first_draw must be at least 0. Received: {args.first_draw}")
     args.max_seq_length = args.max_seq_length or MAX_SEQ_LENGTH[args.dataset]
     command = "python " + " ".join(shlex.quote(a) for a in ["bench/few_labels.py", *argv])
 
@@ -547,12 +552,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     train_texts, train_labels, dev_texts, dev_labels, described = load_dataset(args.dataset, args.max_eval_samples)
     dev_file = write_labeled(out / "data" / "dev.tsv", dev_texts, dev_labels)
     draw_sizes = sorted(set(sizes) | ({TIMED_K} if args.timed_run else set()))
+    draw_ids = range(args.first_draw, args.first_draw + args.draws)
     draws = {}
-    for d in range(args.draws):
+    for d in sorted(set(draw_ids) | ({0} if args.timed_run else set())):
         draws[d] = prepare_draw(out / "data" / f"draw{d}", train_texts, train_labels, draw_sizes, d,
                                 args.unlabeled_samples or None)
     shas = {"dev_sha": file_hash(dev_file)}
-    check_files = (draws[0]["labeled"][draw_sizes[0]], dev_file, draws[0]["unlabeled"])
+    first = draws[draw_ids[0]]
+    check_files = (first["labeled"][draw_sizes[0]], dev_file, first["unlabeled"])
     unavailable = {m: e for m in methods if (e := check_method(m, *check_files, args))}
     for method, error in unavailable.items():
         print(f"# {method}: skipped, the installed tfsft rejects its settings: {error}", file=sys.stderr)
@@ -574,7 +581,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     previous = read_results(results_path)
     done = {row_key(r): r for r in previous if r.get("error") is None}
-    plan = [(k, d, m, False) for k in sizes for d in range(args.draws) for m in methods if m not in unavailable]
+    plan = [(k, d, m, False) for k in sizes for d in draw_ids for m in methods if m not in unavailable]
     if args.timed_run and timed_error is None:
         plan.append((TIMED_K, 0, "few_shot", True))
     elif args.timed_run:
@@ -616,7 +623,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     goals = targets(cells, timed_row)
     context = dict(dataset=args.dataset, command=command, described=described, dev_size=len(dev_texts),
                    classes=sorted(set(train_labels)), model=args.model_name_or_path, max_seq_length=args.max_seq_length,
-                   draws=args.draws, unlabeled_samples=args.unlabeled_samples, failed=failed)
+                   draws=args.draws, first_draw=args.first_draw, unlabeled_samples=args.unlabeled_samples, failed=failed)
     summary = dict(context, sizes=sizes, methods=methods, plain_recipe=PLAIN_RECIPE, cells=cells, targets=goals,
                    unavailable=unavailable, timed_run=timed_row, accuracy_unit="percent",
                    std="sample standard deviation (ddof 1; 0 for a single run)")

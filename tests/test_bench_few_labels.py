@@ -115,3 +115,11 @@ def test_few_labels_bench_end_to_end_on_the_tiny_bert(tiny_checkpoint, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert {m: summary["cells"]["4"][m]["n"] for m in ("plain", "self_training")} == {"plain": 1, "self_training": 1}
     assert "| per class | plain | self_training |" in (out / "summary.md").read_text()
+
+    later = run_bench(*common, "--first_draw", "1", "--draws", "1", "--methods", "plain")
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert "1 run(s) planned, 0 already in" in later.stderr
+    rows = read_rows(out / "results.jsonl")
+    assert sorted((r["method"], r["draw"]) for r in rows) == [("plain", 0), ("plain", 1), ("self_training", 0)]
+    assert json.loads((out / "summary.json").read_text())["cells"]["4"]["plain"]["n"] == 1  # draw 1 only
+    assert "1 seeded draw(s) (seeds 1..1)" in (out / "summary.md").read_text()
