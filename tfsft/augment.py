@@ -36,6 +36,7 @@ phrases give variants that teach little about sentences."""
 JOINERS = (",", "but", ", but", "and", ", and", ", yet", ";")
 """What joins the two parts of a spliced text."""
 _WORD = re.compile(r"[a-z]{3,}")
+_BLOCK = 2048
 _AROUND = re.compile(rf"^([{re.escape(string.punctuation)}]*)(.*?)([{re.escape(string.punctuation)}]*)$")
 
 
@@ -58,7 +59,6 @@ def _like(word: str, neighbour: str) -> str:
     elif core[:1].isupper():
         neighbour = neighbour[:1].upper() + neighbour[1:]
     return before + neighbour + after
-_BLOCK = 2048
 
 
 def neighbour_table(
