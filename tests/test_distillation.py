@@ -105,7 +105,8 @@ def test_the_shared_teacher_cache_is_keyed_by_teacher_files_texts_and_labels(tmp
     shared, labels = tmp_path / "shared", LabelMap(("0", "1"))
 
     def outputs(name: str, examples=examples, labels=labels):
-        return distillation.teacher_logits(str(run_dir), examples, "classification", labels, tmp_path / name, shared)
+        cache = distillation.shared_cache(shared, str(run_dir))  # as a run makes it: the teacher's files hashed now
+        return distillation.teacher_logits(str(run_dir), examples, "classification", labels, tmp_path / name, cache)
 
     first, source = outputs("a.npy")
     assert source == "computed" and len(list(shared.glob("*.npy"))) == 1
@@ -119,7 +120,10 @@ def test_the_shared_teacher_cache_is_keyed_by_teacher_files_texts_and_labels(tmp
     config.write_text(config.read_text() + "\n")
     assert outputs("e.npy")[1] == "computed"  # a teacher file changed: another key
     assert len(list(shared.glob("*.npy"))) == 4
-    entry = shared / f"{distillation.teacher_outputs_key(str(run_dir), examples, 'classification', labels)}.npy"
+    key = distillation.teacher_outputs_key(
+        distillation.shared_cache(shared, str(run_dir)).teacher_digest, examples, "classification", labels
+    )
+    entry = shared / f"{key}.npy"
     entry.write_bytes(b"not an array")
     recomputed, source = outputs("f.npy")
     assert source == "computed" and np.allclose(recomputed, first, atol=1e-6)

@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -122,13 +122,33 @@ def _keras_teacher_logits(run: Path, examples: Examples, task: str) -> np.ndarra
     return predict_logits(model, data)
 
 
+class SharedCache(NamedTuple):
+    """--teacher_cache_dir: where teacher outputs shared by runs live, and the digest of the
+    teacher's files that their keys start from (hashed once per run, not per set of texts)."""
+
+    directory: Path
+    teacher_digest: str
+
+
+def shared_cache(directory: str | Path, teacher: str) -> SharedCache:
+    """The shared cache in `directory` for `teacher`, whose files (the bundle it is read through,
+    else its run's model/ and config.json) are hashed now: a re-trained or re-exported teacher
+    gets other keys."""
+    bundle = artifacts.find_bundle(teacher)
+    run = Path(teacher)
+    files = sorted(bundle.rglob("*")) if bundle is not None else [*sorted((run / artifacts.MODEL_DIR).rglob("*")),
+                                                                   run / artifacts.CONFIG_FILE]
+    digests = [[path.name, artifacts.file_digest(path)] for path in files if path.is_file()]
+    return SharedCache(Path(directory).expanduser(), hashlib.sha256(json.dumps(digests).encode()).hexdigest())
+
+
 def teacher_logits(
-    teacher: str, examples: Examples, task: str, label_map: LabelMap, cache: Path, shared_dir: Optional[Path] = None
+    teacher: str, examples: Examples, task: str, label_map: LabelMap, cache: Path, shared: Optional[SharedCache] = None
 ) -> tuple[np.ndarray, str]:
     """The teacher's outputs for `examples`, read from `cache` when a run being resumed computed
-    them already (same teacher, same number of examples), else from `shared_dir` when any run
+    them already (same teacher, same number of examples), else from `shared` when any run
     computed them for the same teacher files, texts and labels, else computed; written to
-    `cache` (and `shared_dir`). Returns (logits, where from: "run", "shared cache" or "computed")."""
+    `cache` (and `shared`). Returns (logits, where from: "run", "shared cache" or "computed")."""
     meta_path = cache.with_suffix(".json")
     expected = {"teacher": str(Path(teacher).resolve()), "examples": len(examples), "labels": list(label_map.names)}
     if cache.is_file() and meta_path.is_file():
@@ -137,36 +157,26 @@ def teacher_logits(
                 return np.load(cache), "run"
         except (OSError, ValueError):
             pass
-    source, shared = "computed", None
-    if shared_dir is not None:
-        shared = Path(shared_dir) / f"{teacher_outputs_key(teacher, examples, task, label_map)}.npy"
-        logits = _read_shared(shared, len(examples))
+    source, entry = "computed", None
+    if shared is not None:
+        entry = shared.directory / f"{teacher_outputs_key(shared.teacher_digest, examples, task, label_map)}.npy"
+        logits = _read_shared(entry, len(examples))
         if logits is not None:
             source = "shared cache"
     if source == "computed":
         logits = compute_teacher_logits(teacher, examples, task, label_map)
-        if shared is not None:
-            shared.parent.mkdir(parents=True, exist_ok=True)
-            _save_npy(shared, logits)
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            _save_npy(entry, logits)
     _save_npy(cache, logits)
     artifacts.write_json(meta_path, expected)
     return logits, source
 
 
-def teacher_outputs_key(teacher: str, examples: Examples, task: str, label_map: LabelMap) -> str:
-    """What the teacher's outputs depend on, hashed: its files (the bundle it is read through, else
-    its run's model/ and config.json; so a re-trained or re-exported teacher is another key), the
+def teacher_outputs_key(teacher_digest: str, examples: Examples, task: str, label_map: LabelMap) -> str:
+    """What the teacher's outputs depend on, hashed: the teacher's files (`shared_cache`), the
     task, the student's labels (the column order) and every input text."""
-    digest = hashlib.sha256(json.dumps(["tfsft teacher outputs 1", task, list(label_map.names)]).encode())
-    bundle = artifacts.find_bundle(teacher)
-    run = Path(teacher)
-    files = sorted(bundle.rglob("*")) if bundle is not None else [*sorted((run / artifacts.MODEL_DIR).rglob("*")),
-                                                                   run / artifacts.CONFIG_FILE]
-    for path in (path for path in files if path.is_file()):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+    digest = hashlib.sha256(json.dumps(["tfsft teacher outputs 1", teacher_digest, task, list(label_map.names)]).encode())
     for item in _inputs(examples):
         digest.update(json.dumps(item).encode() + b"\n")
     return digest.hexdigest()[:32]

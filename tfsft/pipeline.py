@@ -672,14 +672,14 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
     objective and the report for metrics.json."""
     from tfsft.distillation import (
         TEACHER_LOGITS_FILE, TEACHER_UNLABELED_LOGITS_FILE, distillation_objective, mix_unlabeled, pack_targets,
-        teacher_logits,
+        shared_cache, teacher_logits,
     )
 
     task, teacher, train = config.model.task, config.train.teacher_model, config.train
     spec = get_task(task)
     start = time.perf_counter()
-    shared = train.teacher_cache_dir and Path(train.teacher_cache_dir).expanduser()
-    outputs, source = teacher_logits(teacher, examples, task, label_map, partial / TEACHER_LOGITS_FILE, shared or None)
+    shared = shared_cache(train.teacher_cache_dir, teacher) if train.teacher_cache_dir else None
+    outputs, source = teacher_logits(teacher, examples, task, label_map, partial / TEACHER_LOGITS_FILE, shared)
     hard = np.asarray(labels)
     report: dict[str, Any] = {
         "teacher_model": teacher, "distill_alpha": train.distill_alpha, "distill_temperature": train.distill_temperature,
@@ -690,7 +690,7 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
         report["teacher_train_agreement"] = round(agreement, 4)
     if unlabeled is not None:
         unlabeled_outputs, unlabeled_source = teacher_logits(
-            teacher, unlabeled, task, label_map, partial / TEACHER_UNLABELED_LOGITS_FILE, shared or None
+            teacher, unlabeled, task, label_map, partial / TEACHER_UNLABELED_LOGITS_FILE, shared
         )
         hard, outputs = mix_unlabeled(task, hard, outputs, unlabeled_outputs, config.train.multilabel_threshold or 0.5)
         encoded = encoded.concat(unlabeled.encode(encoder, None)[0])
