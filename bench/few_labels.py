@@ -30,10 +30,11 @@ Every run is a fresh subprocess (this script with a hidden flag), so TensorFlow 
 do not build up over the 60 runs; its metrics.json is read back. Results are appended to
 OUTPUT/results.jsonl as runs finish, and a rerun skips the runs already there with the same data
 (file hashes), model and resolved run settings (the library's defaults included: a changed default
-runs again), so a killed benchmark resumes. Failed runs are recorded with
-their error and retried by the next rerun. A method whose settings the installed tfsft rejects
-(an unknown config key) is reported and skipped. Run directories keep their JSON/CSV reports;
-weights and bundles are deleted unless --keep_runs.
+runs again; a setting added to tfsft since a row ran counts as matching while the cell leaves it at
+its default, so a new flag does not invalidate earlier rows), so a killed benchmark resumes.
+Failed runs are recorded with their error and retried by the next rerun. A method whose settings
+the installed tfsft rejects (an unknown config key) is reported and skipped. Run directories keep
+their JSON/CSV reports; weights and bundles are deleted unless --keep_runs.
 
 --timed_run (on by default) adds one run of 16 per class, draw 0, --few_shot on with the ONNX
 export on, and records its wall time (process start to exit: Python, TensorFlow import, data,
@@ -52,6 +53,7 @@ targets, met or not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -330,11 +332,43 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
 
 
 KEY_FIELDS = ("dataset", "model", "method", "k", "draw", "timed", "max_seq_length", "train_sha", "dev_sha",
-              "unlabeled_sha", "settings_sha")
+              "unlabeled_sha")
+"""What names a cell; a row recorded for it is reused when its `settings` also match (`same_settings`)."""
 
 
 def row_key(row: dict[str, Any]) -> tuple:
     return tuple(row.get(name) for name in KEY_FIELDS)
+
+
+def default_settings() -> dict[str, Any]:
+    """Every run setting's default, as the JSON a row records."""
+    from tfsft.config import iter_fields
+
+    return {name: jsonable(f.default) for name, _, f in iter_fields() if f.default is not dataclasses.MISSING}
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def same_settings(cell: dict[str, Any], recorded: Optional[dict[str, Any]], defaults: dict[str, Any]) -> bool:
+    """Whether a row's recorded settings are the cell's: the same values, except that a setting
+    missing from the row (added to tfsft after it ran) matches while the cell leaves it at its
+    default, which reproduces the behaviour from before the setting existed. A setting the row has
+    and the cell does not (removed since) never matches."""
+    if recorded is None or set(recorded) - set(cell):
+        return False
+    missing = object()
+    return all(recorded[name] == value if name in recorded else value == defaults.get(name, missing)
+               for name, value in jsonable(cell).items())
+
+
+def matching_row(rows: Sequence[dict[str, Any]], cell: dict[str, Any], defaults: dict[str, Any]) -> Optional[dict]:
+    """The last finished row recorded for `cell` (its key and settings), or None."""
+    key = row_key(cell)
+    found = [r for r in rows if r.get("error") is None and row_key(r) == key
+             and same_settings(cell["settings"], r.get("settings"), defaults)]
+    return found[-1] if found else None
 
 
 # --------------------------------------------------------------------------------------- summary
@@ -572,21 +606,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def describe(method: str, k: int, d: int, timed: bool) -> dict[str, Any]:
         unlabeled = draws[d]["unlabeled"] if method == "self_training" else None
-        settings = resolved_settings(cell_flags(method, k, d, timed))
-        settings_sha = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        settings = jsonable(resolved_settings(cell_flags(method, k, d, timed)))
+        settings_sha = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         return dict(dataset=args.dataset, model=args.model_name_or_path, method=method, k=k, draw=d, timed=timed,
                     max_seq_length=args.max_seq_length, train_sha=file_hash(draws[d]["labeled"][k]),
                     unlabeled_sha=file_hash(unlabeled) if unlabeled else None, settings=settings,
                     settings_sha=settings_sha, **shas)
 
-    previous = read_results(results_path)
-    done = {row_key(r): r for r in previous if r.get("error") is None}
+    previous, defaults = read_results(results_path), default_settings()
     plan = [(k, d, m, False) for k in sizes for d in draw_ids for m in methods if m not in unavailable]
     if args.timed_run and timed_error is None:
         plan.append((TIMED_K, 0, "few_shot", True))
     elif args.timed_run:
         print(f"# timed run: skipped, the installed tfsft rejects --few_shot on: {timed_error}", file=sys.stderr)
-    todo = [cell for cell in plan if row_key(describe(cell[2], cell[0], cell[1], cell[3])) not in done]
+    todo = [(k, d, m, t) for k, d, m, t in plan if matching_row(previous, describe(m, k, d, t), defaults) is None]
     print(f"# {len(plan)} run(s) planned, {len(plan) - len(todo)} already in {results_path}, {len(todo)} to run",
           file=sys.stderr, flush=True)
 
@@ -609,15 +642,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"# timed run: {row['wall_s']:.1f} s wall (target < {TIMED_TARGET_S:.0f} s)", file=sys.stderr)
 
     # The summary reads every finished row of this configuration (this run's and earlier ones').
-    current = {row_key(describe(m, k, d, t)) for k, d, m, t in plan}
+    current = [describe(m, k, d, t) for k, d, m, t in plan]
     rows = read_results(results_path)
-    finished = {row_key(r): r for r in rows if r.get("error") is None and row_key(r) in current}
-    failed = sum(1 for key in current if key not in finished)
-    grid = [r for r in finished.values() if not r["timed"]]
-    timed_rows = [r for r in finished.values() if r["timed"]]
+    matches = [matching_row(rows, cell, defaults) for cell in current]
+    finished = [r for r in matches if r is not None]
+    failed = len(matches) - len(finished)
+    grid = [r for r in finished if not r["timed"]]
+    timed_rows = [r for r in finished if r["timed"]]
     timed_row = timed_rows[0] if timed_rows else None
     if args.timed_run and timed_row is None:
-        failures = [r for r in rows if r.get("timed") and r.get("error") and row_key(r) in current]
+        keys = {row_key(cell) for cell in current}
+        failures = [r for r in rows if r.get("timed") and r.get("error") and row_key(r) in keys]
         timed_row = failures[-1] if failures else None
     cells = summarize(grid, sizes, methods)
     goals = targets(cells, timed_row)

@@ -62,6 +62,33 @@ def test_draws_are_balanced_seeded_nested_and_disjoint_from_the_unlabeled_file(t
     assert bench.clean("a\tb\nc  d\r") == "a b c d"
 
 
+
+def test_a_row_matches_its_cell_across_a_setting_added_since_it_ran():
+    """A row recorded before a setting existed stays valid while the cell leaves that setting at its
+    default; any other difference (a value, a setting at another value, a setting removed since)
+    runs the cell again."""
+    bench = load_bench()
+    defaults = bench.default_settings()
+    assert defaults["seed"] == 42 and defaults["teacher_cache_dir"] is None
+    cell_settings = bench.jsonable(bench.resolved_settings(dict(train_file="t.tsv", seed=3, learning_rate=5e-5)))
+    key = dict(dataset="sst2", model="m", method="plain", k=16, draw=3, timed=False, max_seq_length=64,
+               train_sha="a", dev_sha="b", unlabeled_sha=None)
+    cell = dict(key, settings=cell_settings)
+    old = {name: value for name, value in cell_settings.items() if name != "teacher_cache_dir"}
+    assert bench.same_settings(cell_settings, old, defaults)
+    assert not bench.same_settings(dict(cell_settings, teacher_cache_dir="/cache"), old, defaults)
+    assert not bench.same_settings(cell_settings, dict(old, learning_rate=1e-4), defaults)
+    assert not bench.same_settings(cell_settings, dict(cell_settings, removed_setting=1), defaults)
+    assert not bench.same_settings(cell_settings, None, defaults)
+
+    row = dict(key, settings=old, eval_accuracy=0.8)
+    failed = dict(key, settings=cell_settings, error="killed")
+    other_draw = dict(key, draw=4, settings=cell_settings, eval_accuracy=0.7)
+    assert bench.matching_row([row, failed, other_draw], cell, defaults) is row
+    newer = dict(row, eval_accuracy=0.9)
+    assert bench.matching_row([row, newer], cell, defaults) is newer  # the last one recorded
+    assert bench.matching_row([failed, other_draw], cell, defaults) is None
+
 def check_rows(rows: list[dict], out: Path) -> None:
     for r in rows:
         assert r.get("error") is None, r
