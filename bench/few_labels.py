@@ -352,15 +352,15 @@ def jsonable(value: Any) -> Any:
 
 
 def same_settings(cell: dict[str, Any], recorded: Optional[dict[str, Any]], defaults: dict[str, Any]) -> bool:
-    """Whether a row's recorded settings are the cell's: the same values, except that a setting
-    missing from the row (added to tfsft after it ran) matches while the cell leaves it at its
-    default, which reproduces the behaviour from before the setting existed. A setting the row has
-    and the cell does not (removed since) never matches."""
+    """Whether a row's recorded settings are the cell's (both as JSON, `jsonable`): the same values,
+    except that a setting missing from the row (added to tfsft after it ran) matches while the cell
+    leaves it at its default, which reproduces the behaviour from before the setting existed. A
+    setting the row has and the cell does not (removed since) never matches."""
     if recorded is None or set(recorded) - set(cell):
         return False
     missing = object()
     return all(recorded[name] == value if name in recorded else value == defaults.get(name, missing)
-               for name, value in jsonable(cell).items())
+               for name, value in cell.items())
 
 
 def matching_row(rows: Sequence[dict[str, Any]], cell: dict[str, Any], defaults: dict[str, Any]) -> Optional[dict]:
@@ -607,11 +607,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     def describe(method: str, k: int, d: int, timed: bool) -> dict[str, Any]:
         unlabeled = draws[d]["unlabeled"] if method == "self_training" else None
         settings = jsonable(resolved_settings(cell_flags(method, k, d, timed)))
-        settings_sha = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         return dict(dataset=args.dataset, model=args.model_name_or_path, method=method, k=k, draw=d, timed=timed,
                     max_seq_length=args.max_seq_length, train_sha=file_hash(draws[d]["labeled"][k]),
-                    unlabeled_sha=file_hash(unlabeled) if unlabeled else None, settings=settings,
-                    settings_sha=settings_sha, **shas)
+                    unlabeled_sha=file_hash(unlabeled) if unlabeled else None, settings=settings, **shas)
 
     previous, defaults = read_results(results_path), default_settings()
     plan = [(k, d, m, False) for k in sizes for d in draw_ids for m in methods if m not in unavailable]

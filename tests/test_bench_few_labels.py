@@ -62,7 +62,6 @@ def test_draws_are_balanced_seeded_nested_and_disjoint_from_the_unlabeled_file(t
     assert bench.clean("a\tb\nc  d\r") == "a b c d"
 
 
-
 def test_a_row_matches_its_cell_across_a_setting_added_since_it_ran():
     """A row recorded before a setting existed stays valid while the cell leaves that setting at its
     default; any other difference (a value, a setting at another value, a setting removed since)
@@ -88,6 +87,7 @@ def test_a_row_matches_its_cell_across_a_setting_added_since_it_ran():
     newer = dict(row, eval_accuracy=0.9)
     assert bench.matching_row([row, newer], cell, defaults) is newer  # the last one recorded
     assert bench.matching_row([failed, other_draw], cell, defaults) is None
+
 
 def check_rows(rows: list[dict], out: Path) -> None:
     for r in rows:
