@@ -3,6 +3,11 @@ embedding, and the new texts' counts, seeding, sources and operations."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -61,6 +66,27 @@ def test_new_texts_are_distinct_seeded_and_made_only_from_long_texts():
     assert swapped, "no text had 'good' replaced by one of its neighbours"
     spliced = [t for t in first if any(joiner in t.split() for joiner in ("but", "yet", ";"))]
     assert spliced, "no two texts were joined"
+
+
+def test_new_texts_are_the_same_in_every_process_and_a_larger_count_extends_a_smaller_one():
+    """Python salts str hashes per process: texts must not come out in set order, or a rerun of the
+    same seed (and its teacher cache key) differs. Asking for more texts gives the same texts first."""
+    script = (
+        "import json, sys; sys.path[:0] = [sys.argv[1]]; import test_augment as t; "
+        "table = t.neighbour_table(t.VOCAB, t._embeddings(t.TOKENS), ' '.join(t.SOURCES).split(), neighbours=2); "
+        "print(json.dumps(t.augment_texts(t.SOURCES, 40, table, seed=3)))"
+    )
+    runs = [
+        json.loads(subprocess.run(
+            [sys.executable, "-c", script, os.path.dirname(__file__)], check=True, capture_output=True, text=True,
+            env={**os.environ, "PYTHONHASHSEED": salt},
+        ).stdout)
+        for salt in ("1", "2", "3")
+    ]
+    assert runs[0] == runs[1] == runs[2]
+    table = neighbour_table(VOCAB, _embeddings(TOKENS), " ".join(SOURCES).split(), neighbours=2)
+    assert augment_texts(SOURCES, 40, table, seed=3) == runs[0]
+    assert augment_texts(SOURCES, 60, table, seed=3)[:40] == runs[0]
 
 
 def test_too_few_sources_for_the_count_is_an_error_and_short_sets_fall_back_to_all_texts():

@@ -97,9 +97,11 @@ def neighbour_table(
 def augment_texts(
     texts: Sequence[str], count: int, table: dict[str, list[str]], seed: int = 0, min_words: int = MIN_SOURCE_WORDS
 ) -> list[str]:
-    """`count` distinct new texts made from `texts` (see the module docstring), in a seeded
-    random order. A few may equal a training text (no word drawn for replacement): the teacher
-    labels it like the rest. Raises ValueError when the texts cannot give that many."""
+    """`count` distinct new texts made from `texts` (see the module docstring), in the seeded
+    random order they were made: the same seed gives the same texts in every process, and a
+    larger `count` gives the smaller one's texts first, then more. A few may equal a training
+    text (no word drawn for replacement): the teacher labels it like the rest. Raises ValueError
+    when the texts cannot give that many."""
     rng = np.random.default_rng(seed)
     split = [text.strip().split() for text in texts]
     sources = [words for words in split if len(words) >= min_words] or [words for words in split if words]
@@ -124,7 +126,7 @@ def augment_texts(
         cut_second = rng.integers(len(second) // 3, 2 * len(second) // 3 + 1)
         return first[:cut_first] + str(rng.choice(JOINERS)).split() + second[cut_second:]
 
-    made: set[str] = set()
+    made: dict[str, None] = {}
     attempts, limit = 0, 20 * count + 1000
     while len(made) < count:
         attempts += 1
@@ -143,5 +145,5 @@ def augment_texts(
                 words = replace(words, 0.15)
         else:
             words = drop(replace(words, 0.2))
-        made.add(" ".join(words))
-    return sorted(made, key=lambda _: rng.random())
+        made.setdefault(" ".join(words))
+    return list(made)
