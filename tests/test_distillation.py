@@ -113,7 +113,8 @@ def test_the_shared_teacher_cache_is_keyed_by_teacher_files_texts_and_labels(tmp
     again, source = outputs("b.npy")
     assert source == "shared cache" and np.array_equal(again, first)
     assert np.array_equal(np.load(tmp_path / "b.npy"), first)  # the run keeps its own copy
-    assert outputs("c.npy", examples.subset(range(1, 24)))[1] == "computed"
+    part, source = outputs("c.npy", examples.subset(range(1, 24)))
+    assert source == "shared cache" and np.array_equal(part, first[1:])  # other texts, all labelled before
     swapped, source = outputs("d.npy", labels=LabelMap(("1", "0")))
     assert source == "computed" and np.array_equal(swapped, first[:, ::-1])
     config = run_dir / "config.json"
@@ -126,9 +127,51 @@ def test_the_shared_teacher_cache_is_keyed_by_teacher_files_texts_and_labels(tmp
     entry = shared / f"{key}.npy"
     entry.write_bytes(b"not an array")
     recomputed, source = outputs("f.npy")
-    assert source == "computed" and np.allclose(recomputed, first, atol=1e-6)
+    assert source == "computed" and np.allclose(recomputed, first, atol=1e-6)  # its texts were in no other entry
     assert "ignoring the unreadable cache entry" in capsys.readouterr().err
     assert outputs("g.npy")[1] == "shared cache"  # overwritten with good outputs
+
+
+def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(tmp_path, tiny_checkpoint, sst2_slices, capsys):
+    """More augmented texts than a run before had: the texts it labelled are read back text by
+    text, whatever their position, and only the new ones go through the teacher; texts under
+    another label order or teacher are never reused."""
+    from tfsft import distillation
+    from tfsft.config import DataConfig
+    from tfsft.data import read_examples
+
+    _, run_dir, _, _ = make_run(tmp_path, tiny_checkpoint, sst2_slices["dev"])
+    examples = read_examples(str(sst2_slices["dev"]), DataConfig()).subset(range(30))
+    shared, labels = tmp_path / "shared", LabelMap(("0", "1"))
+    computed = []
+    compute = distillation.compute_teacher_logits
+
+    def counting(teacher, texts, *args, **kwargs):
+        computed.append(list(texts.texts))
+        return compute(teacher, texts, *args, **kwargs)
+
+    def outputs(name, examples, labels=labels):
+        cache = distillation.shared_cache(shared, str(run_dir))
+        return distillation.teacher_logits(str(run_dir), examples, "classification", labels, tmp_path / name, cache)
+
+    reference = compute(str(run_dir), examples, "classification", labels)
+    distillation.compute_teacher_logits = counting
+    try:
+        outputs("a.npy", examples.subset(range(0, 12)))
+        outputs("b.npy", examples.subset(range(20, 25)))
+        order = [24, *range(12, 20), 3, 0, *range(25, 30), 11]
+        grown, source = outputs("c.npy", examples.subset(order))
+        assert source == "shared cache in part"
+        assert computed[-1] == [examples.texts[i] for i in [*range(12, 20), *range(25, 30)]]
+        np.testing.assert_allclose(grown, reference[order], atol=1e-6)
+        assert "4 of 17 texts read from the shared cache, computing the other 13" in capsys.readouterr().err
+        again, source = outputs("d.npy", examples.subset(order[::-1]))
+        assert source == "shared cache" and np.array_equal(again, grown[::-1]) and len(computed) == 3
+        swapped, source = outputs("e.npy", examples.subset(range(0, 12)), LabelMap(("1", "0")))
+        assert source == "computed" and len(computed[-1]) == 12
+        np.testing.assert_allclose(swapped, reference[:12, ::-1], atol=1e-6)
+    finally:
+        distillation.compute_teacher_logits = compute
 
 
 def test_a_teacher_of_another_task_or_labels_or_no_run_is_refused(tmp_path, tiny_checkpoint, sst2_slices):

@@ -336,13 +336,15 @@ class TrainConfig:
         None,
         "Distillation: also keep the teacher's outputs in this directory, shared by runs and keyed by the teacher's "
         "files, the texts and the labels, so that runs over the same data with other settings (alpha, temperature, "
-        "epochs) read them back instead of running the teacher again.",
+        "epochs) read them back instead of running the teacher again, and runs with more texts run it on the new "
+        "ones only.",
     )
     augment_texts: int = _field(
         0,
         "Distillation: add this many new texts, made from the training texts of at least 8 words (words swapped "
         "for their nearest neighbours in the model's word embeddings, two texts spliced, words dropped; TinyBERT's "
-        "augmentation), for the teacher to label; single-text tasks; seeded by --seed. 0: none.",
+        "augmentation), for the teacher to label; single-text tasks; seeded by --seed (a larger N gives the same "
+        "first texts). 0: none.",
     )
     task_sampling_temperature: float = _field(
         1.0,

@@ -5,7 +5,8 @@ The teacher's logits for the training texts are computed once, before training (
 ONNX bundle when it has one: onnxruntime, the teacher's own tokenizer and length), saved in the
 run directory as `teacher_logits.npy` (a resumed run reads them back; with --teacher_cache_dir
 also in a cache shared by runs, keyed by the teacher's files and the texts, so a sweep over
-alpha or the temperature computes them once), and packed beside the hard
+alpha or the temperature computes them once, and a run whose texts other runs labelled in part,
+such as more augmented texts, computes only the new ones), and packed beside the hard
 labels into the training targets: `[label, teacher logits...]` (classification),
 `[score, teacher score]` (regression), `[label set..., teacher logits...]` (multilabel). The loss
 (`distillation_loss`) unpacks them: `alpha * hard loss + (1 - alpha) * soft loss`, the soft loss
@@ -34,6 +35,8 @@ from tfsft.tasks import get_task
 
 TEACHER_LOGITS_FILE = "teacher_logits.npy"
 TEACHER_UNLABELED_LOGITS_FILE = "teacher_logits_unlabeled.npy"
+DIGESTS_SUFFIX = ".digests"
+"""Beside each shared cache entry KEY.npy, KEY.digests: its texts' `text_digests`, in row order."""
 PROGRESS_EVERY = 8192
 """Texts per teacher call between progress lines: a large teacher over a full training set runs
 for many minutes, and each call still sorts its texts by length."""
@@ -147,8 +150,9 @@ def teacher_logits(
 ) -> tuple[np.ndarray, str]:
     """The teacher's outputs for `examples`, read from `cache` when a run being resumed computed
     them already (same teacher, same number of examples), else from `shared` when any run
-    computed them for the same teacher files, texts and labels, else computed; written to
-    `cache` (and `shared`). Returns (logits, where from: "run", "shared cache" or "computed")."""
+    computed them for the same teacher files, texts and labels (text by text: the texts no run
+    labelled yet are computed), else computed; written to `cache` (and `shared`). Returns
+    (logits, where from: "run", "shared cache", "shared cache in part" or "computed")."""
     meta_path = cache.with_suffix(".json")
     expected = {"teacher": str(Path(teacher).resolve()), "examples": len(examples), "labels": list(label_map.names)}
     if cache.is_file() and meta_path.is_file():
@@ -157,17 +161,20 @@ def teacher_logits(
                 return np.load(cache), "run"
         except (OSError, ValueError):
             pass
-    source, entry = "computed", None
+    source, entry, logits = "computed", None, None
     if shared is not None:
         entry = shared.directory / f"{teacher_outputs_key(shared.teacher_digest, examples, task, label_map)}.npy"
         logits = _read_shared(entry, len(examples))
         if logits is not None:
             source = "shared cache"
-    if source == "computed":
+    if logits is None and shared is not None:
+        digests = text_digests(shared.teacher_digest, examples, task, label_map)
+        logits, source = _assemble_from_shared(shared.directory, digests, teacher, examples, task, label_map)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _save_npy(entry.with_suffix(DIGESTS_SUFFIX), digests)
+        _save_npy(entry, logits)
+    elif logits is None:
         logits = compute_teacher_logits(teacher, examples, task, label_map)
-        if entry is not None:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            _save_npy(entry, logits)
     _save_npy(cache, logits)
     artifacts.write_json(meta_path, expected)
     return logits, source
@@ -180,6 +187,48 @@ def teacher_outputs_key(teacher_digest: str, examples: Examples, task: str, labe
     for item in _inputs(examples):
         digest.update(json.dumps(item).encode() + b"\n")
     return digest.hexdigest()[:32]
+
+
+def text_digests(teacher_digest: str, examples: Examples, task: str, label_map: LabelMap) -> np.ndarray:
+    """One digest per input text (16 bytes a row) of what its teacher output depends on: the
+    teacher's files, the task, the student's labels and the text, so runs whose texts overlap
+    share the outputs of the texts they have in common."""
+    prefix = json.dumps(["tfsft teacher output 1", teacher_digest, task, list(label_map.names)]).encode() + b"\n"
+    rows = b"".join(hashlib.sha256(prefix + json.dumps(item).encode()).digest()[:16] for item in _inputs(examples))
+    return np.frombuffer(rows, dtype=np.uint8).reshape(len(examples), 16)
+
+
+def _assemble_from_shared(
+    directory: Path, digests: np.ndarray, teacher: str, examples: Examples, task: str, label_map: LabelMap
+) -> tuple[np.ndarray, str]:
+    """The outputs of texts any shared entry holds (by text digest), the rest computed now."""
+    wanted = {bytes(row): index for index, row in enumerate(digests)}
+    logits = np.full((len(examples), len(label_map.names)), np.nan, dtype=np.float32)
+    found = np.zeros(len(examples), dtype=bool)
+    for digest_file in sorted(directory.glob(f"*{DIGESTS_SUFFIX}")) if directory.is_dir() else ():
+        if found.all():
+            break
+        try:
+            stored = np.load(digest_file)
+        except (OSError, ValueError):
+            continue
+        if stored.ndim != 2 or stored.shape[1] != digests.shape[1]:
+            continue
+        rows = [(index, row) for row, key in enumerate(map(bytes, stored))
+                if (index := wanted.get(key)) is not None and not found[index]]
+        entry = _read_shared(digest_file.with_suffix(".npy"), len(stored)) if rows else None
+        if entry is None or entry.shape[1] != logits.shape[1]:
+            continue
+        indices, entry_rows = (np.array(column) for column in zip(*rows))
+        logits[indices], found[indices] = entry[entry_rows], True
+    missing = np.flatnonzero(~found)
+    if len(missing) == 0:
+        return logits, "shared cache"
+    if found.any():
+        print(f"[tfsft] teacher outputs: {found.sum():,} of {len(examples):,} texts read from the shared cache, "
+              f"computing the other {len(missing):,}", file=sys.stderr, flush=True)
+    logits[missing] = compute_teacher_logits(teacher, examples.subset(missing.tolist()), task, label_map)
+    return logits, "shared cache in part" if found.any() else "computed"
 
 
 def _read_shared(path: Path, rows: int) -> Optional[np.ndarray]:

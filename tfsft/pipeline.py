@@ -683,7 +683,7 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
     hard = np.asarray(labels)
     report: dict[str, Any] = {
         "teacher_model": teacher, "distill_alpha": train.distill_alpha, "distill_temperature": train.distill_temperature,
-        "teacher_examples": len(examples), "teacher_outputs_cached": source != "computed",
+        "teacher_examples": len(examples), "teacher_outputs_cached": source in ("run", "shared cache"),
     }
     agreement = spec.teacher_agreement(outputs, hard)
     if agreement is not None:
