@@ -159,12 +159,12 @@ def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(tmp_pa
     try:
         outputs("a.npy", examples.subset(range(0, 12)))
         outputs("b.npy", examples.subset(range(20, 25)))
-        order = [24, *range(12, 20), 3, 0, *range(25, 30), 11]
+        order = [24, *range(12, 20), 3, 0, *range(25, 30), 11, 3]  # text 3 twice
         grown, source = outputs("c.npy", examples.subset(order))
         assert source == "shared cache in part"
         assert computed[-1] == [examples.texts[i] for i in [*range(12, 20), *range(25, 30)]]
         np.testing.assert_allclose(grown, reference[order], atol=1e-6)
-        assert "4 of 17 texts read from the shared cache, computing the other 13" in capsys.readouterr().err
+        assert "5 of 18 texts read from the shared cache, computing the other 13" in capsys.readouterr().err
         again, source = outputs("d.npy", examples.subset(order[::-1]))
         assert source == "shared cache" and np.array_equal(again, grown[::-1]) and len(computed) == 3
         swapped, source = outputs("e.npy", examples.subset(range(0, 12)), LabelMap(("1", "0")))

@@ -202,7 +202,9 @@ def _assemble_from_shared(
     directory: Path, digests: np.ndarray, teacher: str, examples: Examples, task: str, label_map: LabelMap
 ) -> tuple[np.ndarray, str]:
     """The outputs of texts any shared entry holds (by text digest), the rest computed now."""
-    wanted = {bytes(row): index for index, row in enumerate(digests)}
+    wanted: dict[bytes, list[int]] = {}
+    for index, row in enumerate(digests):
+        wanted.setdefault(bytes(row), []).append(index)  # a text given twice takes its output from one row
     logits = np.full((len(examples), len(label_map.names)), np.nan, dtype=np.float32)
     found = np.zeros(len(examples), dtype=bool)
     for digest_file in sorted(directory.glob(f"*{DIGESTS_SUFFIX}")) if directory.is_dir() else ():
@@ -212,10 +214,10 @@ def _assemble_from_shared(
             stored = np.load(digest_file)
         except (OSError, ValueError):
             continue
-        if stored.ndim != 2 or stored.shape[1] != digests.shape[1]:
+        if stored.dtype != digests.dtype or stored.ndim != 2 or stored.shape[1] != digests.shape[1]:
             continue
         rows = [(index, row) for row, key in enumerate(map(bytes, stored))
-                if (index := wanted.get(key)) is not None and not found[index]]
+                for index in wanted.get(key, ()) if not found[index]]
         entry = _read_shared(digest_file.with_suffix(".npy"), len(stored)) if rows else None
         if entry is None or entry.shape[1] != logits.shape[1]:
             continue
