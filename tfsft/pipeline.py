@@ -267,7 +267,8 @@ def read_inputs(config: RunConfig) -> RunInputs:
                     f"{'single texts' if splits.train.pairs is None else 'text pairs'}, the unlabelled texts are not"
                 )
             unlabeled = sample(unlabeled, config.data.max_unlabeled_samples, config.train.seed)
-        _log(f"data: {len(unlabeled)} unlabelled texts for self-training")
+        _log(f"data: {len(unlabeled)} unlabelled texts "
+             f"{'for the teacher to label' if config.train.teacher_model else 'for self-training'}")
     return RunInputs(splits, labels, label_map, weights, stream, checkpoint, tokenizer, encoder, columns, unlabeled)
 
 
@@ -701,14 +702,21 @@ def _distillation_targets(config, examples, labels, label_map, unlabeled, encode
     _log(
         f"distillation: teacher {teacher} outputs for {len(examples)} training"
         + (f" and {len(unlabeled)} unlabelled" if unlabeled is not None else "")
-        + f" texts (training texts' {source if source == 'computed' else 'read from the ' + source}"
-        + (f", unlabelled texts' {unlabeled_source}" if unlabeled is not None else "")
+        + f" texts (training texts' {_teacher_outputs_source(source)}"
+        + (f", unlabelled texts' {_teacher_outputs_source(unlabeled_source)}" if unlabeled is not None else "")
         + f"; {report['teacher_seconds']:.1f} s); "
         f"alpha {train.distill_alpha}, temperature {train.distill_temperature}"
     )
     objective = distillation_objective(task, len(label_map.names), train.distill_alpha, train.distill_temperature)
     classes = hard.reshape(len(hard), -1)[:, 0] if spec.class_weighted else hard
     return encoded, pack_targets(task, hard, outputs), classes, objective, report
+
+
+def _teacher_outputs_source(source: str) -> str:
+    """Where `teacher_logits` says the outputs came from, for the log."""
+    return {"computed": "computed", "shared cache in part": "read in part from the shared cache, the rest computed"}.get(
+        source, f"read from the {source}"
+    )
 
 
 def _worker_metrics(history: list[dict[str, float]], epochs_run: int, seconds: float, replicas: int) -> dict[str, Any]:
