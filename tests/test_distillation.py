@@ -132,7 +132,9 @@ def test_the_shared_teacher_cache_is_keyed_by_teacher_files_texts_and_labels(tmp
     assert outputs("g.npy")[1] == "shared cache"  # overwritten with good outputs
 
 
-def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(tmp_path, tiny_checkpoint, sst2_slices, capsys):
+def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(
+    tmp_path, tiny_checkpoint, sst2_slices, capsys, monkeypatch
+):
     """More augmented texts than a run before had: the texts it labelled are read back text by
     text, whatever their position, and only the new ones go through the teacher; texts under
     another label order or teacher are never reused."""
@@ -155,23 +157,20 @@ def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(tmp_pa
         return distillation.teacher_logits(str(run_dir), examples, "classification", labels, tmp_path / name, cache)
 
     reference = compute(str(run_dir), examples, "classification", labels)
-    distillation.compute_teacher_logits = counting
-    try:
-        outputs("a.npy", examples.subset(range(0, 12)))
-        outputs("b.npy", examples.subset(range(20, 25)))
-        order = [24, *range(12, 20), 3, 0, *range(25, 30), 11, 3]  # text 3 twice
-        grown, source = outputs("c.npy", examples.subset(order))
-        assert source == "shared cache in part"
-        assert computed[-1] == [examples.texts[i] for i in [*range(12, 20), *range(25, 30)]]
-        np.testing.assert_allclose(grown, reference[order], atol=1e-6)
-        assert "5 of 18 texts read from the shared cache, computing the other 13" in capsys.readouterr().err
-        again, source = outputs("d.npy", examples.subset(order[::-1]))
-        assert source == "shared cache" and np.array_equal(again, grown[::-1]) and len(computed) == 3
-        swapped, source = outputs("e.npy", examples.subset(range(0, 12)), LabelMap(("1", "0")))
-        assert source == "computed" and len(computed[-1]) == 12
-        np.testing.assert_allclose(swapped, reference[:12, ::-1], atol=1e-6)
-    finally:
-        distillation.compute_teacher_logits = compute
+    monkeypatch.setattr(distillation, "compute_teacher_logits", counting)
+    outputs("a.npy", examples.subset(range(0, 12)))
+    outputs("b.npy", examples.subset(range(20, 25)))
+    order = [24, *range(12, 20), 3, 0, *range(25, 30), 11, 3]  # text 3 twice
+    grown, source = outputs("c.npy", examples.subset(order))
+    assert source == "shared cache in part"
+    assert computed[-1] == [examples.texts[i] for i in [*range(12, 20), *range(25, 30)]]
+    np.testing.assert_allclose(grown, reference[order], atol=1e-6)
+    assert "5 of 18 texts read from the shared cache, computing the other 13" in capsys.readouterr().err
+    again, source = outputs("d.npy", examples.subset(order[::-1]))
+    assert source == "shared cache" and np.array_equal(again, grown[::-1]) and len(computed) == 3
+    swapped, source = outputs("e.npy", examples.subset(range(0, 12)), LabelMap(("1", "0")))
+    assert source == "computed" and len(computed[-1]) == 12
+    np.testing.assert_allclose(swapped, reference[:12, ::-1], atol=1e-6)
 
 
 def test_a_teacher_of_another_task_or_labels_or_no_run_is_refused(tmp_path, tiny_checkpoint, sst2_slices):

@@ -161,20 +161,17 @@ def teacher_logits(
                 return np.load(cache), "run"
         except (OSError, ValueError):
             pass
-    source, entry, logits = "computed", None, None
-    if shared is not None:
+    if shared is None:
+        logits, source = compute_teacher_logits(teacher, examples, task, label_map), "computed"
+    else:
         entry = shared.directory / f"{teacher_outputs_key(shared.teacher_digest, examples, task, label_map)}.npy"
-        logits = _read_shared(entry, len(examples))
-        if logits is not None:
-            source = "shared cache"
-    if logits is None and shared is not None:
-        digests = text_digests(shared.teacher_digest, examples, task, label_map)
-        logits, source = _assemble_from_shared(shared.directory, digests, teacher, examples, task, label_map)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        _save_npy(entry.with_suffix(DIGESTS_SUFFIX), digests)
-        _save_npy(entry, logits)
-    elif logits is None:
-        logits = compute_teacher_logits(teacher, examples, task, label_map)
+        logits, source = _read_shared(entry, len(examples)), "shared cache"
+        if logits is None:
+            digests = text_digests(shared.teacher_digest, examples, task, label_map)
+            logits, source = _assemble_from_shared(shared.directory, digests, teacher, examples, task, label_map)
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            _save_npy(entry.with_suffix(DIGESTS_SUFFIX), digests)
+            _save_npy(entry, logits)
     _save_npy(cache, logits)
     artifacts.write_json(meta_path, expected)
     return logits, source
