@@ -171,6 +171,13 @@ def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(
     swapped, source = outputs("e.npy", examples.subset(range(0, 12)), LabelMap(("1", "0")))
     assert source == "computed" and len(computed[-1]) == 12
     np.testing.assert_allclose(swapped, reference[:12, ::-1], atol=1e-6)
+    for digests in shared.glob(f"*{distillation.DIGESTS_SUFFIX}"):
+        digests.unlink()  # entries as a cache written before text-by-text lookup holds them
+    _, source = outputs("f.npy", examples.subset(range(0, 12)))
+    assert source == "shared cache" and len(computed) == 4
+    more, source = outputs("g.npy", examples.subset(range(0, 14)))
+    assert source == "shared cache in part" and computed[-1] == examples.texts[12:14]
+    np.testing.assert_allclose(more, reference[:14], atol=1e-6)
 
 
 def test_a_teacher_of_another_task_or_labels_or_no_run_is_refused(tmp_path, tiny_checkpoint, sst2_slices):

@@ -151,7 +151,8 @@ def teacher_logits(
     """The teacher's outputs for `examples`, read from `cache` when a run being resumed computed
     them already (same teacher, same number of examples), else from `shared` when any run
     computed them for the same teacher files, texts and labels (text by text: the texts no run
-    labelled yet are computed), else computed; written to `cache` (and `shared`). Returns
+    labelled yet are computed), else computed; written to `cache` (and `shared`, with the texts'
+    digests, which an older entry without them gains on its first hit). Returns
     (logits, where from: "run", "shared cache", "shared cache in part" or "computed")."""
     meta_path = cache.with_suffix(".json")
     expected = {"teacher": str(Path(teacher).resolve()), "examples": len(examples), "labels": list(label_map.names)}
@@ -172,6 +173,8 @@ def teacher_logits(
             entry.parent.mkdir(parents=True, exist_ok=True)
             _save_npy(entry.with_suffix(DIGESTS_SUFFIX), digests)
             _save_npy(entry, logits)
+        elif not entry.with_suffix(DIGESTS_SUFFIX).is_file():  # written before text-by-text lookup existed
+            _save_npy(entry.with_suffix(DIGESTS_SUFFIX), text_digests(shared.teacher_digest, examples, task, label_map))
     _save_npy(cache, logits)
     artifacts.write_json(meta_path, expected)
     return logits, source
