@@ -84,6 +84,20 @@ def write_tsv_slice(source: Path, target: Path, rows: int, start: int = 0) -> Pa
     return target
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_under_basetemp(tmp_path_factory):
+    """The suite's temporary files, and those of every process it starts, go under pytest's
+    basetemp (which pytest prunes), not the machine's temp directory: TensorFlow's AutoGraph writes
+    a module per converted function there and deletes it only at a clean exit, which the processes
+    the suite kills never reach."""
+    import tempfile
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        patch.setattr(tempfile, "tempdir", None)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A seeded, randomly initialised 2-layer, hidden-32 BERT saved as tf_model.h5 with the MiniLM
