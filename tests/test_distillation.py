@@ -172,7 +172,7 @@ def test_the_shared_teacher_cache_computes_only_the_texts_no_run_labelled(
     assert source == "computed" and len(computed[-1]) == 12
     np.testing.assert_allclose(swapped, reference[:12, ::-1], atol=1e-6)
     for digests in shared.glob(f"*{distillation.DIGESTS_SUFFIX}"):
-        digests.unlink()  # entries as a cache written before text-by-text lookup holds them
+        digests.unlink()  # the entries as a cache written before text-by-text lookup has them
     _, source = outputs("f.npy", examples.subset(range(0, 12)))
     assert source == "shared cache" and len(computed) == 4
     more, source = outputs("g.npy", examples.subset(range(0, 14)))

@@ -166,15 +166,16 @@ def teacher_logits(
         logits, source = compute_teacher_logits(teacher, examples, task, label_map), "computed"
     else:
         entry = shared.directory / f"{teacher_outputs_key(shared.teacher_digest, examples, task, label_map)}.npy"
+        digests_file = entry.with_suffix(DIGESTS_SUFFIX)
         logits, source = _read_shared(entry, len(examples)), "shared cache"
         if logits is None:
             digests = text_digests(shared.teacher_digest, examples, task, label_map)
             logits, source = _assemble_from_shared(shared.directory, digests, teacher, examples, task, label_map)
             entry.parent.mkdir(parents=True, exist_ok=True)
-            _save_npy(entry.with_suffix(DIGESTS_SUFFIX), digests)
+            _save_npy(digests_file, digests)
             _save_npy(entry, logits)
-        elif not entry.with_suffix(DIGESTS_SUFFIX).is_file():  # written before text-by-text lookup existed
-            _save_npy(entry.with_suffix(DIGESTS_SUFFIX), text_digests(shared.teacher_digest, examples, task, label_map))
+        elif not digests_file.is_file():  # written before text-by-text lookup existed
+            _save_npy(digests_file, text_digests(shared.teacher_digest, examples, task, label_map))
     _save_npy(cache, logits)
     artifacts.write_json(meta_path, expected)
     return logits, source
