@@ -225,7 +225,7 @@ def multitask_tasks(directory: Path) -> dict:
         "sentiment": {"task": "classification", "train_file": str(slices["sst2"][0]), "validation_file": str(slices["sst2"][1])},
         "similarity": {
             "task": "regression", "train_file": str(slices["stsb"][0]), "validation_file": str(slices["stsb"][1]),
-            "text_column": "sentence1", "text_pair_column": "sentence2", "label_column": "score",
+            "text_column": "sentence1", "text_pair_column": "sentence2", "label_column": "score", "loss_weight": 2.0,
         },
         "entities": {"task": "ner", "train_file": str(slices["conll"][0]), "validation_file": str(slices["conll"][1])},
     }

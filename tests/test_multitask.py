@@ -34,7 +34,7 @@ def test_tasks_config_from_yaml_round_trips_through_config_json(tmp_path):
         "max_seq_length: 64\nmax_train_samples: 200\nnum_train_epochs: 2\ntasks:\n"
         "  sentiment: {task: classification, train_file: s.tsv, text_column: sentence}\n"
         "  similarity: {task: regression, train_file: p.tsv, text_column_name: sentence1, text_pair_column: sentence2,\n"
-        "               label_column: score, max_train_samples: 50, metric_for_best_model: pearson}\n"
+        "               label_column: score, max_train_samples: 50, metric_for_best_model: pearson, loss_weight: 2.5}\n"
     )
     config = RunConfig.from_flat(load_config_file(str(path)))
     assert config.model.task == "multitask" and config.train.metric_for_best_model == "mean"
@@ -42,11 +42,15 @@ def test_tasks_config_from_yaml_round_trips_through_config_json(tmp_path):
     assert (sentiment.name, sentiment.task, sentiment.metric_for_best_model) == ("sentiment", "classification", "accuracy")
     assert sentiment.data.max_train_samples == 200 and similarity.data.max_train_samples == 50  # shared, then own
     assert similarity.data.text_column == "sentence1" and similarity.metric_for_best_model == "pearson"
+    assert (sentiment.loss_weight, similarity.loss_weight) == (1.0, 2.5)
     assert sentiment.data.max_seq_length == similarity.data.max_seq_length == 64
     saved = json.loads(json.dumps(config.to_dict()))
     assert [task["name"] for task in saved["tasks"]] == ["sentiment", "similarity"]  # in order
     assert "max_seq_length" not in saved["tasks"][0]  # only what differs from the shared flags
     assert RunConfig.from_dict(saved) == config
+    assert saved["tasks"][1]["loss_weight"] == 2.5
+    del saved["tasks"][1]["loss_weight"]  # a config.json written before loss weights
+    assert RunConfig.from_dict(saved).tasks[1].loss_weight == 1.0
     assert config.replace(learning_rate=1e-4).tasks == config.tasks
     assert "tasks" not in RunConfig().to_dict()  # single-task config.json files are unchanged
     default_length = config_with(TWO_TASKS)
@@ -62,6 +66,11 @@ def test_tasks_config_from_yaml_round_trips_through_config_json(tmp_path):
     ({"a b": {"train_file": "x"}}, {}, "a task name is letters"),
     ({"a": {"train_file": "x", "metric_for_best_model": "loss"}}, {}, "tasks.a.metric_for_best_model"),
     ({"a": {"train_file": "x", "max_train_samples": 0}}, {}, "tasks.a: Invalid value for --max_train_samples"),
+    ({"a": {"train_file": "x", "loss_weight": 0}}, {}, "--tasks.a.loss_weight: expected a number above 0"),
+    ({"a": {"train_file": "x", "loss_weight": -1.5}}, {}, "--tasks.a.loss_weight"),
+    ({"a": {"train_file": "x", "loss_weight": "heavy"}}, {}, "--tasks.a.loss_weight"),
+    ({"a": {"train_file": "x", "loss_weight": float("inf")}}, {}, "--tasks.a.loss_weight"),
+    ({"a": {"train_file": "x", "loss_weight": True}}, {}, "--tasks.a.loss_weight"),
     ({"a": {"train_file": "x"}}, {"train_file": "y"}, "--train_file"),
     ({"a": {"train_file": "x"}}, {"lora_rank": 8}, "--lora_rank"),
     ({"a": {"train_file": "x"}}, {"metric_for_best_model": "accuracy"}, "'mean' for a multi-task run"),
@@ -202,6 +211,23 @@ def test_each_task_loss_is_its_own_head_against_a_hand_computation(four_head_mod
         assert loss == pytest.approx(expected, rel=1e-4), spec.task
 
 
+def test_a_task_loss_is_multiplied_by_its_loss_weight(four_head_model):
+    from tfsft.multitask_model import LabelLayout, pack_labels
+
+    model = four_head_model
+    labels = [np.array([2, 0]), np.array([3.5, 1.0], dtype=np.float32), np.array([[1, 0], [1, 1]], dtype=np.float32),
+              np.array([[-100, 1, 2, -100, -100], [-100, 0, -100, -100, -100]], dtype=np.int32)]
+    layouts = [LabelLayout.of(labels[i]) if i != 3 else LabelLayout.of(np.array([[1]], dtype=object)) for i in range(4)]
+    model.prepare_training(layouts)
+    plain = [float(model.task_loss(_features(model, i), pack_labels(labels[i]), training=False)) for i in range(4)]
+    weights = [1.0, 3.0, 0.25, 2.0]
+    model.prepare_training(layouts, weights)
+    weighted = [float(model.task_loss(_features(model, i), pack_labels(labels[i]), training=False)) for i in range(4)]
+    assert weighted == pytest.approx([w * p for w, p in zip(weights, plain)], rel=1e-6)
+    with pytest.raises(ValueError, match="3 loss weights for 4 heads"):
+        model.prepare_training(layouts, weights[:3])
+
+
 def test_a_batch_trains_the_encoder_and_its_own_head_only(four_head_model):
     from tfsft.modeling import tf
     from tfsft.multitask_model import LabelLayout, pack_labels
@@ -274,6 +300,7 @@ def test_run_reports_each_task_as_a_single_task_run_would(multitask_run):
     mains = [metrics["sentiment"]["eval_accuracy"], metrics["similarity"]["eval_spearman"], metrics["entities"]["eval_f1"]]
     assert metrics["eval_mean"] == pytest.approx(np.mean(mains))
     assert sum(metrics[name]["sampling_probability"] for name in metrics["tasks"]) == pytest.approx(1.0)
+    assert [metrics[name]["loss_weight"] for name in metrics["tasks"]] == [1.0, 2.0, 1.0]  # as conftest sets them
     assert metrics["train_samples"] == sum(metrics[name]["train_samples"] for name in metrics["tasks"])
     assert metrics["trainable_parameters"] == metrics["total_parameters"]
     for name in metrics["tasks"]:

@@ -468,17 +468,20 @@ class ExportConfig:
 @dataclass(frozen=True)
 class TaskEntry:
     """One task of a multi-task run: its head, its data (the run's data flags with its own keys
-    over them) and the validation metric it enters the run's best-epoch mean with."""
+    over them), the validation metric it enters the run's best-epoch mean with, and the weight of
+    its loss (a task's batches step the shared encoder `loss_weight` times as hard)."""
 
     name: str
     task: str
     data: DataConfig
     metric_for_best_model: str
+    loss_weight: float = 1.0
 
     def to_dict(self, shared: DataConfig) -> dict[str, Any]:
         """Its config-file entry: the data keys that differ from the run's shared ones."""
         own = {key: value for key, value in dataclasses.asdict(self.data).items() if getattr(shared, key) != value}
-        return {"task": self.task, "metric_for_best_model": self.metric_for_best_model, **own}
+        return {"task": self.task, "metric_for_best_model": self.metric_for_best_model,
+                "loss_weight": self.loss_weight, **own}
 
 
 SHARED_ONLY_DATA = ("max_seq_length", "streaming", "streaming_cache_dir", "unlabeled_file", "max_unlabeled_samples")
@@ -486,7 +489,8 @@ SHARED_ONLY_DATA = ("max_seq_length", "streaming", "streaming_cache_dir", "unlab
 
 
 def parse_tasks(value: Any, shared: dict[str, Any]) -> tuple[TaskEntry, ...]:
-    """The `tasks:` mapping of a config file (task name -> {task, data keys, metric_for_best_model}),
+    """The `tasks:` mapping of a config file (task name -> {task, data keys, metric_for_best_model,
+    loss_weight}),
     or config.json's list of the same with a `name` each, in order; each task's data is the run's
     shared data keys with its own over them."""
     if isinstance(value, list) and all(isinstance(item, dict) and "name" in item for item in value):
@@ -516,10 +520,11 @@ def parse_tasks(value: Any, shared: dict[str, Any]) -> tuple[TaskEntry, ...]:
             raise ConfigError(f"tasks.{name}: task must be one of {list(MULTITASK_TASKS)}. Received: task={task!r}")
         spec = get_task(task)
         metric = settings.pop("metric_for_best_model", None)
+        loss_weight = _task_loss_weight(name, settings.pop("loss_weight", 1.0))
         unknown = sorted(set(settings) - set(data_fields))
         if unknown:
             raise ConfigError(
-                f"tasks.{name}: unknown key {unknown[0]!r}; a task takes task, metric_for_best_model and the data "
+                f"tasks.{name}: unknown key {unknown[0]!r}; a task takes task, metric_for_best_model, loss_weight and the data "
                 f"flags (train_file, text_column, ...). Received: {unknown[0]}={settings[unknown[0]]!r}"
             )
         shared_only = sorted(set(settings) & set(SHARED_ONLY_DATA))
@@ -544,8 +549,20 @@ def parse_tasks(value: Any, shared: dict[str, Any]) -> tuple[TaskEntry, ...]:
         allowed = [m for m in spec.best_metrics if m not in LOWER_IS_BETTER]
         metric = allowed[0] if metric is None else str(metric)
         _require(metric in allowed, f"tasks.{name}.metric_for_best_model", metric, f"one of {allowed} for task {task}")
-        entries.append(TaskEntry(name, task, data, metric))
+        entries.append(TaskEntry(name, task, data, metric, loss_weight))
     return tuple(entries)
+
+
+def _task_loss_weight(name: str, value: Any) -> float:
+    """A task's `loss_weight`: a finite number above 0 (a task with weight 0 would train a head
+    nobody asked for; drop the task instead)."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    _require(not isinstance(value, bool) and math.isfinite(weight) and weight > 0, f"tasks.{name}.loss_weight", value,
+             "a number above 0 (the factor of the task's loss)")
+    return weight
 
 
 @dataclass(frozen=True)
@@ -556,7 +573,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     tasks: tuple[TaskEntry, ...] = _field(
         (),
-        "Multi-task runs (config files only): task name -> {task, data flags, metric_for_best_model}; one encoder "
+        "Multi-task runs (config files only): task name -> {task, data flags, metric_for_best_model, loss_weight}; one encoder "
         "trained with a head per task. The run's other flags are shared by all tasks.",
         cli=False,
     )

@@ -256,7 +256,7 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
     probabilities = sampling_probabilities(sizes, train.task_sampling_temperature)
     train_data = MultiTaskData(train_parts, probabilities, train.seed)
     validation_data = MultiTaskData(validation_parts)
-    model.prepare_training([LabelLayout.of(part.labels) for part in train_parts])
+    model.prepare_training([LabelLayout.of(part.labels) for part in train_parts], [task.entry.loss_weight for task in tasks])
     steps = len(train_data)
     with strategy.scope():
         compile_model(model, train, steps * train.num_train_epochs, config.model.task, steps_per_epoch=steps, objective=(None, []))
@@ -284,7 +284,11 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
 
     _log(
         "task sampling (T=" + f"{train.task_sampling_temperature:g}): "
-        + ", ".join(f"{task.name} {p:.3f}" for task, p in zip(tasks, probabilities)) + f"; {steps} batches per epoch"
+        + ", ".join(
+            f"{task.name} {p:.3f}" + (f" (loss x{task.entry.loss_weight:g})" if task.entry.loss_weight != 1 else "")
+            for task, p in zip(tasks, probabilities)
+        )
+        + f"; {steps} batches per epoch"
     )
     with stage("training"):
         history, epochs_run, seconds = fit(model, train_data, validation_data, train, partial, callbacks, verbose,
@@ -314,6 +318,7 @@ def _train_and_save(config: RunConfig, tasks: list[TaskInputs], checkpoint, toke
             "metric_for_best_model": task.entry.metric_for_best_model,
             "train_samples": sizes[index],
             "sampling_probability": round(float(probabilities[index]), 6),
+            "loss_weight": task.entry.loss_weight,
             "padding_fraction": round(train_parts[index].padding_fraction(), 4),
         }
     metrics["eval_mean"] = mean_main_metric(evaluated, tasks, "eval")

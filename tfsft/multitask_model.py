@@ -126,12 +126,17 @@ class MultiTaskModel(tf.keras.Model):
         self.__dict__["loss_tracker"] = tf.keras.metrics.Mean(name="loss")
         self.layouts: Optional[tuple[LabelLayout, ...]] = None
         self.task_losses: tuple = ()
+        self.loss_weights: tuple[float, ...] = ()
 
-    def prepare_training(self, layouts: Sequence[LabelLayout]) -> None:
-        """Before `fit`: each task's label layout in the packed label tensor, and its loss (made
-        here: a task's objective builds Keras metrics, which a traced step may not create)."""
+    def prepare_training(self, layouts: Sequence[LabelLayout], loss_weights: Optional[Sequence[float]] = None) -> None:
+        """Before `fit`: each task's label layout in the packed label tensor, its loss (made here:
+        a task's objective builds Keras metrics, which a traced step may not create) and the
+        weight its loss is multiplied by (1 each by default)."""
         self.layouts = tuple(layouts)
         self.task_losses = tuple(get_task(spec.task).objective()[0] for spec in self.specs)
+        self.loss_weights = tuple(float(w) for w in loss_weights) if loss_weights is not None else (1.0,) * len(self.specs)
+        if len(self.loss_weights) != len(self.specs):
+            raise ValueError(f"{len(self.loss_weights)} loss weights for {len(self.specs)} heads")
 
     @property
     def input_signature(self) -> dict[str, Any]:
@@ -169,20 +174,21 @@ class MultiTaskModel(tf.keras.Model):
         return {spec.name: self.head_logits(i, hidden, pooled, training) for i, spec in enumerate(self.specs)}
 
     def task_loss(self, features, labels, training: bool):
-        """The loss of the batch's task (its `task_id`), from that task's head only."""
+        """The loss of the batch's task (its `task_id`), from that task's head only, times the
+        task's loss weight."""
         if self.layouts is None:
             raise RuntimeError("call MultiTaskModel.prepare_training before training")
         hidden, pooled = self.encode(features, training)
         length = tf.shape(features["input_ids"])[1]
 
         def branch(index: int):
-            layout, loss = self.layouts[index], self.task_losses[index]
+            layout, loss, weight = self.layouts[index], self.task_losses[index], self.loss_weights[index]
 
             def compute():
                 logits = self.head_logits(index, hidden, pooled, training)
                 target = unpack_labels(labels, layout, length)
                 values = loss.call(target, logits) if isinstance(loss, tf.keras.losses.Loss) else loss(target, logits)
-                return tf.reduce_mean(tf.cast(values, tf.float32))
+                return weight * tf.reduce_mean(tf.cast(values, tf.float32))
 
             return compute
 
