@@ -468,8 +468,8 @@ class ExportConfig:
 @dataclass(frozen=True)
 class TaskEntry:
     """One task of a multi-task run: its head, its data (the run's data flags with its own keys
-    over them), the validation metric it enters the run's best-epoch mean with, and the weight of
-    its loss (a task's batches step the shared encoder `loss_weight` times as hard)."""
+    over them), the validation metric it enters the run's best-epoch mean with, and the factor
+    of its loss on its batches (relative to the other tasks', how hard it pulls the shared encoder)."""
 
     name: str
     task: str
