@@ -1,7 +1,8 @@
 """How to spend 2 CPU cores on onnxruntime calls of one window each (issue 13's Predictor target):
 one session with 2 intra-op threads, against one session with 1 intra-op thread called from 2
 Python threads at once (onnxruntime releases the GIL in `run`, and a session takes concurrent
-calls), with the 1-thread session called serially as the reference for scaling.
+calls), with the 1-thread session called serially as the reference for scaling. Sessions are
+opened as the Predictor opens them (`tfsft.inference.open_session`: intra-op spinning off).
 
 Windows are real: SQuAD v1.1 dev questions with their contexts, tokenized by the bundle's own
 tokenizer as (question, context) pairs cut at `--max_length` tokens, one window per call, as the
@@ -25,6 +26,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from tfsft.inference import open_session
+
 SQUAD_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "squad-v1.1" / "dev-v1.1.json"
 MODES = ("2 intra-op threads", "1 thread, serial", "1 thread, 2 Python threads")
 
@@ -46,14 +49,6 @@ def squad_windows(bundle: Path, count: int, max_length: int) -> list[dict[str, n
             "token_type_ids": np.array([encoding.type_ids], dtype=np.int32),
         })
     return windows
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def timed(mode: str, sessions: dict[int, ort.InferenceSession], feeds: list[dict[str, np.ndarray]],
@@ -83,7 +78,7 @@ def main() -> None:
     if not models:
         raise SystemExit(f"error: {args.bundle}: no model*.onnx files (expected an exported tfsft bundle)")
     windows = squad_windows(args.bundle, args.windows, args.max_length)
-    sessions = {model.name: {threads: session(model, threads) for threads in (1, 2)} for model in models}
+    sessions = {model.name: {threads: open_session(model, threads) for threads in (1, 2)} for model in models}
     feeds = {}
     for model in models:
         names = {i.name for i in sessions[model.name][2].get_inputs()}

@@ -184,16 +184,25 @@ def _features(model, task_id: int):
     }
 
 
+FOUR_HEAD_LABELS = (  # a batch of 2 for each of four_head_model's heads, in order
+    np.array([2, 0]), np.array([3.5, 1.0], dtype=np.float32), np.array([[1, 0], [1, 1]], dtype=np.float32),
+    np.array([[-100, 1, 2, -100, -100], [-100, 0, -100, -100, -100]], dtype=np.int32),
+)
+
+
+def _four_head_layouts():
+    from tfsft.multitask_model import LabelLayout
+
+    return [LabelLayout.of(FOUR_HEAD_LABELS[i]) if i != 3 else LabelLayout.of(np.array([[1]], dtype=object)) for i in range(4)]
+
+
 def test_each_task_loss_is_its_own_head_against_a_hand_computation(four_head_model):
-    from tfsft.multitask_model import HeadView, LabelLayout, pack_labels
+    from tfsft.multitask_model import HeadView, pack_labels
     from tfsft.tasks.base import log_softmax
 
     model = four_head_model
-    labels = {
-        0: np.array([2, 0]), 1: np.array([3.5, 1.0], dtype=np.float32),
-        2: np.array([[1, 0], [1, 1]], dtype=np.float32), 3: np.array([[-100, 1, 2, -100, -100], [-100, 0, -100, -100, -100]], dtype=np.int32),
-    }
-    model.prepare_training([LabelLayout.of(labels[i]) if i != 3 else LabelLayout.of(np.array([[1]], dtype=object)) for i in range(4)])
+    labels = FOUR_HEAD_LABELS
+    model.prepare_training(_four_head_layouts())
     for index, spec in enumerate(model.specs):
         features = _features(model, index)
         loss = float(model.task_loss(features, pack_labels(labels[index]), training=False))
@@ -212,12 +221,9 @@ def test_each_task_loss_is_its_own_head_against_a_hand_computation(four_head_mod
 
 
 def test_a_task_loss_is_multiplied_by_its_loss_weight(four_head_model):
-    from tfsft.multitask_model import LabelLayout, pack_labels
+    from tfsft.multitask_model import pack_labels
 
-    model = four_head_model
-    labels = [np.array([2, 0]), np.array([3.5, 1.0], dtype=np.float32), np.array([[1, 0], [1, 1]], dtype=np.float32),
-              np.array([[-100, 1, 2, -100, -100], [-100, 0, -100, -100, -100]], dtype=np.int32)]
-    layouts = [LabelLayout.of(labels[i]) if i != 3 else LabelLayout.of(np.array([[1]], dtype=object)) for i in range(4)]
+    model, labels, layouts = four_head_model, FOUR_HEAD_LABELS, _four_head_layouts()
     model.prepare_training(layouts)
     plain = [float(model.task_loss(_features(model, i), pack_labels(labels[i]), training=False)) for i in range(4)]
     weights = [1.0, 3.0, 0.25, 2.0]

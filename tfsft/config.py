@@ -556,11 +556,8 @@ def parse_tasks(value: Any, shared: dict[str, Any]) -> tuple[TaskEntry, ...]:
 def _task_loss_weight(name: str, value: Any) -> float:
     """A task's `loss_weight`: a finite number above 0 (a task with weight 0 would train a head
     nobody asked for; drop the task instead)."""
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        weight = math.nan
-    _require(not isinstance(value, bool) and math.isfinite(weight) and weight > 0, f"tasks.{name}.loss_weight", value,
+    weight = _coerce(f"tasks.{name}.loss_weight", value, float)
+    _require(math.isfinite(weight) and weight > 0, f"tasks.{name}.loss_weight", value,
              "a number above 0 (the factor of the task's loss)")
     return weight
 
