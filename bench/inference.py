@@ -67,7 +67,8 @@ def synthetic_batch(batch: int, length: int, names) -> dict[str, np.ndarray]:
 
 
 def onnx_runner(path: Path, threads: int | None, spinning: bool = False):
-    """A session; spinning off, else the idle pool of one session busy-waits while the next runs."""
+    """A session as the Predictor opens one: spinning off, else the idle pool of one session
+    busy-waits while the next runs, and the graph rewrites of artifacts.ORT_DISABLED_OPTIMIZERS off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -75,7 +76,8 @@ def onnx_runner(path: Path, threads: int | None, spinning: bool = False):
         options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
     return lambda features: session.run(None, features)
 
 

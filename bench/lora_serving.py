@@ -108,7 +108,8 @@ def open_session(path: Path, num_threads: Optional[int] = None):
     if num_threads:
         options.intra_op_num_threads = num_threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
 
 
 def adapter_run_options(path: Path):

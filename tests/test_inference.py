@@ -109,6 +109,77 @@ def test_label_map_mismatch_is_named(bundle, tmp_path):
         Predictor(broken)
 
 
+def residual_layer_norm_model(path: Path) -> Path:
+    """y = LayerNormalization(x + skip): the form onnxruntime fuses into SkipLayerNormalization."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape, hidden = [2, 3, 8], 8
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "skip")]
+    weights = [helper.make_tensor(n, TensorProto.FLOAT, [hidden], np.full(hidden, v, np.float32))
+               for n, v in (("gamma", 1.5), ("beta", 0.25))]
+    nodes = [helper.make_node("Add", ["x", "skip"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-6)]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    graph = helper.make_graph(nodes, "g", inputs, [output], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_sessions_keep_each_residual_add_apart_from_its_layer_norm(tmp_path, monkeypatch):
+    """onnxruntime's CPU SkipLayerNormalization is slower than the Add and LayerNormalization it
+    fuses (bench/layer_norm.py): the disabled rewrite must be the one that fuses them, and every
+    session tfsft opens on a bundle's model must pass it."""
+    import onnx
+    import onnxruntime as ort
+
+    from tfsft import export, inference
+
+    model = residual_layer_norm_model(tmp_path / "residual.onnx")
+
+    def optimized_ops(disabled: list[str]) -> list[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+    assert "SkipLayerNormalization" in optimized_ops([])
+    assert optimized_ops(list(artifacts.ORT_DISABLED_OPTIMIZERS)) == ["Add", "LayerNormalization"]
+
+    opened = []
+    session_class = ort.InferenceSession
+
+    def recording_session(*args, **kwargs):
+        opened.append(kwargs.get("disabled_optimizers"))
+        return session_class(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    export._session(model)  # the parity checks' session
+    session = inference.open_session(model, None)
+    assert opened == [list(artifacts.ORT_DISABLED_OPTIMIZERS)] * 2
+    x, skip = np.arange(48, dtype=np.float32).reshape(2, 3, 8) / 7, np.ones((2, 3, 8), np.float32)
+    total = x + skip
+    expected = (total - total.mean(-1, keepdims=True)) / np.sqrt(total.var(-1, keepdims=True) + 1e-6) * 1.5 + 0.25
+    np.testing.assert_allclose(session.run(None, {"x": x, "skip": skip})[0], expected, atol=1e-5)
+
+
+def test_layer_norm_bench_times_both_forms_on_a_bundle(bundle, tmp_path):
+    """bench/layer_norm.py end to end on the tiny bundle (no timing asserted): both parts' rows,
+    the bundle's files free of the fused op, and the two sessions giving the same logits."""
+    _, bundle_dir, _ = bundle
+    output = tmp_path / "layer_norm.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "layer_norm.py"), "--bundle", str(bundle_dir), "--repeats", "1",
+         "--output", str(output)], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = output.read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith(f"| {artifacts.BUNDLE_MODEL_FUSED} |")]
+    assert len(rows) == 2 and all(row[1].startswith("0 / ") and row[1] != "0 / 0" for row in rows)
+    assert all(float(row[-1].rstrip(" |")) < 1e-4 for row in rows)
+    assert report.count("| LayerNorm |") == report.count("| RMS |") == 4
+
+
 def test_import_is_tensorflow_free():
     code = (
         "import sys, tfsft.tasks, tfsft.inference, tfsft.serving; "

@@ -53,6 +53,13 @@ BUNDLE_MODEL_FUSED = "model.fused.onnx"
 BUNDLE_MODEL_INT8 = "model.int8.onnx"
 BUNDLE_REPORT = "export_report.json"
 
+ORT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+"""onnxruntime graph rewrites that every tfsft session of a bundle's model turns off. Export leaves
+each residual Add and its LayerNormalization apart, because onnxruntime's CPU kernel of the fused
+SkipLayerNormalization is several times slower than the two ops it replaces (bench/layer_norm.py);
+onnxruntime would otherwise fuse them again as it loads the model. Its RMS-norm twin
+(SkipSimplifiedLayerNormalization, fused by the same rewrite) runs at the speed of its two ops."""
+
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of the file's bytes, read in blocks."""

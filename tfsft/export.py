@@ -787,6 +787,8 @@ def optimize(
         # Each symbolic shape inference of the optimizer copies the whole model, weights included,
         # and the canonical graph fuses just as fully without its shape checks.
         options.enable_shape_inference = False
+        # Residual Add + LayerNormalization stay two ops: see artifacts.ORT_DISABLED_OPTIMIZERS.
+        options.enable_skip_layer_norm = False
         with _quiet_loggers(*OPTIMIZER_LOGGERS):
             optimized = optimize_model(
                 model, model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0,
@@ -930,9 +932,11 @@ def onnx_logits(model: Path | Any, data: LengthBatchedData, output: str = OUTPUT
 
 
 def _session(path: Path):
+    """A session of an exported model as the Predictor opens one (the same graph rewrites off)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
 
 
 def spread_by_length(lengths: np.ndarray, count: int) -> np.ndarray:

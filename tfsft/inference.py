@@ -812,7 +812,8 @@ def open_session(path: Path, num_threads: Optional[int], spinning: bool = False)
 
     Spinning is off by default: onnxruntime's idle intra-op threads otherwise busy-wait after
     every run, taking the cores that tokenization, the HTTP server or other sessions need
-    (measured on 2 cores: a server sharing them, and interleaved sessions, slowed down).
+    (measured on 2 cores: a server sharing them, and interleaved sessions, slowed down). The
+    graph rewrites of `artifacts.ORT_DISABLED_OPTIMIZERS` stay off.
     """
     import onnxruntime as ort
 
@@ -824,7 +825,8 @@ def open_session(path: Path, num_threads: Optional[int], spinning: bool = False)
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
     except Exception as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ArtifactError(f"Corrupt or unreadable ONNX model {path}: {message}") from None
