@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfsft import artifacts  # noqa: E402
-from tfsft.inference import Predictor  # noqa: E402
+from tfsft.inference import Predictor, open_session  # noqa: E402
 
 LATENCY_LENGTHS = (8, 32, 128)
 THROUGHPUT_LENGTHS = (32, 128)
@@ -67,17 +67,9 @@ def synthetic_batch(batch: int, length: int, names) -> dict[str, np.ndarray]:
 
 
 def onnx_runner(path: Path, threads: int | None, spinning: bool = False):
-    """A session as the Predictor opens one: spinning off, else the idle pool of one session
-    busy-waits while the next runs, and the graph rewrites of artifacts.ORT_DISABLED_OPTIMIZERS off."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
+    """A session as the Predictor opens one (`tfsft.inference.open_session`): spinning off, else
+    the idle pool of one session busy-waits while the next runs."""
+    session = open_session(Path(path), threads, spinning)
     return lambda features: session.run(None, features)
 
 
@@ -246,10 +238,13 @@ def main() -> None:
     print(f"# {bundle} ({os.cpu_count()} CPUs)\n")
     print("\n".join(shape_table(runners, meta.inputs, args.repeats)))
     report = meta.report()
-    if report and "int8" in report:
-        print(f"\nint8 accuracy drop: {report['int8']['accuracy_drop'] * 100:.2f} points "
-              f"(label agreement {report['int8']['label_agreement']:.4f})\n")
-    if os.path.isfile(args.eval_file):
+    drops = {k: v for k, v in (report or {}).get("int8", {}).items() if k.endswith("_drop")}
+    for key, drop in drops.items():  # the run's metric for best model: accuracy_drop, f1_drop, ...
+        print(f"\nint8 {key.replace('_', ' ')}: {drop * 100:.2f} points "
+              f"(label agreement {report['int8'].get('label_agreement', float('nan')):.4f})\n")
+    if meta.task == "qa":
+        print("A question-answering bundle's Predictor is measured by bench/qa.py (--parts 2 --bundle).")
+    elif os.path.isfile(args.eval_file):
         print("\n".join(predictor_table(bundle, args.eval_file, args.eval_limit)))
         if "int8" in meta.files and meta.task == "classification":
             print()

@@ -732,3 +732,26 @@ def test_a_corrupt_validation_record_is_named(tmp_path, tiny_checkpoint, sst2_sl
     (run_dir / artifacts.VALIDATION_EXAMPLES).write_text('{"texts": ["a"]')
     with pytest.raises(ArtifactError, match=artifacts.VALIDATION_EXAMPLES):
         exported_examples(run_dir, monkeypatch)
+
+
+def test_inference_bench_reads_the_int8_drop_the_report_records(exported, tmp_path):
+    """bench/inference.py end to end on the tiny three-model bundle (no timing asserted): every
+    shape's row, the int8 drop under the report's own key, and the Predictor on a small file."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    _, run_dir, examples, _, report = exported
+    eval_file = tmp_path / "dev.tsv"
+    eval_file.write_text("sentence\tlabel\n" + "".join(f"{t}\t0\n" for t in examples.texts[:40]), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "inference.py"), str(run_dir), "--repeats", "3",
+         "--eval_file", str(eval_file)], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| batch ")]
+    assert len(rows) == 5 and all(row.count(" ms |") + row.count(" ex/s |") == 4 for row in rows)
+    drop = report["int8"]["accuracy_drop"] * 100
+    assert f"int8 accuracy drop: {drop:.2f} points" in result.stdout
+    assert "| length-sorted, per-batch padding |" in result.stdout
