@@ -345,6 +345,31 @@ def test_a_long_context_is_cut_into_overlapping_windows(long_example):
     assert [tuple(o) for o in covered.tolist()] == sorted(set(whole)) and tuple(pieces[-1][-1]) == whole[-1]
 
 
+def test_windows_tokenize_with_the_encoders_own_untruncated_copy(long_example):
+    """No tokenizer copy per call: a Predictor answering one question at a time would spend
+    most of each request copying it."""
+    encoder = minilm(64)
+    batches = []
+
+    class Recording:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def encode_batch(self, texts, **kwargs):
+            batches.append(len(texts))
+            return self.tokenizer.encode_batch(texts, **kwargs)
+
+    expected = make_windows(encoder, long_example, doc_stride=16)
+    encoder.__dict__["untruncated"] = Recording(encoder.untruncated)
+    for _ in range(2):
+        windows = make_windows(encoder, long_example, doc_stride=16)
+        assert [ids.tolist() for ids in windows.encoded.input_ids] == [ids.tolist() for ids in expected.encoded.input_ids]
+    assert batches == [1, 1, 1, 1]
+
+
 def test_gold_positions_point_at_the_answer_in_the_second_window_only(long_example):
     windows = make_windows(minilm(64), long_example, doc_stride=16)
     start = LONG_CONTEXT.index(ANSWER)

@@ -30,6 +30,14 @@ def test_long_texts_are_truncated_and_flagged(encoder):
         encoder.warn_truncated(encoded, "x.csv")
 
 
+def test_the_untruncated_copy_is_built_once_and_the_encoder_still_truncates(encoder):
+    copy = encoder.untruncated
+    assert copy is encoder.untruncated and copy is not encoder.tokenizer
+    assert copy.truncation is None and copy.padding is None
+    assert len(copy.encode("word " * 100).ids) > 16
+    assert encoder.encode(["word " * 100]).lengths[0] == 16
+
+
 def test_pad_batch_pads_to_the_longest_or_a_multiple(encoder):
     encoded = encoder.encode(["a", "a b c d e f g h i j"])
     assert pad_batch(encoded, [0, 1], encoder.pad_id, multiple=8)["input_ids"].shape == (2, 16)

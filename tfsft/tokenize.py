@@ -6,6 +6,7 @@ Examples are kept unpadded (ragged); padding happens per batch, to the longest m
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,6 +79,18 @@ class TextEncoder:
         except Exception as error:
             raise ArtifactError(f"Corrupt tokenizer file {path}: {str(error).splitlines()[0]}") from None
         return cls(tokenizer, max_length)
+
+    @functools.cached_property
+    def untruncated(self):
+        """A copy of the tokenizer that neither truncates nor pads, for callers that cut windows
+        themselves (question answering). Built once per encoder: copying a tokenizer costs more
+        than encoding a question with it."""
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(self.tokenizer.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        return copy
 
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> EncodedTexts:
         """Tokenize a batch in parallel (the Rust tokenizer uses all cores)."""

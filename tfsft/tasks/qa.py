@@ -371,16 +371,6 @@ def _pair_template(tokenizer) -> _PairTemplate:
     )
 
 
-def _plain_tokenizer(tokenizer):
-    """A copy of `tokenizer` that neither truncates nor pads: windows are cut here."""
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(tokenizer.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    return copy
-
-
 def _answer_tokens(offsets: np.ndarray, start: int, end: int) -> tuple[int, int]:
     """First and last context token overlapping the characters [start, end), or (-1, -1).
 
@@ -412,7 +402,7 @@ def make_windows(
     """
     if doc_stride < 0:
         raise ValueError(f"doc_stride must not be negative. Received: doc_stride={doc_stride}")
-    tokenizer = _plain_tokenizer(encoder.tokenizer)
+    tokenizer = encoder.untruncated
     template = _pair_template(tokenizer)
     room = encoder.max_length - template.specials
     if room < 2:
