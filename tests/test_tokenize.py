@@ -62,13 +62,15 @@ def _split_cost(lengths, ranges, call_cost):
     return sum(call_cost + (end - start) * lengths[end - 1] for start, end in ranges)
 
 
-def _brute_force_cost(lengths, max_batch, call_cost):
-    """Cheapest cost over every split of the sorted lengths into contiguous batches."""
+def _brute_force_cost(lengths, max_batch, call_cost, max_tokens=None):
+    """Cheapest cost over every split of the sorted lengths into contiguous batches of at most
+    max_batch examples and, where more than one, at most max_tokens padded tokens."""
     best = {0: 0}
     for end in range(1, len(lengths) + 1):
         best[end] = min(
             best[start] + call_cost + (end - start) * lengths[end - 1]
             for start in range(max(0, end - max_batch), end)
+            if max_tokens is None or end - start == 1 or (end - start) * lengths[end - 1] <= max_tokens
         )
     return best[len(lengths)]
 
@@ -77,11 +79,14 @@ def _brute_force_cost(lengths, max_batch, call_cost):
 def test_split_into_calls_is_the_cheapest_contiguous_split(seed):
     rng = np.random.default_rng(seed)
     lengths = sorted(rng.integers(3, 80, size=int(rng.integers(1, 40))).tolist())
-    ranges = split_into_calls(lengths, max_batch=8, call_cost_tokens=40)
-    assert ranges[0][0] == 0 and ranges[-1][1] == len(lengths)
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert all(0 < end - start <= 8 for start, end in ranges)
-    assert _split_cost(lengths, ranges, 40) == _brute_force_cost(lengths, 8, 40)
+    for max_tokens in (None, 200, 50):
+        ranges = split_into_calls(lengths, max_batch=8, call_cost_tokens=40, max_tokens=max_tokens)
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(0 < end - start <= 8 for start, end in ranges)
+        if max_tokens is not None:
+            assert all(end - start == 1 or (end - start) * lengths[end - 1] <= max_tokens for start, end in ranges)
+        assert _split_cost(lengths, ranges, 40) == _brute_force_cost(lengths, 8, 40, max_tokens)
 
 
 def test_split_into_calls_splits_mixed_lengths_and_keeps_short_texts_together():
@@ -90,6 +95,16 @@ def test_split_into_calls_splits_mixed_lengths_and_keeps_short_texts_together():
     assert split_into_calls(short_and_long, max_batch=32, call_cost_tokens=64) == [(0, 4), (4, 7)]
     assert split_into_calls([10, 10, 10], max_batch=1) == [(0, 1), (1, 2), (2, 3)]
     assert split_into_calls([], max_batch=4) == []
+    long_windows = [300] * 20
+    assert split_into_calls(long_windows, max_batch=32, max_tokens=None) == [(0, 20)]
+    assert split_into_calls(long_windows, max_batch=32, max_tokens=1200) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
+    assert split_into_calls([5000, 6000], max_batch=32, max_tokens=1200) == [(0, 1), (1, 2)]
+    from tfsft.tokenize import MAX_CALL_TOKENS
+
+    windows = [384] * 10  # question-answering windows: the default budget keeps each call small
+    assert all((end - start) * 384 <= MAX_CALL_TOKENS for start, end in split_into_calls(windows, max_batch=32))
+    with pytest.raises(ValueError, match="max_tokens"):
+        split_into_calls([5], max_batch=4, max_tokens=0)
     with pytest.raises(ValueError, match="sorted"):
         split_into_calls([5, 3], max_batch=4)
 

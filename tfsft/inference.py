@@ -318,7 +318,8 @@ class Predictor:
     `onnxruntime.InferenceSession.run` may be called concurrently, and the tokenizer is
     configured once here and only read afterwards, so no lock is needed. `int8`: serve the int8
     model (True), an fp32 one (False), or (None) fp32 when the bundle ships one, else int8
-    (`Bundle.model_path`). `batch_size`: texts per model call, or prompts generated together.
+    (`Bundle.model_path`). `batch_size`: most texts per model call (calls also stay under
+    `tfsft.tokenize.MAX_CALL_TOKENS` padded tokens), or prompts generated together.
 
     A multi-task bundle has one session for all its heads; `predict`, `logits` and `predict_one`
     then take the `task` to answer, and `for_task(task)` is that head's Predictor: a view sharing

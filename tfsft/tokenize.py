@@ -229,12 +229,23 @@ CALL_COST_TOKENS = 64
 """What one model call costs beyond its tokens, in padded tokens (2-core CPU, MiniLM): a batch
 is split where the padding saved outweighs that cost."""
 
+MAX_CALL_TOKENS = 1024
+"""Most padded tokens in one model call (a single longer example still gets its own call). On
+CPU a call's activations (MiniLM: tokens x 1536 floats in each feed-forward layer) then stay
+small enough for the caches: long inputs such as question-answering windows ran faster per
+token in calls of a few windows than in batches of 32 (bench/qa.py, docs/benchmarks.md), and
+short texts still fill a batch."""
+
 
 def split_into_calls(
-    sorted_lengths: Sequence[int], max_batch: int, call_cost_tokens: int = CALL_COST_TOKENS
+    sorted_lengths: Sequence[int],
+    max_batch: int,
+    call_cost_tokens: int = CALL_COST_TOKENS,
+    max_tokens: Optional[int] = MAX_CALL_TOKENS,
 ) -> list[tuple[int, int]]:
-    """Split length-sorted examples into contiguous batches of at most `max_batch` that minimise
-    total padded tokens plus `call_cost_tokens` per batch, as [start, end) ranges.
+    """Split length-sorted examples into contiguous batches of at most `max_batch` examples and
+    (where more than one) at most `max_tokens` padded tokens, minimising total padded tokens plus
+    `call_cost_tokens` per batch, as [start, end) ranges.
 
     Fixed-size chunks of a mixed-length request pad every text to the chunk's longest; one call
     per text pays the per-call cost every time. Dynamic programming over the sorted lengths finds
@@ -244,14 +255,17 @@ def split_into_calls(
     n = len(lengths)
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive. Received: max_batch={max_batch}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive or None. Received: max_tokens={max_tokens}")
     if n and np.any(np.diff(lengths) < 0):
         raise ValueError("split_into_calls needs lengths sorted in ascending order")
     best = np.zeros(n + 1, dtype=np.int64)
     start_of = np.zeros(n + 1, dtype=np.int64)
     for end in range(1, n + 1):
-        first = max(0, end - max_batch)
-        starts = np.arange(first, end)
-        costs = best[starts] + call_cost_tokens + (end - starts) * lengths[end - 1]
+        longest = int(lengths[end - 1])
+        widest = max_batch if max_tokens is None else max(1, min(max_batch, max_tokens // max(1, longest)))
+        starts = np.arange(max(0, end - widest), end)
+        costs = best[starts] + call_cost_tokens + (end - starts) * longest
         pick = int(np.argmin(costs))
         best[end], start_of[end] = costs[pick], starts[pick]
     ranges = []
