@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tfsft.tasks import qa  # noqa: E402
 from tfsft.data import LengthBatchedData, sample  # noqa: E402
+from tfsft.tokenize import MAX_CALL_TOKENS  # noqa: E402
 
 SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad-v1.1"
 
@@ -263,7 +264,7 @@ def predictor_part(args) -> list[str]:
     windows = qa.make_windows(predictor.encoder, plain, stride)
     titles = {
         "naive": "naive: one window per onnxruntime call (batch 1, unpadded)",
-        "predictor": f"Predictor.predict_answers (length-sorted batches of up to {args.predictor_batch_size})",
+        "predictor": f"Predictor.predict_answers (length-sorted calls of up to {args.predictor_batch_size} windows, {MAX_CALL_TOKENS} tokens)",
         "int8": "Predictor.predict_answers, int8 model",
     }
     files = {"naive": predictor.model_path.name, "predictor": predictor.model_path.name}

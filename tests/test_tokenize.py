@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tfsft.tokenize import TextEncoder, pad_batch, split_into_calls
+from tfsft.tokenize import MAX_CALL_TOKENS, TextEncoder, pad_batch, split_into_calls
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,6 @@ def test_split_into_calls_splits_mixed_lengths_and_keeps_short_texts_together():
     assert split_into_calls(long_windows, max_batch=32, max_tokens=None) == [(0, 20)]
     assert split_into_calls(long_windows, max_batch=32, max_tokens=1200) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
     assert split_into_calls([5000, 6000], max_batch=32, max_tokens=1200) == [(0, 1), (1, 2)]
-    from tfsft.tokenize import MAX_CALL_TOKENS
-
     windows = [384] * 10  # question-answering windows: the default budget keeps each call small
     assert all((end - start) * 384 <= MAX_CALL_TOKENS for start, end in split_into_calls(windows, max_batch=32))
     with pytest.raises(ValueError, match="max_tokens"):

@@ -480,7 +480,8 @@ class Predictor:
         return out
 
     def batches(self, encoded: EncodedTexts) -> list[np.ndarray]:
-        """Indices of each model call: sorted by length, split where padding would cost more than a call."""
+        """Indices of each model call: sorted by length, split where padding would cost more than a
+        call, at most `batch_size` examples and `MAX_CALL_TOKENS` padded tokens each."""
         order = np.argsort(encoded.lengths, kind="stable")
         return [order[start:end] for start, end in split_into_calls(encoded.lengths[order], self.batch_size)]
 
