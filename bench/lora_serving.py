@@ -4,8 +4,10 @@ with per-adapter weights.
 Modes, each measured for N adapters (`--adapters`, default 1,2,4,8):
 
 - `merged` / `merged_int8`: N onnxruntime sessions, one per merged bundle (`RUN/onnx/model.fused.onnx`,
-  or `model.int8.onnx`): what `tfsft serve --adapter a=RUN_A --adapter b=RUN_B` does.
-- `lora` / `lora_fused` / `lora_int8`: ONE session of the unmerged graph, whose LoRA A/B matrices and
+  or `model.int8.onnx`): what `tfsft serve --adapter a=RUN_A --adapter b=RUN_B` does for bundles
+  without shared-base files.
+- `lora` / `lora_fused` / `lora_int8`: ONE session of the unmerged graph (`lora_fused` and
+  `lora_int8` are what `tfsft serve --adapter` runs for runs exported with `--adapter_files`), whose LoRA A/B matrices and
   head weights are graph inputs with initializer defaults, and per adapter an onnxruntime adapter
   file (`.onnx_adapter`) activated per call (`RunOptions.add_active_adapter`). `lora` is the graph
   as tf2onnx converted it (onnxruntime's own graph optimizations only); `lora_fused` after tfsft's
@@ -16,7 +18,8 @@ Modes, each measured for N adapters (`--adapters`, default 1,2,4,8):
 Preparation (this process, with TensorFlow): the unmerged Keras model of the first run
 (`tfsft.lora.load_adapter(merge=False)`) is converted (`tfsft.export.convert_to_onnx`, opset 17);
 the initializers holding its saved adapter and head weights are found by value and exposed as
-graph inputs under their own names; adapter i gets the weights of run i mod len(RUNS), each
+graph inputs named `adapter/<weight>` (`tfsft.export_shared_base`, what `--adapter_files` ships);
+adapter i gets the weights of run i mod len(RUNS), each
 adapter its own file (and each merged session its own copy) so memory is honest. `--work_dir`
 keeps these files and reuses them for the same runs. Parity: on `--check_examples` dev sentences
 in batches of 8 of mixed lengths, every mode with each run's adapter is compared with that run's
@@ -44,7 +47,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -80,8 +82,6 @@ OPSET = 17
 CHECK_BATCH = 8
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 """`tfsft.lora.ADAPTER_WEIGHTS_FILE` (that module imports TensorFlow, which the measuring processes must not)."""
-UNTYPED_TENSOR_WARNING = "Failed to infer data type of tensor"
-"""The quantizer's warning for the attention MatMuls of an unfused graph, which it leaves in fp32."""
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -141,85 +141,6 @@ def file_bytes(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- preparation
-
-
-class _DropWarning(logging.Filter):
-    """Drops the quantizer's `UNTYPED_TENSOR_WARNING` records."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(UNTYPED_TENSOR_WARNING)
-
-
-def expose_adapter_weights(source: Path, target: Path, saved: dict[str, np.ndarray]) -> dict[str, str]:
-    """Write `source` with every initializer equal to a saved adapter or head weight also listed as
-    a graph input (its value stays the default); returns {graph input: saved weight name}."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(source))
-    by_value: dict[tuple, list[str]] = {}
-    for key, value in saved.items():
-        by_value.setdefault((value.dtype.str, value.shape, value.tobytes()), []).append(key)
-    mapping: dict[str, str] = {}
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < 2:
-            continue
-        value = numpy_helper.to_array(init)
-        keys = by_value.get((value.dtype.str, value.shape, value.tobytes()), [])
-        if len(keys) > 1 or (keys and keys[0] in mapping.values()):
-            raise SystemExit(f"{source}: initializer {init.name} matches several saved weights {keys}; cannot map them")
-        if keys:
-            mapping[init.name] = keys[0]
-            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    missing = sorted(set(saved) - set(mapping.values()))
-    if missing:
-        raise SystemExit(f"{source}: no initializer holds the saved weights {missing[:3]} (tf2onnx changed them?)")
-    onnx.save(model, str(target))
-    return mapping
-
-
-def exposed_inputs(path: Path) -> set[str]:
-    """Graph inputs of an ONNX file that are also initializers (overridable weights)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    initializers = {init.name for init in model.graph.initializer}
-    return {value.name for value in model.graph.input if value.name in initializers}
-
-
-def quantize_base(source: Path, target: Path, exposed: set[str]) -> None:
-    """Dynamic int8 of the weights of `source` as `tfsft.export.quantize_int8` does, leaving out
-    every node that reads an exposed (adapter or head) weight."""
-    import onnx
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from tfsft.export import INT8_PER_CHANNEL
-
-    model = onnx.load(str(source), load_external_data=False)
-    excluded = [node.name for node in model.graph.node if any(name in exposed for name in node.input)]
-    del model
-    drop = _DropWarning()
-    logging.getLogger().addFilter(drop)
-    try:
-        quantize_dynamic(
-            str(source), str(target), weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL,
-            nodes_to_exclude=excluded, extra_options={"DefaultTensorType": TensorProto.FLOAT},
-        )
-    finally:
-        logging.getLogger().removeFilter(drop)
-
-
-def write_adapter(path: Path, mapping: dict[str, str], saved: dict[str, np.ndarray]) -> None:
-    """An onnxruntime adapter file holding `saved` under the graph input names of `mapping`."""
-    import onnxruntime as ort
-
-    adapter = ort.AdapterFormat()
-    adapter.set_adapter_version(1)
-    adapter.set_model_version(1)
-    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(saved[key]))
-                            for name, key in mapping.items()})
-    adapter.export_adapter(str(path))
 
 
 def check_runs(runs: list[Path]) -> dict[str, Any]:
@@ -290,8 +211,14 @@ def prepare(args: argparse.Namespace, runs: list[Path], work: Path, count: int) 
     returns what the report needs (files, sizes, fusion, parity, modes that passed)."""
     from safetensors.numpy import load_file
 
+    import onnx
+
     from tfsft.export import convert_to_onnx, optimize
+    from tfsft.export_shared_base import adapter_inputs, expose_adapter_weights, quantize_base, write_adapter_file
     from tfsft.lora import load_adapter
+
+    def exposed_inputs(path: Path) -> set[str]:
+        return set(adapter_inputs(onnx.load(str(path))))
 
     settings = check_runs(runs)
     saved = [load_file(str(run / "model" / ADAPTER_WEIGHTS_FILE)) for run in runs]
@@ -306,7 +233,10 @@ def prepare(args: argparse.Namespace, runs: list[Path], work: Path, count: int) 
     convert_to_onnx(model, plain, OPSET)
     keras_values = [keras_logits(model, check)]
     del model
-    mapping = expose_adapter_weights(plain, graphs["lora"], saved[0])
+    proto = onnx.load(str(plain))
+    mapping = set(expose_adapter_weights(proto, saved[0], plain))
+    onnx.save(proto, str(graphs["lora"]))
+    del proto
     plain.unlink()
     seconds = {"convert_s": time.perf_counter() - began}
     began = time.perf_counter()
@@ -319,15 +249,15 @@ def prepare(args: argparse.Namespace, runs: list[Path], work: Path, count: int) 
         notes["lora_fused"] = f"the optimizer kept {kept} of {len(mapping)} adapter inputs"
     int8_source = graphs["lora" if "lora_fused" in notes else "lora_fused"]
     began = time.perf_counter()
-    quantize_base(int8_source, graphs["lora_int8"], set(mapping))
+    quantize_base(int8_source, graphs["lora_int8"])
     seconds["quantize_s"] = time.perf_counter() - began
-    if exposed_inputs(graphs["lora_int8"]) != set(mapping):
+    if exposed_inputs(graphs["lora_int8"]) != mapping:
         notes["lora_int8"] = "the quantizer dropped adapter inputs"
     adapters = []
     for index in range(max(count, len(runs))):  # one per run at least: the parity check uses them
         path = work / "adapters" / f"adapter-{index}.onnx_adapter"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_adapter(path, mapping, saved[index % len(runs)])
+        write_adapter_file(path, saved[index % len(runs)])
         adapters.append(path)
     merged_files = {"merged": artifacts.BUNDLE_MODEL_FUSED, "merged_int8": artifacts.BUNDLE_MODEL_INT8}
     for mode, name in merged_files.items():

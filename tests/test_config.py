@@ -135,9 +135,13 @@ def dataclasses_flat(config: RunConfig) -> dict:
     return _flatten(config.to_dict())
 
 
+BOOLEANS_NEED = {"adapter_files": ["--lora_rank", "4"]}
+"""Flags a boolean is only valid beside (checked by the config, with both values)."""
+
+
 @pytest.mark.parametrize("name, default", boolean_flags())
 def test_every_boolean_takes_both_the_flag_and_its_no_form(name, default):
-    base = ["--train_file", "a.csv", "--validation_file", "b.csv"]
+    base = ["--train_file", "a.csv", "--validation_file", "b.csv", *BOOLEANS_NEED.get(name, [])]
     on, off = parse(*base, f"--{name}"), parse(*base, f"--no_{name}")
     assert dataclasses_flat(on)[name] is True, name
     assert dataclasses_flat(off)[name] is False, name

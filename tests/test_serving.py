@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_run
+from conftest import ROOT, tiny_bundle
 from tfsft import artifacts
 
 
@@ -29,11 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, tiny_checkpoint, sst2_slices):
-    from tfsft.export import export_bundle
-
-    model, run_dir, examples, labels = make_run(tmp_path_factory.mktemp("serving"), tiny_checkpoint, sst2_slices["dev"])
-    export_bundle(model, run_dir, validation_data=(examples.subset(range(24)), labels[:24]))
-    return run_dir / artifacts.ONNX_DIR
+    return tiny_bundle(tmp_path_factory.mktemp("serving"), tiny_checkpoint, sst2_slices["dev"])
 
 
 @pytest.fixture(scope="module")

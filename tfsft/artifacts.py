@@ -52,6 +52,12 @@ BUNDLE_MODEL = "model.onnx"
 BUNDLE_MODEL_FUSED = "model.fused.onnx"
 BUNDLE_MODEL_INT8 = "model.int8.onnx"
 BUNDLE_REPORT = "export_report.json"
+SHARED_BASE_DIR = "shared_base"
+SHARED_BASE_FILES = {"fused": "shared_base/base.fused.onnx", "int8": "shared_base/base.int8.onnx"}
+SHARED_BASE_ADAPTER = "shared_base/adapter.onnx_adapter"
+SHARED_BASE_INPUT_PREFIX = "adapter/"
+"""A LoRA bundle's `--adapter_files` (`tfsft.export_shared_base`): the unmerged graphs, whose inputs
+named with this prefix are the adapter and head weights, and the run's values of them."""
 
 ORT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 """onnxruntime graph rewrites that every tfsft session of a bundle's model turns off. Export leaves

@@ -437,6 +437,13 @@ class ExportConfig:
     quantize_int8: bool = _field(
         True, "Ship the int8 model when --export_variants lists it; --no_quantize_int8 leaves it out."
     )
+    adapter_files: bool = _field(
+        False,
+        "LoRA runs: also ship shared_base/ in the bundle (the unmerged graph with the adapter and head weights as "
+        "inputs, fused and int8 like the bundle's models, and the run's adapter file), so that `tfsft serve "
+        "--adapter` serves several adapter runs of one base from one onnxruntime session instead of one merged "
+        "model each.",
+    )
     external_data: str = _field(
         "auto",
         "Store each ONNX file's weights beside it, in FILE.data (ONNX external data): 'always', 'never', or "
@@ -613,6 +620,11 @@ class RunConfig:
             self._check_streaming()
         self._check_few_shot()
         self._check_distillation()
+        _require(
+            not self.export.adapter_files or (self.model.lora_rank > 0 and not task.generates),
+            "adapter_files", self.export.adapter_files,
+            "false unless the run trains LoRA adapters (--lora_rank) for a task that does not generate",
+        )
 
     def _check_multitask(self) -> None:
         """A `tasks:` list: its shared defaults, and what one encoder with several heads cannot do yet."""
@@ -638,7 +650,7 @@ class RunConfig:
             "streaming": self.data.streaming, "unlabeled_file": self.data.unlabeled_file,
             "teacher_model": self.train.teacher_model, "lora_rank": self.model.lora_rank or None,
             "class_weights": self.train.class_weights, "search": self.search or None,
-            "augment_texts": self.train.augment_texts or None,
+            "augment_texts": self.train.augment_texts or None, "adapter_files": self.export.adapter_files or None,
         }
         for name, value in refused.items():
             _require(value in (None, False), name, value, "no value in a multi-task run (not supported there yet)")

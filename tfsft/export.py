@@ -1231,7 +1231,8 @@ def export_bundle(
             with float32_policy():
                 model = float32_model(model)
                 report = _build_bundle(
-                    model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision, reference
+                    model, config, work, encoder, encoded, np.asarray(labels), tolerance, decision, reference,
+                    adapter_dir=artifacts.run_model_dir(run_dir) if config.export.adapter_files else None,
                 )
             del model
         report["stages"] = monitor.report()
@@ -1285,9 +1286,12 @@ def _build_bundle(
     tolerance: float,
     decision: dict[str, Any],
     reference: Any = None,
+    adapter_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Keras logits, convert, fuse, check, quantize, check: each stage frees what it no longer
-    needs before the next starts, and onnxruntime sessions are opened one at a time."""
+    needs before the next starts, and onnxruntime sessions are opened one at a time.
+    `adapter_dir`: a LoRA run's saved adapters, whose shared-base files (`--adapter_files`,
+    `tfsft.export_shared_base`) join the bundle, checked on the same parity sets."""
     names = list(feature_names(model))
     score_name = parity_score_name(config.model.task, config.train.metric_for_best_model)
     with memory.stage("keras_logits"):
@@ -1305,6 +1309,12 @@ def _build_bundle(
     report["sizes_bytes"] = models.remove_unshipped()
     metadata = _bundle_metadata(model, config, names, encoder.pad_id, models.files, decision)
     metadata["external_data"] = models.external_data_files()
+    if adapter_dir is not None:
+        from tfsft.export_shared_base import write_shared_base
+
+        metadata["shared_base"], report["shared_base"] = write_shared_base(
+            adapter_dir, config.model.task, work, config.export.opset, config.export.variants, parity_set, tolerance
+        )
     artifacts.write_json(work / artifacts.BUNDLE_FILE, metadata)
     return report
 

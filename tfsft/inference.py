@@ -201,6 +201,28 @@ class Bundle:
             )
         return self.directory / self.files[key]
 
+    def shared_base(self, int8: bool) -> Optional[tuple[Path, Path, str]]:
+        """(base graph, adapter file, structure digest) of a LoRA bundle's `--adapter_files` at that
+        precision (`tfsft.export_shared_base`), or None when the bundle ships none."""
+        entry = self.metadata.get("shared_base")
+        if entry is None:
+            return None
+        variant = "int8" if int8 else "fused"
+        path = self.directory / artifacts.BUNDLE_FILE
+        try:
+            if variant not in entry["files"]:
+                return None
+            model, adapter, digest = entry["files"][variant], entry["adapter"], entry["digests"][variant]
+            if not all(isinstance(value, str) and value for value in (model, adapter, digest)):
+                raise TypeError("file names and digests must be non-empty strings")
+        except (KeyError, TypeError) as error:
+            raise ArtifactError(f"{path}: invalid shared_base entry ({type(error).__name__}: {error})") from None
+        files = (self.directory / model, self.directory / adapter)
+        for file in files:
+            if not file.is_file():
+                raise ArtifactError(f"{path}: shared_base names {file}, which is missing; re-export the run with --adapter_files")
+        return files[0], files[1], digest
+
     def encoder_path(self, int8: Optional[bool] = None) -> Path:
         """A seq2seq bundle's encoder, of the precision `model_path(int8)` gives its decoder."""
         if not self.encoder_decoder:
@@ -335,6 +357,7 @@ class Predictor:
         batch_size: int = 32,
         num_threads: Optional[int] = None,
         spinning: bool = False,
+        base: Optional["SharedBase"] = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
@@ -350,13 +373,20 @@ class Predictor:
         self.output: Optional[str] = None
         """The ONNX output this Predictor reads (None: the model's first, a single-task bundle's logits)."""
         self.heads: dict[str, Predictor] = {}
+        self.shared_base: Optional[SharedBase] = base
+        """The base session this bundle's adapter runs on (`shared_base_predictors`), or None: its own model."""
+        self.run_options = None
         if self.encoder_decoder:
             self._open_seq2seq(int8, num_threads, spinning)
             return
         if self.generates:
             self._open_decoder(num_threads, spinning)
             return
-        self.session = open_session(self.model_path, num_threads, spinning)
+        if base is None:
+            self.session = open_session(self.model_path, num_threads, spinning)
+        else:
+            self.model_path, self.adapter_path = base.path, base.check(self.bundle, int8)
+            self.session, (self.run_options, self._adapter) = base.session, base.activate(self.adapter_path)
         self.input_dtypes = _input_dtypes(self.session, self.bundle.inputs, self.model_path)
         if not self.bundle.heads:
             self._check_output_size()
@@ -448,7 +478,7 @@ class Predictor:
         """The model's logits for one padded batch."""
         feed = {name: padded[name].astype(self.input_dtypes[name], copy=False) for name in self.bundle.inputs}
         try:
-            return self.session.run(None if self.output is None else [self.output], feed)[0]
+            return self.session.run(None if self.output is None else [self.output], feed, self.run_options)[0]
         except Exception as error:
             raise ArtifactError(f"{self.model_path}: inference failed ({str(error).splitlines()[0]})") from None
 
@@ -809,8 +839,9 @@ def _partial_stop(text: str, stop: Sequence[str]) -> int:
     return longest
 
 
-def open_session(path: Path, num_threads: Optional[int], spinning: bool = False):
-    """An onnxruntime CPU session.
+def open_session(path: Path, num_threads: Optional[int], spinning: bool = False, quiet: bool = False):
+    """An onnxruntime CPU session (`quiet`: errors only in onnxruntime's log, for a shared base
+    graph, whose every adapter input would get a warning that it can be overridden, on purpose).
 
     Spinning is off by default: onnxruntime's idle intra-op threads otherwise busy-wait after
     every run, taking the cores that tokenization, the HTTP server or other sessions need
@@ -826,12 +857,86 @@ def open_session(path: Path, num_threads: Optional[int], spinning: bool = False)
         options.intra_op_num_threads = int(num_threads)
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if quiet:
+        options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
     except Exception as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ArtifactError(f"Corrupt or unreadable ONNX model {path}: {message}") from None
+
+
+class SharedBase:
+    """One onnxruntime session of a LoRA base graph (`--adapter_files`) that the Predictors of
+    several adapter runs of that base share, each running with its own adapter file active."""
+
+    def __init__(self, path: Path, digest: str, int8: bool, num_threads: Optional[int] = None, spinning: bool = False):
+        self.path, self.digest, self.int8 = path, digest, int8
+        self.session = open_session(path, num_threads, spinning, quiet=True)
+
+    def check(self, bundle: "Bundle", int8: Optional[bool]) -> Path:
+        """The adapter file of `bundle` for this base; ArtifactError when its base graph differs."""
+        found = bundle.shared_base(self.int8)
+        if int8 is not None and bool(int8) != self.int8:
+            raise ConfigError(f"{bundle.directory}: asked for int8={int8}, but the shared base is {'int8' if self.int8 else 'fp32'}")
+        if found is None or found[2] != self.digest:
+            raise ArtifactError(
+                f"{bundle.directory}: " + ("ships no shared-base files (export it with --adapter_files)" if found is None
+                                           else f"its base graph differs from {self.path} (another base, rank, pooling or head)")
+            )
+        return found[1]
+
+    @staticmethod
+    def activate(adapter_file: Path):
+        """(RunOptions with the adapter file active, the loaded adapter, which must outlive them)."""
+        import onnxruntime as ort
+
+        adapter = ort.LoraAdapter()
+        try:
+            adapter.Load(str(adapter_file))
+        except Exception as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ArtifactError(f"Corrupt or unreadable adapter file {adapter_file}: {message}") from None
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        return options, adapter
+
+
+def shared_base_problem(bundles: dict[str, "Bundle"], int8: dict[str, bool]) -> Optional[str]:
+    """Why the bundles cannot be served from one shared base session at the precisions `int8`
+    chose for each, or None when they can: every one ships `--adapter_files` of the same base
+    graph (equal structure digests) and the same tokenizer, at one precision."""
+    if len(set(int8.values())) > 1:
+        return "their chosen precisions differ (" + ", ".join(f"{n}: {'int8' if v else 'fp32'}" for n, v in int8.items()) + ")"
+    found = {name: bundle.shared_base(int8[name]) for name, bundle in bundles.items()}
+    lacking = [name for name, entry in found.items() if entry is None]
+    if lacking:
+        return f"no shared-base files at that precision in {', '.join(lacking)} (export with --adapter_files)"
+    if len({entry[2] for entry in found.values() if entry is not None}) > 1:
+        return "their base graphs differ (another base, rank, targets, pooling or label count)"
+    tokenizers = {(bundle.directory / artifacts.BUNDLE_TOKENIZER).read_bytes() for bundle in bundles.values()}
+    if len(tokenizers) > 1:
+        return "their tokenizers differ"
+    return None
+
+
+def shared_base_predictors(
+    bundle_dirs: dict[str, str | os.PathLike], int8: bool = False, batch_size: int = 32,
+    num_threads: Optional[int] = None, spinning: bool = False,
+) -> dict[str, "Predictor"]:
+    """A Predictor per named LoRA bundle, all running on one session of the first bundle's base
+    graph, each with its own adapter file active: one base in memory instead of one merged model
+    per adapter, the same logits (`--adapter_files` checked them against Keras at export).
+    ArtifactError naming the reason when the bundles cannot share a base (`shared_base_problem`)."""
+    bundles = {name: Bundle.load(path) for name, path in bundle_dirs.items()}
+    problem = shared_base_problem(bundles, {name: int8 for name in bundles})
+    if problem is not None:
+        raise ArtifactError(f"the bundles {sorted(bundles)} cannot share one base: {problem}")
+    first = next(iter(bundles.values())).shared_base(int8)
+    assert first is not None
+    base = SharedBase(first[0], first[2], int8, num_threads, spinning)
+    return {name: Predictor(bundle.directory, int8=int8, batch_size=batch_size, base=base) for name, bundle in bundles.items()}
 
 
 def _input_dtypes(session, expected: Sequence[str], path: Path) -> dict[str, Any]:

@@ -506,6 +506,9 @@ def _model_metadata(predictor: Predictor, precision: Optional[PrecisionChoice]) 
         "model": bundle.metadata.get("model_name"),
         "bundle": str(bundle.directory),
         "model_file": predictor.model_path.name,
+        "shared_base": None if predictor.shared_base is None else {
+            "model_file": str(predictor.model_path), "adapter_file": str(predictor.adapter_path),
+        },
         "precision": precision.to_dict() if precision is not None else None,
         "max_seq_length": bundle.max_seq_length,
         "export_report": bundle.report(),
@@ -864,6 +867,8 @@ class ServeSettings:
     num_threads: Optional[int] = None
     adapters: tuple[tuple[str, str], ...] = ()
     """(name, bundle dir) of each model served by name (`--adapter NAME=RUN`), instead of `bundle_dir`."""
+    share_base: bool = True
+    """Serve adapters whose bundles ship one base graph (`--adapter_files`) from one session of it."""
 
     def __post_init__(self) -> None:
         if (self.bundle_dir is None) == (not self.adapters):
@@ -898,13 +903,31 @@ class ServeSettings:
 
         return {name: choose_precision(Bundle.load(path), self.precision) for name, path in self.bundles().items()}
 
+    def sharing(self, choices: dict[str, PrecisionChoice]) -> tuple[bool, str]:
+        """(whether the adapters run on one shared base session, why or why not)."""
+        from tfsft.inference import Bundle, shared_base_problem
+
+        if len(self.adapters) < 2:
+            return False, "one model"
+        if not self.share_base:
+            return False, "--no_share_base"
+        bundles = {name: Bundle.load(path) for name, path in self.adapters}
+        problem = shared_base_problem(bundles, {name: bool(choices[name].int8) for name in bundles})
+        return problem is None, problem or "one base graph, each adapter's own weights per call"
+
     def build_app(self, choices: Optional[dict[str, PrecisionChoice]] = None) -> Starlette:
         """The app; `choices`: the precision already chosen for each bundle (else chosen here)."""
+        from tfsft.inference import shared_base_predictors
+
         choices = choices or self.choices()
-        predictors = {
-            name: Predictor(path, int8=choices[name].int8, num_threads=self.num_threads)
-            for name, path in self.bundles().items()
-        }
+        if self.sharing(choices)[0]:
+            int8 = bool(next(iter(choices.values())).int8)
+            predictors = shared_base_predictors(dict(self.adapters), int8=int8, num_threads=self.num_threads)
+        else:
+            predictors = {
+                name: Predictor(path, int8=choices[name].int8, num_threads=self.num_threads)
+                for name, path in self.bundles().items()
+            }
         if not self.adapters:
             return create_app(predictors["default"], self.limits, self.batching, precision=choices["default"])
         return create_app(predictors, self.limits, self.batching, precision=choices)
@@ -955,6 +978,9 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080, wo
             f"{bundle.model_path(int8=choice.int8).name} ({choice.reason})"
             + (f"; tasks (name \"task\" in each /predict body): {tasks}" if tasks else "")
         )
+    if settings.adapters:
+        shared, why = settings.sharing(choices)
+        served.append(f"adapters {'share one base session' if shared else 'served as separate models'} ({why})")
     print(f"[tfsft] serving on http://{host}:{port}: {'; '.join(served)}; {mode}; at most {limits.max_queued_texts} "
           f"inputs queued per process, {timeout} per request; {workers} worker process(es)",
           file=sys.stderr, flush=True)

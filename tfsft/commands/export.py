@@ -12,7 +12,7 @@ from typing import Any
 
 from tfsft.cli import ArgumentParser
 
-EXPORT_FLAGS = ("opset", "export_variants", "quantize_int8", "external_data")
+EXPORT_FLAGS = ("opset", "export_variants", "quantize_int8", "adapter_files", "external_data")
 """The ExportConfig fields `tfsft export` takes as flags (`export` itself is implied)."""
 
 

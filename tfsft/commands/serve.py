@@ -35,8 +35,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("bundle", nargs="?", default=None, help="An ONNX bundle directory (RUN_DIR/onnx, or RUN_DIR).")
     parser.add_argument("--adapter", action="append", type=named_bundle, default=[], metavar="NAME=RUN_DIR",
                         help="Serve several models from one process instead of one bundle (LoRA runs of one base, "
-                             "each exported with its adapters merged): repeat it; a request names its model in "
-                             '"adapter", and /metadata lists them.')
+                             "say): repeat it; a request names its model in \"adapter\", and /metadata lists them. "
+                             "LoRA runs exported with --adapter_files share one session of their base graph, each "
+                             "call running its run's adapter; other bundles are served as they are (merged).")
+    parser.add_argument("--no_share_base", dest="share_base", action="store_false", default=True,
+                        help="With --adapter: serve every run's merged bundle, even where the runs could share a base.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=8080)
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
         precision=args.precision,
         limits=Limits(max_texts=args.max_texts, max_chars=args.max_chars, max_queued_texts=args.max_queued_texts,
                       request_timeout_s=args.request_timeout_s or None),
-        batching=micro if args.micro_batching else None, num_threads=args.num_threads,
+        batching=micro if args.micro_batching else None, num_threads=args.num_threads, share_base=args.share_base,
     )
     serve(settings, args.host, args.port, workers=args.workers, access_log=args.access_log)
 
