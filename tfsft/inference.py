@@ -906,7 +906,8 @@ class SharedBase:
 def shared_base_problem(bundles: dict[str, "Bundle"], int8: dict[str, bool]) -> Optional[str]:
     """Why the bundles cannot be served from one shared base session at the precisions `int8`
     chose for each, or None when they can: every one ships `--adapter_files` of the same base
-    graph (equal structure digests) and the same tokenizer, at one precision."""
+    graph (equal structure digests) at one precision. Tokenizers may differ: each Predictor
+    encodes with its own bundle's, and the graph computes from token ids alone."""
     if len(set(int8.values())) > 1:
         return "their chosen precisions differ (" + ", ".join(f"{n}: {'int8' if v else 'fp32'}" for n, v in int8.items()) + ")"
     found = {name: bundle.shared_base(int8[name]) for name, bundle in bundles.items()}
@@ -915,9 +916,6 @@ def shared_base_problem(bundles: dict[str, "Bundle"], int8: dict[str, bool]) -> 
         return f"no shared-base files at that precision in {', '.join(lacking)} (export with --adapter_files)"
     if len({entry[2] for entry in found.values() if entry is not None}) > 1:
         return "their base graphs differ (another base, rank, targets, pooling or label count)"
-    tokenizers = {(bundle.directory / artifacts.BUNDLE_TOKENIZER).read_bytes() for bundle in bundles.values()}
-    if len(tokenizers) > 1:
-        return "their tokenizers differ"
     return None
 
 
