@@ -189,3 +189,25 @@ def test_adapter_files_need_a_lora_run(tiny_checkpoint, sst2_slices, tmp_path):
     with pytest.raises(ConfigError, match="adapter_files.*--lora_rank"):
         RunConfig.from_flat(flags)
     assert RunConfig.from_flat({**flags, "lora_rank": 4}).export.adapter_files
+
+
+def test_tfsft_export_adds_the_files_to_a_run_trained_without_them(two_adapters, bundle_dir, tmp_path):
+    from tfsft import artifacts
+    from tfsft.commands.export import build_parser, run
+
+    copy = tmp_path / "run"
+    shutil.copytree(two_adapters["second"], copy)
+    config = json.loads((copy / artifacts.CONFIG_FILE).read_text())
+    config["export"]["adapter_files"] = False
+    (copy / artifacts.CONFIG_FILE).write_text(json.dumps(config))
+    shutil.rmtree(copy / artifacts.ONNX_DIR)
+    run(build_parser().parse_args([str(copy), "--adapter_files", "--export_variants", "fused"]))
+    meta = json.loads((copy / artifacts.ONNX_DIR / artifacts.BUNDLE_FILE).read_text())["shared_base"]
+    assert set(meta["files"]) == {"fused"} and not (copy / artifacts.ONNX_DIR / artifacts.SHARED_BASE_FILES["int8"]).exists()
+    original = json.loads((two_adapters["second"] / "onnx" / artifacts.BUNDLE_FILE).read_text())["shared_base"]
+    assert meta["digests"]["fused"] == original["digests"]["fused"]  # another conversion, the same digest
+    plain = tmp_path / "plain"
+    shutil.copytree(bundle_dir.parent, plain)
+    (plain / artifacts.METRICS_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match="adapter_files"):  # not a LoRA run: refused before any work
+        run(build_parser().parse_args([str(plain), "--adapter_files"]))
