@@ -211,3 +211,15 @@ def test_tfsft_export_adds_the_files_to_a_run_trained_without_them(two_adapters,
     (plain / artifacts.METRICS_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="adapter_files"):  # not a LoRA run: refused before any work
         run(build_parser().parse_args([str(plain), "--adapter_files"]))
+
+
+def test_no_share_base_reaches_every_worker_process(two_adapters):
+    from tfsft.commands.serve import build_parser
+    from tfsft.serving import ServeSettings
+
+    runs = [f"{name}={run}" for name, run in two_adapters.items()]
+    args = build_parser().parse_args(["--adapter", runs[0], "--adapter", runs[1], "--no_share_base"])
+    assert args.share_base is False
+    assert build_parser().parse_args(["--adapter", runs[0]]).share_base is True
+    settings = ServeSettings(adapters=tuple(args.adapter), share_base=args.share_base)
+    assert ServeSettings.from_json(settings.to_json()) == settings  # what --workers processes rebuild
