@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tfsft import artifacts  # noqa: E402
-from tfsft.inference import Bundle, input_format, read_inputs  # noqa: E402
+from tfsft.inference import Bundle, SharedBase, input_format, open_session, read_inputs  # noqa: E402
 from tfsft.tokenize import TextEncoder, pad_batch  # noqa: E402
 
 MODES = {
@@ -96,32 +96,6 @@ def rss_mb() -> dict[str, float]:
             if key in ("VmRSS", "VmHWM"):
                 values[key] = int(rest.split()[0]) / 1024
     return {"rss_mb": values["VmRSS"], "peak_rss_mb": values["VmHWM"]}
-
-
-def open_session(path: Path, num_threads: Optional[int] = None):
-    """A CPU session with the Predictor's settings (no spinning); onnxruntime's warning per
-    overridable initializer (the exposed adapter weights, on purpose) is silenced."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if num_threads:
-        options.intra_op_num_threads = num_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(artifacts.ORT_DISABLED_OPTIMIZERS))
-
-
-def adapter_run_options(path: Path):
-    """(RunOptions with the adapter file at `path` active, the adapter): keep the adapter alive
-    while the options are used."""
-    import onnxruntime as ort
-
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(path))
-    options = ort.RunOptions()
-    options.add_active_adapter(adapter)
-    return options, adapter
 
 
 def read_texts(path: str) -> list[str]:
@@ -266,16 +240,16 @@ def prepare(args: argparse.Namespace, runs: list[Path], work: Path, count: int) 
             notes[mode] = f"no {name} in {lacking[0]}/onnx (export with --export_variants fused,int8)"
     # Parity: each run's adapter in every lora graph against its Keras model and merged bundle.
     parity: dict[str, Any] = {}
-    sessions = {mode: open_session(path) for mode, path in graphs.items() if mode not in notes}
+    sessions = {mode: open_session(path, None, quiet=True) for mode, path in graphs.items() if mode not in notes}
     for index, run in enumerate(runs):
         if index:
             model = load_adapter(run / "model", merge=False)
             keras_values.append(keras_logits(model, check))
             del model
             gc.collect()
-        logits = {mode: onnx_logits(open_session(run / "onnx" / name), check)
+        logits = {mode: onnx_logits(open_session(run / "onnx" / name, None, quiet=True), check)
                   for mode, name in merged_files.items() if mode not in notes}
-        options, adapter = adapter_run_options(adapters[index])
+        options, adapter = SharedBase.activate(adapters[index])
         logits.update({mode: onnx_logits(session, check, options) for mode, session in sessions.items()})
         del options, adapter
         add_parity(parity, logits, keras_values[-1])
@@ -331,14 +305,14 @@ def open_cells(spec: dict[str, Any], cells: list[Cell]) -> dict[Cell, list[Calla
     for mode, n in cells:
         largest[mode] = max(largest.get(mode, 0), n)
     adapters = max((n for mode, n in largest.items() if not mode.startswith("merged")), default=0)
-    active = [adapter_run_options(Path(path)) for path in spec["adapters"][:adapters]]
+    active = [SharedBase.activate(Path(path)) for path in spec["adapters"][:adapters]]
     per_adapter: dict[str, list[Callable]] = {}
     for mode, n in largest.items():
         if mode.startswith("merged"):
-            sessions = [open_session(Path(path), spec["num_threads"]) for path in spec["models"][mode][:n]]
+            sessions = [open_session(Path(path), spec["num_threads"], quiet=True) for path in spec["models"][mode][:n]]
             per_adapter[mode] = [_merged_call(session) for session in sessions]
         else:
-            session = open_session(Path(spec["graphs"][mode]), spec["num_threads"])
+            session = open_session(Path(spec["graphs"][mode]), spec["num_threads"], quiet=True)
             per_adapter[mode] = [_adapter_call(session, pair) for pair in active[:n]]
     return {(mode, n): per_adapter[mode][:n] for mode, n in cells}
 

@@ -851,9 +851,10 @@ bias is not a pattern onnxruntime fuses). It leaves those MatMuls in float, as t
 keeps them in a BERT; a warning per tensor, several per layer, would say no more."""
 
 
-def quantize_int8(source: Path, target: Path, *, external_data: bool = False) -> None:
+def quantize_int8(source: Path, target: Path, *, external_data: bool = False, float_nodes: Sequence[str] = ()) -> None:
     """Dynamic int8 quantization of weights (activations are quantized at run time).
-    `external_data`: store the weights of `target` in `TARGET.data`.
+    `external_data`: store the weights of `target` in `TARGET.data`. `float_nodes`: names of
+    nodes left in float (a shared LoRA base's adapter MatMuls, whose weights are graph inputs).
 
     The weights of every MatMul and fused Attention get a scale and zero point per output column
     (`INT8_PER_CHANNEL`; onnxruntime keeps one per table for the embeddings). With one scale per
@@ -870,7 +871,8 @@ def quantize_int8(source: Path, target: Path, *, external_data: bool = False) ->
     with _no_second_shape_inference(), _dropped_warnings(UNTYPED_TENSOR_WARNING):
         quantize_dynamic(
             str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=external_data,
-            per_channel=INT8_PER_CHANNEL, extra_options={"DefaultTensorType": TensorProto.FLOAT},
+            per_channel=INT8_PER_CHANNEL, nodes_to_exclude=list(float_nodes),
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )
 
 

@@ -24,18 +24,15 @@ import numpy as np
 
 from tfsft import artifacts, memory
 from tfsft.errors import ArtifactError
-from tfsft.inference import open_session
+from tfsft.inference import SharedBase, open_session
 from tfsft.export import (
-    INT8_PER_CHANNEL,
     OUTPUT_NAME,
-    UNTYPED_TENSOR_WARNING,
-    _dropped_warnings,
-    _no_second_shape_inference,
     _ParitySet,
     _require_fp32_parity,
     check_parity,
     convert_to_onnx,
     optimize,
+    quantize_int8,
 )
 
 ADAPTER_INPUT_PREFIX = artifacts.SHARED_BASE_INPUT_PREFIX
@@ -139,21 +136,15 @@ def structure_digest(path: Path) -> str:
 
 
 def quantize_base(source: Path, target: Path) -> None:
-    """Dynamic int8 of `source` as `tfsft.export.quantize_int8` quantizes a bundle's model, leaving
-    every node that reads an adapter input in float (a quantized copy would ignore the input)."""
+    """Dynamic int8 of `source` as a bundle's model is quantized (`tfsft.export.quantize_int8`),
+    leaving every node that reads an adapter input in float (a quantized copy would ignore the input)."""
     import onnx
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(source))
     exposed = set(adapter_inputs(model))
-    excluded = [node.name for node in model.graph.node if any(name in exposed for name in node.input)]
+    float_nodes = [node.name for node in model.graph.node if any(name in exposed for name in node.input)]
     del model
-    with _no_second_shape_inference(), _dropped_warnings(UNTYPED_TENSOR_WARNING):
-        quantize_dynamic(
-            str(source), str(target), weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL,
-            nodes_to_exclude=excluded, extra_options={"DefaultTensorType": TensorProto.FLOAT},
-        )
+    quantize_int8(source, target, float_nodes=float_nodes)
 
 
 def write_adapter_file(path: Path, saved: dict[str, np.ndarray]) -> None:
@@ -174,13 +165,8 @@ class AdapterSession:
     what `tfsft.export.check_parity` calls like a session."""
 
     def __init__(self, session, adapter_file: Path):
-        import onnxruntime as ort
-
         self.session = session
-        self.adapter = ort.LoraAdapter()
-        self.adapter.Load(str(adapter_file))
-        self.options = ort.RunOptions()
-        self.options.add_active_adapter(self.adapter)
+        self.options, self.adapter = SharedBase.activate(adapter_file)
 
     def run(self, outputs, feed):
         return self.session.run(outputs, feed, self.options)
